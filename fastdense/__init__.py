@@ -1,0 +1,24 @@
+"""fastdense: DenseNets on one shared buffer per dense block, a drop-in for torchvision's."""
+
+from .backend import ENV_VAR as BACKEND_ENV_VAR
+from .backend import resolve_backend
+from .block import FastDenseBlock, FastDenseLayer
+from .convert import convert
+from .densenet import FastDenseNet, Transition, densenet121, densenet161, densenet169, densenet201, densenet264
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_ENV_VAR",
+    "FastDenseBlock",
+    "FastDenseLayer",
+    "FastDenseNet",
+    "Transition",
+    "convert",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "densenet264",
+    "resolve_backend",
+]

@@ -1,0 +1,107 @@
+"""BatchNorm pieces shared by the torch-backend ops: statistics, running updates, the normalising map.
+
+Everything here reproduces ``nn.BatchNorm2d`` in training and eval mode from explicitly given
+statistics, so that one set of batch statistics can serve several consumers and the backward can
+recompute the normalised activations instead of storing them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+# Temporaries (normalised activations, masks, their gradients) are built in chunks of about this many
+# elements (8 MiB in float32), so a whole normalised feature map never exists at once.
+CHUNK_ELEMENTS = 1 << 21
+MIN_CHUNK = 16
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and gradient sums run in float64 for float64 data, in float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunks(total: int, width: int, min_size: int = MIN_CHUNK):
+    """Ranges over ``total`` that keep a ``range x width`` temporary to about ``CHUNK_ELEMENTS``."""
+    step = max(min_size, CHUNK_ELEMENTS // max(width, 1))
+    for lo in range(0, total, step):
+        yield lo, min(lo + step, total)
+
+
+def batch_stats(x: Tensor, dim: int | tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Biased variance and mean over ``dim``, in the accumulation dtype.
+
+    Corrected two-pass algorithm: subtract a first estimate of the mean, then take the mean and the
+    mean square of the residual; the square of the residual's mean corrects the variance for the
+    first estimate's rounding. As robust as Welford's method and several times faster than
+    ``torch.var_mean`` on the CPU. An empty batch gets zeros: nothing is normalised and the running
+    statistics are left alone.
+    """
+    acc = accumulation_dtype(x.dtype)
+    if x.numel() == 0:
+        shape = [s for d, s in enumerate(x.shape) if d not in ((dim,) if isinstance(dim, int) else dim)]
+        return torch.zeros(2, *shape, dtype=acc, device=x.device).unbind(0)
+    mean = x.mean(dim, keepdim=True, dtype=acc)
+    residual = x - mean
+    correction = residual.mean(dim, keepdim=True)
+    var = residual.square_().mean(dim, keepdim=True).sub_(correction.square())
+    return var.flatten(), mean.add_(correction).flatten()
+
+
+def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """The running-statistics update of ``nn.BatchNorm2d`` in training mode, from given batch stats:
+    momentum (or the cumulative average for ``momentum=None``), unbiased variance, num_batches_tracked."""
+    bn.num_batches_tracked.add_(1)
+    if count == 0:  # an empty batch leaves the running statistics alone, as in PyTorch
+        return
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    unbiased = var * (count / (count - 1))  # callers refuse count == 1 in training, as PyTorch does
+    rm, rv = bn.running_mean, bn.running_var
+    rm.copy_(rm.to(mean.dtype) * (1.0 - factor) + mean * factor)
+    rv.copy_(rv.to(var.dtype) * (1.0 - factor) + unbiased * factor)
+
+
+def running_stats(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Eval mode: the mean and ``1 / sqrt(var + eps)`` the module normalises with."""
+    return bn.running_mean.to(acc), torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+
+
+class Affine(NamedTuple):
+    """BatchNorm with given statistics as a per-channel map ``(x - mean) * scale + bias``.
+
+    Subtracting the mean first (rather than folding it into a shift) keeps the rounding error relative
+    to the normalised value, so a pre-activation near zero gets the sign PyTorch gives it (a flipped
+    ReLU mask changes gradients by far more than rounding). Vectors are in the accumulation dtype.
+    """
+
+    mean: Tensor
+    scale: Tensor  # weight / sqrt(var + eps)
+    bias: Tensor
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Normalise ``x`` (channels last, or pre-shaped vectors), rounded to ``x``'s dtype as the
+        output of ``nn.BatchNorm2d`` is before the ReLU sees it."""
+        return torch.addcmul(self.bias, x - self.mean, self.scale).to(x.dtype)
+
+    def channels(self, lo: int, hi: int) -> Affine:
+        """The map for channels ``[lo, hi)`` of an ``(N, C, H, W)`` tensor."""
+        return Affine(*(v[lo:hi].view(1, -1, 1, 1) for v in self))
+
+
+def affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor) -> Affine:
+    return Affine(mean, weight.to(rstd.dtype) * rstd, bias.to(rstd.dtype))
+
+
+def input_grad_from_sums(
+    d_pre: Tensor, xhat: Tensor, d_bias: Tensor, d_weight: Tensor, scale: Tensor, count: int, training: bool
+) -> Tensor:
+    """BatchNorm's input gradient from its output gradient ``d_pre`` (overwritten) and the sums
+    ``d_bias = sum(d_pre)``, ``d_weight = sum(d_pre * xhat)`` over the ``count`` normalised values.
+
+    ``scale`` is ``weight * rstd``; ``xhat`` is overwritten too.
+    """
+    if training:
+        d_pre.sub_(d_bias / count).sub_(xhat.mul_(d_weight / count))
+    return d_pre.mul_(scale)

@@ -1,0 +1,110 @@
+"""``convert``: swap torchvision dense blocks inside an existing model for ``FastDenseBlock``s.
+
+The converted blocks hold the very same parameter and buffer objects (an optimizer built before the
+conversion keeps working) under the same names, so ``state_dict()`` keys and order are unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+from torchvision.models.densenet import _DenseBlock, _DenseLayer
+
+from .backend import check_backend_name
+from .block import FastDenseBlock
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
+
+
+def _standard_bn(bn: nn.Module) -> bool:
+    return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
+
+
+def _why_not_exact(block: _DenseBlock) -> str | None:
+    """None when ``FastDenseBlock`` reproduces ``block`` exactly, else the reason it would not."""
+    if type(block).forward is not _DenseBlock.forward:
+        return "its class overrides forward"
+    layers = list(block.values())
+    if not layers:
+        return "it has no layers"
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, _DenseLayer) or type(layer).forward is not _DenseLayer.forward:
+            return f"denselayer{i + 1} is a {type(layer).__name__}, not torchvision's _DenseLayer"
+        if type(layer).bn_function is not _DenseLayer.bn_function:
+            return f"denselayer{i + 1} overrides bn_function"
+    c0, growth = layers[0].norm1.num_features, layers[0].conv2.out_channels
+    for i, layer in enumerate(layers):
+        name = f"denselayer{i + 1}"
+        if not (_standard_bn(layer.norm1) and _standard_bn(layer.norm2)):
+            return f"{name} uses a normalisation other than an affine BatchNorm2d with running statistics"
+        if not (type(layer.relu1) is nn.ReLU and type(layer.relu2) is nn.ReLU):
+            return f"{name} uses an activation other than ReLU"
+        c1, c2 = layer.conv1, layer.conv2
+        if not (type(c1) is nn.Conv2d and type(c2) is nn.Conv2d):
+            return f"{name} uses a convolution other than nn.Conv2d"
+        if (c1.kernel_size, c1.stride, c1.padding, c1.dilation, c1.groups) != ((1, 1), (1, 1), (0, 0), (1, 1), 1):
+            return f"{name}.conv1 is not a plain 1x1 convolution"
+        if (c2.kernel_size, c2.stride, c2.padding, c2.dilation, c2.groups) != ((3, 3), (1, 1), (1, 1), (1, 1), 1):
+            return f"{name}.conv2 is not a plain 3x3 convolution with padding 1"
+        if c1.bias is not None or c2.bias is not None or c1.padding_mode != "zeros" or c2.padding_mode != "zeros":
+            return f"{name} has a convolution with a bias or non-zero padding mode"
+        if c1.in_channels != c0 + i * growth or c2.out_channels != growth or c2.in_channels != c1.out_channels:
+            return f"{name} does not follow the block's channel growth"
+        if c1.out_channels % growth:
+            return f"{name}.conv1's output channels are not a multiple of the growth rate"
+        if layer.norm1.num_features != c1.in_channels or layer.norm2.num_features != c1.out_channels:
+            return f"{name}'s norms do not match its convolutions' channels"
+        if layer.norm1.eps != layers[0].norm1.eps:
+            return "its norm1 layers use different eps (batch statistics are shared)"
+    if _has_hooks(block):
+        return "it or one of its layers has hooks registered (the fast block does not call its layers)"
+    return None
+
+
+def _fast_block(block: _DenseBlock, backend: str) -> FastDenseBlock:
+    layers = list(block.values())
+    growth = layers[0].conv2.out_channels
+    fast = FastDenseBlock(
+        num_layers=len(layers),
+        num_input_features=layers[0].norm1.num_features,
+        bn_size=layers[0].conv1.out_channels // growth,
+        growth_rate=growth,
+        memory_efficient=any(layer.memory_efficient for layer in layers),
+        backend=backend,
+    )
+    # Hand the original modules over, so parameters and buffers stay the very same objects.
+    for new, old in zip(fast.values(), layers, strict=True):
+        for child in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
+            setattr(new, child, getattr(old, child))
+        new.drop_rate, new.memory_efficient = old.drop_rate, old.memory_efficient
+    return fast.train(block.training)
+
+
+def convert(module: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Replace every torchvision ``_DenseBlock`` in ``module`` by an equivalent ``FastDenseBlock``.
+
+    Works on a whole torchvision ``DenseNet``, any model containing dense blocks, or a single block
+    (then the new block is returned). Blocks that cannot be reproduced exactly are left alone with a
+    ``UserWarning`` that names them and says why. Returns ``module`` (modified in place) or the new block.
+    """
+    check_backend_name(backend)
+    if isinstance(module, _DenseBlock):
+        reason = _why_not_exact(module)
+        if reason is None:
+            return _fast_block(module, backend)
+        warnings.warn(f"fastdense.convert: left the dense block unchanged: {reason}", stacklevel=2)
+        return module
+    for name, child in list(module.named_modules()):
+        for child_name, grandchild in list(child.named_children()):
+            if not isinstance(grandchild, _DenseBlock):
+                continue
+            full_name = f"{name}.{child_name}" if name else child_name
+            reason = _why_not_exact(grandchild)
+            if reason is None:
+                setattr(child, child_name, _fast_block(grandchild, backend))
+            else:
+                warnings.warn(f"fastdense.convert: left {full_name!r} unchanged: {reason}", stacklevel=2)
+    return module

@@ -1,0 +1,211 @@
+"""``FastDenseNet`` and the ``densenet121/161/169/201/264`` constructors.
+
+Module names, parameter names and state_dict order are torchvision's, so torchvision checkpoints load
+strictly into these models and theirs into torchvision's. Pretrained weights load through torchvision
+(``weights=DenseNet121_Weights.IMAGENET1K_V1`` ...), including its legacy-key remap.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import densenet as tv_densenet
+from torchvision.models._utils import _ovewrite_named_param, handle_legacy_interface
+
+from .backend import check_backend_name
+from .block import FastDenseBlock
+from .bn_relu_pool import bn_relu_pool, fusable
+
+
+class Transition(nn.Sequential):
+    """BN-ReLU-1x1 conv-2x2 average pool, torchvision's ``_Transition`` with the same names.
+
+    The pool runs before the conv: both are linear and the conv has no bias, so the result is the
+    same while the GEMM sees 4x fewer rows and backward keeps a 4x smaller conv input.
+    """
+
+    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def _pool_first_is_exact(self) -> bool:
+        conv = self.conv
+        plain_conv = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+        return type(self.pool) is nn.AvgPool2d and plain_conv and conv.bias is None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if fusable(self.norm, self.relu, self.pool) and self._pool_first_is_exact():
+            return self.conv(bn_relu_pool(x, self.norm, self.pool))
+        return self.pool(self.conv(self.relu(self.norm(x))))
+
+
+class Features(nn.Sequential):
+    """torchvision's ``features`` Sequential; runs norm0-relu0-pool0 as one op that recomputes the
+    normalised stem output in backward instead of keeping it (falls back to the plain sequence when
+    those modules were replaced or carry hooks)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        modules = list(self._modules.items())
+        stem = [module for _, module in modules[1:4]]
+        if [name for name, _ in modules[:4]] == ["conv0", "norm0", "relu0", "pool0"] and fusable(*stem):
+            x = bn_relu_pool(modules[0][1](x), stem[0], stem[2])
+            modules = modules[4:]
+        for _, module in modules:
+            x = module(x)
+        return x
+
+
+class FastDenseNet(nn.Module):
+    """DenseNet-BC with fast dense blocks; arguments and module tree as torchvision's ``DenseNet``.
+
+    ``backend`` ("auto", "torch" or "triton") is passed to every dense block and can be changed later
+    through the ``backend`` property; ``active_backend`` says what the last forward ran.
+    """
+
+    def __init__(
+        self,
+        growth_rate: int = 32,
+        block_config: tuple[int, ...] = (6, 12, 24, 16),
+        num_init_features: int = 64,
+        bn_size: int = 4,
+        drop_rate: float = 0,
+        num_classes: int = 1000,
+        memory_efficient: bool = False,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_backend_name(backend)
+        self.features = Features(
+            OrderedDict(
+                [
+                    ("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+                    ("norm0", nn.BatchNorm2d(num_init_features)),
+                    ("relu0", nn.ReLU(inplace=True)),
+                    ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+                ]
+            )
+        )
+        num_features = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = FastDenseBlock(
+                num_layers=num_layers,
+                num_input_features=num_features,
+                bn_size=bn_size,
+                growth_rate=growth_rate,
+                drop_rate=drop_rate,
+                memory_efficient=memory_efficient,
+                backend=backend,
+            )
+            self.features.add_module(f"denseblock{i + 1}", block)
+            num_features = num_features + num_layers * growth_rate
+            if i != len(block_config) - 1:
+                trans = Transition(num_input_features=num_features, num_output_features=num_features // 2)
+                self.features.add_module(f"transition{i + 1}", trans)
+                num_features = num_features // 2
+        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.classifier = nn.Linear(num_features, num_classes)
+
+        # torchvision's initialisation, so a fresh model is distributed like a fresh torchvision one.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+
+    def dense_blocks(self) -> list[FastDenseBlock]:
+        return [m for m in self.features if isinstance(m, FastDenseBlock)]
+
+    @property
+    def backend(self) -> str:
+        return self.dense_blocks()[0].backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        for block in self.dense_blocks():
+            block.backend = value
+
+    @property
+    def active_backend(self) -> str | None:
+        """The backend the last forward ran; None before the first call."""
+        return self.dense_blocks()[0].active_backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.features(x)
+        out = F.relu(features, inplace=True)
+        out = F.adaptive_avg_pool2d(out, (1, 1))
+        out = torch.flatten(out, 1)
+        return self.classifier(out)
+
+
+def _densenet(
+    growth_rate: int,
+    block_config: tuple[int, ...],
+    num_init_features: int,
+    weights: tv_densenet.WeightsEnum | None,
+    progress: bool,
+    **kwargs: Any,
+) -> FastDenseNet:
+    if weights is not None:
+        _ovewrite_named_param(kwargs, "num_classes", len(weights.meta["categories"]))
+    model = FastDenseNet(growth_rate, block_config, num_init_features, **kwargs)
+    if weights is not None:
+        # torchvision's own loader: fetches the checkpoint and remaps legacy keys ("norm.1" -> "norm1").
+        tv_densenet._load_state_dict(model=model, weights=weights, progress=progress)
+    return model
+
+
+@handle_legacy_interface(weights=("pretrained", tv_densenet.DenseNet121_Weights.IMAGENET1K_V1))
+def densenet121(
+    *, weights: tv_densenet.DenseNet121_Weights | None = None, progress: bool = True, **kwargs: Any
+) -> FastDenseNet:
+    """DenseNet-121 (torchvision's ``densenet121`` arguments; ``backend=`` and the rest go to FastDenseNet)."""
+    weights = tv_densenet.DenseNet121_Weights.verify(weights)
+    return _densenet(32, (6, 12, 24, 16), 64, weights, progress, **kwargs)
+
+
+@handle_legacy_interface(weights=("pretrained", tv_densenet.DenseNet161_Weights.IMAGENET1K_V1))
+def densenet161(
+    *, weights: tv_densenet.DenseNet161_Weights | None = None, progress: bool = True, **kwargs: Any
+) -> FastDenseNet:
+    """DenseNet-161 (torchvision's ``densenet161`` arguments)."""
+    weights = tv_densenet.DenseNet161_Weights.verify(weights)
+    return _densenet(48, (6, 12, 36, 24), 96, weights, progress, **kwargs)
+
+
+@handle_legacy_interface(weights=("pretrained", tv_densenet.DenseNet169_Weights.IMAGENET1K_V1))
+def densenet169(
+    *, weights: tv_densenet.DenseNet169_Weights | None = None, progress: bool = True, **kwargs: Any
+) -> FastDenseNet:
+    """DenseNet-169 (torchvision's ``densenet169`` arguments)."""
+    weights = tv_densenet.DenseNet169_Weights.verify(weights)
+    return _densenet(32, (6, 12, 32, 32), 64, weights, progress, **kwargs)
+
+
+@handle_legacy_interface(weights=("pretrained", tv_densenet.DenseNet201_Weights.IMAGENET1K_V1))
+def densenet201(
+    *, weights: tv_densenet.DenseNet201_Weights | None = None, progress: bool = True, **kwargs: Any
+) -> FastDenseNet:
+    """DenseNet-201 (torchvision's ``densenet201`` arguments)."""
+    weights = tv_densenet.DenseNet201_Weights.verify(weights)
+    return _densenet(32, (6, 12, 48, 32), 64, weights, progress, **kwargs)
+
+
+def densenet264(*, weights: None = None, progress: bool = True, **kwargs: Any) -> FastDenseNet:
+    """DenseNet-264 from the DenseNet paper (growth 32, blocks (6, 12, 64, 48), 64 initial features).
+
+    torchvision publishes no weights for it, so ``weights`` must be None.
+    """
+    if weights is not None:
+        raise ValueError(f"densenet264 has no pretrained weights; weights must be None, got {weights!r}")
+    return _densenet(32, (6, 12, 64, 48), 64, None, progress, **kwargs)

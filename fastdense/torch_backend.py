@@ -1,0 +1,299 @@
+"""The ``torch`` backend of a dense block: DESIGN.md sections 2 and 4 written with plain PyTorch ops.
+
+One channels_last buffer per block holds every feature map; seen as a row-major ``M x C_total``
+matrix (``M = N*H*W``), layer ``l`` reads the column prefix ``[0, C_l)`` and writes its ``k`` new
+columns in place. Training-mode batch statistics of a column are computed once, when it is written,
+and shared by every BatchNorm that reads it. The backward recomputes the normalised activations from
+the buffer and sums every consumer's BatchNorm gradient into one gradient buffer ``G``, finalising each
+segment once (the derivation is in DESIGN.md section 4).
+
+Precision: the buffer keeps the input's dtype (as ``torch.cat`` would); GEMMs and convolutions run
+in the compute dtype (the autocast dtype under autocast, else the input's dtype); statistics,
+normalisation and gradient sums run in the accumulation dtype (float64 for float64 inputs, float32
+otherwise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batchnorm import (
+    Affine,
+    accumulation_dtype,
+    affine,
+    batch_stats,
+    chunks,
+    input_grad_from_sums,
+    running_stats,
+    update_running_stats,
+)
+
+# Per-layer parameters in the order they are passed to the autograd Function.
+PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
+
+
+@dataclass
+class BlockPlan:
+    """What a block forward needs besides the tensors: modules for running statistics, settings."""
+
+    norms1: list[nn.BatchNorm2d]
+    norms2: list[nn.BatchNorm2d]
+    drop_rates: list[float]
+    growth_rate: int
+    training: bool
+    keep_bottlenecks: bool  # memory_efficient=False keeps each layer's 1x1 conv output for backward
+    compute_dtype: torch.dtype
+    eps1: float  # shared by every norm1 of the block (checked by the module)
+
+
+@dataclass
+class LayerState:
+    """Per-layer tensors the backward reads (everything else is recomputed from the buffer)."""
+
+    mean1: Tensor  # the statistics norm1 used: batch (views of the shared vectors) or running
+    rstd1: Tensor
+    mean2: Tensor
+    rstd2: Tensor
+    bottleneck: Tensor | None = None  # M x 4k, only when keep_bottlenecks
+    dropout_noise: Tensor | None = None  # M x k, mask / (1 - p), only with dropout in training
+
+
+@dataclass
+class BlockState:
+    layers: list[LayerState] = field(default_factory=list)
+    seg_mean: Tensor | None = None  # training: per-channel batch mean of the whole buffer
+    seg_rstd: Tensor | None = None  # training: per-channel 1 / sqrt(var + eps1)
+
+    # The state goes through ctx.save_for_backward (not ctx attributes), so that autograd frees it
+    # after backward like any saved tensor instead of keeping it as long as the graph is referenced.
+    def flatten(self) -> list[Tensor | None]:
+        per_layer = [getattr(s, f.name) for s in self.layers for f in fields(s)]  # astuple would deep-copy
+        return [self.seg_mean, self.seg_rstd, *per_layer]
+
+    @classmethod
+    def unflatten(cls, tensors: list[Tensor | None]) -> BlockState:
+        n = len(fields(LayerState))
+        layers = [LayerState(*tensors[i : i + n]) for i in range(2, len(tensors), n)]
+        return cls(layers, tensors[0], tensors[1])
+
+
+def _nchw(rows: Tensor, n: int, h: int, w: int) -> Tensor:
+    """An ``M x C`` row-major matrix seen as an ``(N, C, H, W)`` channels_last tensor (no copy)."""
+    return rows.view(n, h, w, rows.shape[1]).permute(0, 3, 1, 2)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """An ``(N, C, H, W)`` tensor as an ``M x C`` matrix (a view when it is channels_last)."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _bottleneck(x: Tensor, norm1: Affine, w1_t: Tensor) -> Tensor:
+    """``relu(norm1(x)) @ W1^T`` for an ``M x C_l`` prefix of the buffer: the GEMM prologue of
+    DESIGN.md in row chunks, so the normalised activations never exist for all rows at once."""
+    out = torch.empty((x.shape[0], w1_t.shape[1]), dtype=w1_t.dtype, device=x.device)
+    for lo, hi in chunks(x.shape[0], x.shape[1]):
+        act = norm1(x[lo:hi]).relu_().to(w1_t.dtype)
+        torch.mm(act, w1_t, out=out[lo:hi])
+    return out
+
+
+def _layer_params(params: tuple[Tensor, ...], layer: int) -> tuple[Tensor, ...]:
+    return params[layer * PARAMS_PER_LAYER : (layer + 1) * PARAMS_PER_LAYER]
+
+
+def block_forward(x: Tensor, params: tuple[Tensor, ...], plan: BlockPlan, save: bool) -> tuple[Tensor, BlockState]:
+    """Run the block; return the ``(N, C_total, H, W)`` channels_last buffer and the saved state."""
+    n, c0, h, w = x.shape
+    k, num_layers = plan.growth_rate, len(plan.norms1)
+    c_total, m = c0 + num_layers * k, n * h * w
+    acc, cdt = accumulation_dtype(x.dtype), plan.compute_dtype
+
+    buf = torch.empty((n, h, w, c_total), dtype=x.dtype, device=x.device)
+    rows = buf.view(m, c_total)
+    buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
+    state = BlockState()
+    if plan.training:
+        state.seg_mean = torch.empty(c_total, dtype=acc, device=x.device)
+        state.seg_rstd = torch.empty(c_total, dtype=acc, device=x.device)
+        seg_var = torch.empty(c_total, dtype=acc, device=x.device)
+
+        def record_segment_stats(lo: int, hi: int) -> None:
+            var, mean = batch_stats(rows[:, lo:hi], dim=0)
+            state.seg_mean[lo:hi], seg_var[lo:hi] = mean, var
+            state.seg_rstd[lo:hi] = torch.rsqrt(var + plan.eps1)
+
+        record_segment_stats(0, c0)
+
+    for layer in range(num_layers):
+        g1, b1, w1, g2, b2, w2 = _layer_params(params, layer)
+        norm1, norm2, c_in = plan.norms1[layer], plan.norms2[layer], c0 + layer * k
+        if plan.training:
+            mean1, rstd1 = state.seg_mean[:c_in], state.seg_rstd[:c_in]
+            update_running_stats(norm1, mean1, seg_var[:c_in], m)
+        else:
+            mean1, rstd1 = running_stats(norm1, acc)
+        bottleneck = _bottleneck(rows[:, :c_in], affine(g1, b1, mean1, rstd1), w1.to(cdt).view(-1, c_in).t())
+
+        if plan.training:
+            var2, mean2 = batch_stats(bottleneck, dim=0)
+            update_running_stats(norm2, mean2, var2, m)
+            rstd2 = torch.rsqrt(var2 + norm2.eps)
+        else:
+            mean2, rstd2 = running_stats(norm2, acc)
+        act2 = affine(g2, b2, mean2, rstd2)(bottleneck).relu_().to(cdt)
+        new = F.conv2d(_nchw(act2, n, h, w), w2.to(cdt), padding=1)  # (N, k, H, W)
+        del act2
+
+        noise = None
+        p = plan.drop_rates[layer]
+        if plan.training and p > 0:
+            # Same distribution as F.dropout: keep with probability 1 - p, scale kept values by 1/(1-p).
+            noise = torch.empty((m, k), dtype=new.dtype, device=x.device).bernoulli_(1.0 - p)
+            noise.mul_(0.0 if p == 1.0 else 1.0 / (1.0 - p))
+            new = new * _nchw(noise, n, h, w)
+        buf[..., c_in : c_in + k].copy_(new.permute(0, 2, 3, 1))
+        del new
+        if plan.training:
+            record_segment_stats(c_in, c_in + k)
+        if save:
+            kept = bottleneck if plan.keep_bottlenecks else None
+            state.layers.append(LayerState(mean1, rstd1, mean2, rstd2, kept, noise))
+        del bottleneck
+    return buf.permute(0, 3, 1, 2), state
+
+
+def block_backward(
+    grad_out: Tensor,
+    out: Tensor,
+    params: tuple[Tensor, ...],
+    plan: BlockPlan,
+    state: BlockState,
+    needs_input_grad: tuple[bool, ...],
+) -> tuple[Tensor | None, list[Tensor | None]]:
+    """Gradients of the input and of every parameter, per DESIGN.md section 4."""
+    n, c_total, h, w = out.shape
+    k, num_layers = plan.growth_rate, len(plan.norms1)
+    c0, m = c_total - num_layers * k, n * h * w
+    rows = _rows(out)
+    acc, cdt = accumulation_dtype(out.dtype), plan.compute_dtype
+    grad_sum = torch.zeros((m, c_total), dtype=acc, device=out.device)  # G: sum over consumers
+    if plan.training:
+        # Per channel: sum_rows(G) and sum_rows(G * xhat), accumulated from each layer's dbeta, dgamma.
+        sum_g = torch.zeros(c_total, dtype=acc, device=out.device)
+        sum_gx = torch.zeros(c_total, dtype=acc, device=out.device)
+
+    def finalize(lo: int, hi: int) -> Tensor:
+        """Gradient of columns [lo, hi) once every consumer has been accumulated into G."""
+        g = grad_sum[:, lo:hi]
+        d_out = _rows(grad_out[:, lo:hi]).to(acc)
+        if not plan.training:  # frozen statistics: each norm1 is an affine map, already in G
+            return g + d_out
+        mean, rstd = state.seg_mean[lo:hi], state.seg_rstd[lo:hi]
+        d_x = (rows[:, lo:hi].to(acc) - mean).mul_(rstd)  # xhat
+        d_x.mul_(sum_gx[lo:hi] / m).neg_().add_(g).sub_(sum_g[lo:hi] / m).mul_(rstd)
+        return d_x.add_(d_out)
+
+    grads: list[Tensor | None] = [None] * len(params)
+    for layer in reversed(range(num_layers)):
+        g1, b1, w1, g2, b2, w2 = _layer_params(params, layer)
+        saved, c_in = state.layers[layer], c0 + layer * k
+        need = needs_input_grad[1 + layer * PARAMS_PER_LAYER : 1 + (layer + 1) * PARAMS_PER_LAYER]
+        w1c, w2c = w1.to(cdt).view(-1, c_in), w2.to(cdt)
+
+        d_new = finalize(c_in, c_in + k)
+        if saved.dropout_noise is not None:
+            d_new.mul_(saved.dropout_noise)
+
+        # Recompute the bottleneck (unless it was kept) and norm2-ReLU exactly as the forward did.
+        norm1 = affine(g1, b1, saved.mean1, saved.rstd1)
+        bottleneck = saved.bottleneck
+        if bottleneck is None:
+            bottleneck = _bottleneck(rows[:, :c_in], norm1, w1c.t())
+        norm2 = affine(g2, b2, saved.mean2, saved.rstd2)
+        pre2 = norm2(bottleneck)
+        mask2 = pre2 > 0
+        act2 = pre2.relu_().to(cdt)
+        yhat = (bottleneck.to(acc) - saved.mean2).mul_(saved.rstd2)
+        del bottleneck, pre2
+
+        d_act2, d_w2, _ = torch.ops.aten.convolution_backward(
+            _nchw(d_new.to(cdt), n, h, w),
+            _nchw(act2, n, h, w),
+            w2c,
+            None,
+            [1, 1],
+            [1, 1],
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [True, need[5], False],
+        )
+        del act2, d_new
+        d_pre2 = _rows(d_act2).to(acc).mul_(mask2)  # through relu2
+        del d_act2, mask2
+        d_b2 = d_pre2.sum(0)
+        d_g2 = (d_pre2 * yhat).sum(0)
+        d_bottleneck = input_grad_from_sums(d_pre2, yhat, d_b2, d_g2, norm2.scale, m, plan.training).to(cdt)
+        del d_pre2, yhat
+
+        # norm1 backward, in row chunks: recompute u = norm1(x); P = (dY @ W1) * [u > 0] is norm1's
+        # output gradient, dW1 = dY^T @ relu(u); every consumer's P is summed into G.
+        coef = g1.to(acc) if plan.training else norm1.scale  # eval: norm1 is an affine map of slope scale
+        d_w1 = torch.zeros((w1c.shape[0], c_in), dtype=acc, device=out.device) if need[2] else None
+        d_b1 = torch.zeros(c_in, dtype=acc, device=out.device)
+        d_g1 = torch.zeros(c_in, dtype=acc, device=out.device)
+        for lo, hi in chunks(m, c_in):
+            x_chunk, d_y = rows[lo:hi, :c_in], d_bottleneck[lo:hi]
+            pre1 = norm1(x_chunk)
+            mask1 = pre1 > 0
+            if d_w1 is not None:
+                d_w1 += (d_y.t() @ pre1.relu_().to(cdt)).to(acc)
+            del pre1
+            p_grad = (d_y @ w1c).to(acc).mul_(mask1)
+            del mask1
+            d_b1 += p_grad.sum(0)
+            xhat1 = (x_chunk.to(acc) - saved.mean1).mul_(saved.rstd1)
+            d_g1 += xhat1.mul_(p_grad).sum(0)
+            del xhat1
+            grad_sum[lo:hi, :c_in].addcmul_(p_grad, coef)
+            del p_grad
+        del d_bottleneck
+        if plan.training:
+            sum_g[:c_in].addcmul_(coef, d_b1)
+            sum_gx[:c_in].addcmul_(coef, d_g1)
+
+        layer_grads = (d_g1, d_b1, d_w1, d_g2, d_b2, d_w2)
+        for offset, (grad, param) in enumerate(zip(layer_grads, (g1, b1, w1, g2, b2, w2), strict=True)):
+            if need[offset]:
+                grads[layer * PARAMS_PER_LAYER + offset] = grad.view_as(param).to(param.dtype)
+
+    d_x = None
+    if needs_input_grad[0]:
+        d_x = _nchw(finalize(0, c0), n, h, w).to(out.dtype)
+    return d_x, grads
+
+
+class DenseBlockFunction(torch.autograd.Function):
+    """A whole dense block as one autograd node, so layers can write into the shared buffer in place."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: BlockPlan, *params: Tensor) -> Tensor:
+        out, state = block_forward(x, params, plan, save=True)
+        ctx.plan, ctx.num_params = plan, len(params)
+        ctx.save_for_backward(out, *params, *state.flatten())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        out, *rest = ctx.saved_tensors
+        params, state = tuple(rest[: ctx.num_params]), BlockState.unflatten(rest[ctx.num_params :])
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
+        with torch.autocast(out.device.type, enabled=False):
+            d_x, grads = block_backward(grad_out, out, params, ctx.plan, state, needs)
+        return (d_x, None, *grads)

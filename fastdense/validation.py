@@ -1,0 +1,50 @@
+"""Input checks that turn bad input into a clear exception instead of a crash deep in a kernel."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype GEMMs and convolutions run in: autocast's when it applies to ``x``, else ``x``'s."""
+    device_type = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def check_block_input(
+    x: Tensor, *, expected_channels: int, weight: Tensor, training: bool, name: str = "FastDenseBlock"
+) -> None:
+    """Check a dense block's input against what its parameters can consume.
+
+    ``weight`` is any parameter of the block; it fixes the expected device and (outside autocast)
+    the expected dtype.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{name}: input must be a 4-D (N, C, H, W) tensor, got {x.dim()}-D input of shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: input must have a floating point dtype, got {x.dtype}")
+    if x.shape[1] != expected_channels:
+        raise ValueError(
+            f"{name}: input has {x.shape[1]} channels but the block expects {expected_channels} "
+            f"(num_input_features); input shape {tuple(x.shape)}"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"{name}: input is on {x.device} but the block's parameters are on {weight.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name}: input dtype {x.dtype} does not match the parameters' dtype {weight.dtype} "
+            "(convert one of them, or run under torch.autocast)"
+        )
+    n, _, h, w = x.shape
+    if training and n * h * w == 1:
+        raise ValueError(
+            f"{name}: expected more than 1 value per channel when training (BatchNorm batch statistics), "
+            f"got input size {tuple(x.shape)}; use a larger batch or call .eval()"
+        )

@@ -1,0 +1,32 @@
+"""fastdense: DenseNets on one shared buffer per dense block, a drop-in for torchvision's."""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "fastdense" / "__init__.py").read_text(), re.M).group(1)
+
+setup(
+    name="fastdense",
+    version=VERSION,
+    description="Fused DenseNet blocks for PyTorch: one shared buffer per block, exact against torchvision",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=["fastdense", "kernels"],
+    python_requires=">=3.10",
+    # Loose here so the library installs beside the user's PyTorch; requirements.txt pins the exact
+    # CPU environment that CI and the README's commands use.
+    install_requires=["torch>=2.4", "torchvision>=0.19"],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6"],
+        "bench": ["pytest-benchmark>=4", "rich>=13", "matplotlib>=3.7"],
+        "dev": ["ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["fastdense=fastdense.report:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,91 @@
+"""Bad input gets a clear exception naming what was expected; empty batches behave like torchvision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .helpers import TOLERANCE, assert_rel_close, assert_same_grads_and_buffers, block_pair
+from .test_densenet import network_pair
+
+
+@pytest.fixture
+def block():
+    return block_pair(2, 4, 2, 3)[1]
+
+
+def test_wrong_channel_count_names_both_numbers(block):
+    with pytest.raises(ValueError, match=r"input has 5 channels but the block expects 4 \(num_input_features\)"):
+        block(torch.randn(2, 5, 3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3), (1, 2, 4, 3, 3), (4,)])
+def test_wrong_rank(block, shape):
+    with pytest.raises(ValueError, match=rf"must be a 4-D \(N, C, H, W\) tensor, got {len(shape)}-D"):
+        block(torch.randn(shape, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64])
+def test_non_floating_dtype(block, dtype):
+    with pytest.raises(TypeError, match=f"floating point dtype, got {dtype}"):
+        block(torch.zeros(2, 4, 3, 3, dtype=dtype))
+
+
+def test_mixed_dtypes_outside_autocast(block):
+    message = r"input dtype torch.float32 does not match the parameters' dtype torch.float64"
+    with pytest.raises(TypeError, match=message):
+        block(torch.randn(2, 4, 3, 3, dtype=torch.float32))
+
+
+def test_mixed_devices(block):
+    with pytest.raises(ValueError, match="input is on meta but the block's parameters are on cpu"):
+        block(torch.empty(2, 4, 3, 3, dtype=torch.float64, device="meta"))
+
+
+def test_not_a_tensor(block):
+    with pytest.raises(TypeError, match=r"input must be a torch\.Tensor, got list"):
+        block([torch.randn(2, 4, 3, 3, dtype=torch.float64)])
+
+
+def test_single_value_per_channel_in_training(block):
+    x = torch.randn(1, 4, 1, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"expected more than 1 value per channel when training.*\(1, 4, 1, 1\)"):
+        block.train()(x)
+    block.eval()(x)  # fine in eval mode, as in torchvision
+
+
+def test_network_single_value_per_channel_in_training():
+    ref, fast = network_pair()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)  # the last block sees 1x1 features
+    for model in (ref, fast):
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            model.train()(x)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch_behaves_like_torchvision(training):
+    ref, fast = block_pair(2, 4, 2, 3)
+    ref.train(training)
+    fast.train(training)
+    x_fast = torch.randn(0, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    x_ref = x_fast.detach().clone().requires_grad_()
+    out_fast, out_ref = fast(x_fast), ref(x_ref)
+    assert out_fast.shape == out_ref.shape == (0, 10, 5, 5)
+    out_fast.sum().backward()
+    out_ref.sum().backward()
+    assert x_fast.grad.shape == x_ref.grad.shape
+    assert_same_grads_and_buffers(fast, ref, TOLERANCE[torch.float64])  # zero grads, stats untouched, counters +1
+
+
+def test_nan_and_inf_propagate_like_torchvision():
+    ref, fast = block_pair(2, 4, 2, 3)
+    ref.eval()
+    fast.eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 0, 0, 0] = float("inf")
+    out_fast, out_ref = fast(x), ref(x)
+    assert torch.equal(out_fast.isnan(), out_ref.isnan())
+    assert torch.equal(out_fast.isinf(), out_ref.isinf())
+    finite = out_ref.isfinite()
+    assert_rel_close(out_fast[finite], out_ref[finite], TOLERANCE[torch.float64], "finite outputs")

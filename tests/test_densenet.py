@@ -1,0 +1,144 @@
+"""FastDenseNet and the constructors against torchvision's DenseNet: structure, state_dicts, numerics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fastdense
+from fastdense.verify import compare, randomize_batchnorm
+
+from .helpers import TOLERANCE, assert_rel_close
+
+SMALL = {"growth_rate": 4, "block_config": (2, 3, 2), "num_init_features": 8, "bn_size": 2, "num_classes": 5}
+
+
+def network_pair(dtype=torch.float64, seed=0, **kwargs):
+    config = SMALL | kwargs
+    memory_efficient = config.pop("memory_efficient", False)
+    torch.manual_seed(seed)
+    ref = torchvision.models.DenseNet(**config)
+    randomize_batchnorm(ref, torch.Generator().manual_seed(seed + 1))
+    fast = fastdense.FastDenseNet(**config, memory_efficient=memory_efficient)
+    fast.load_state_dict(ref.state_dict())
+    return ref.to(dtype), fast.to(dtype)
+
+
+@pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet169", "densenet201"])
+def test_state_dict_keys_order_and_strict_loading_both_ways(name):
+    ref = getattr(torchvision.models, name)()
+    fast = getattr(fastdense, name)()
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    assert sum(p.numel() for p in fast.parameters()) == sum(p.numel() for p in ref.parameters())
+    for param, ref_param in zip(fast.parameters(), ref.parameters(), strict=True):
+        assert param.shape == ref_param.shape
+    randomize_batchnorm(ref)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(fast.state_dict(), strict=True)
+    for (key, value), ref_value in zip(fast.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.equal(value, ref_value), key
+
+
+def test_densenet264_is_the_paper_configuration():
+    fast = fastdense.densenet264(num_classes=10)
+    ref = torchvision.models.DenseNet(32, (6, 12, 64, 48), 64, num_classes=10)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    fast.load_state_dict(ref.state_dict())
+    with pytest.raises(ValueError, match="densenet264 has no pretrained weights"):
+        fastdense.densenet264(weights="DEFAULT")
+
+
+def test_constructors_pass_keyword_arguments():
+    model = fastdense.densenet121(num_classes=7, drop_rate=0.2, memory_efficient=True, backend="torch")
+    assert model.classifier.out_features == 7
+    blocks = model.dense_blocks()
+    assert [len(b) for b in blocks] == [6, 12, 24, 16]
+    assert all(b.memory_efficient and b.backend == "torch" for b in blocks)
+    assert all(layer.drop_rate == 0.2 for b in blocks for layer in b.values())
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["keep", "memeff"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_network_matches_torchvision_float64(training, memory_efficient, channels_last):
+    ref, fast = network_pair(memory_efficient=memory_efficient)
+    generator = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(2, 3, 37, 29, generator=generator, dtype=torch.float64) for _ in range(3)]
+    if channels_last:
+        inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
+    errors = compare(fast, ref, inputs, training)
+    assert errors["num_batches_tracked"] == 0.0
+    for key in ("output", "input_grad", "param_grad", "running_stats"):
+        assert errors[key] <= TOLERANCE[torch.float64], (key, errors)
+
+
+def test_compare_detects_a_wrong_weight():
+    """The verification used above and in the report can fail: a perturbed weight shows up."""
+    ref, fast = network_pair()
+    with torch.no_grad():
+        fast.features.denseblock2.denselayer2.conv1.weight[0, 0] += 1e-3
+    errors = compare(fast, ref, [torch.randn(2, 3, 32, 32, dtype=torch.float64)], training=True)
+    assert errors["output"] > 1e-7
+    assert errors["param_grad"] > 1e-7
+
+
+def test_batch_of_one_with_spatial_extent_trains():
+    ref, fast = network_pair()
+    errors = compare(fast, ref, [torch.randn(1, 3, 40, 40, dtype=torch.float64)], training=True)
+    assert max(errors.values()) <= TOLERANCE[torch.float64], errors
+
+
+def test_sgd_training_tracks_torchvision():
+    """Several SGD steps (momentum, weight decay) on the same batches: the weights stay together."""
+    ref, fast = network_pair()
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    opt_fast = torch.optim.SGD(fast.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(5)
+    ref.train()
+    fast.train()
+    for step in range(6):
+        x = torch.randn(4, 3, 33, 33, generator=generator, dtype=torch.float64)
+        target = torch.randint(0, 5, (4,), generator=generator)
+        for model, opt in ((ref, opt_ref), (fast, opt_fast)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), target).backward()
+            opt.step()
+        for (name, param), ref_param in zip(fast.named_parameters(), ref.parameters(), strict=True):
+            assert_rel_close(param, ref_param, TOLERANCE[torch.float64], f"{name} after step {step}")
+    for (name, buf), ref_buf in zip(fast.named_buffers(), ref.buffers(), strict=True):
+        assert_rel_close(buf, ref_buf, TOLERANCE[torch.float64], name)
+
+
+def test_replaced_stem_and_transition_modules_are_respected():
+    """Users swap pool0 for Identity (small medical images) or change a transition's pool: the fused
+    stem and pool-first transition step aside and the model still matches torchvision."""
+    ref, fast = network_pair()
+    for model in (ref, fast):
+        model.features.pool0 = nn.Identity()
+        model.features.transition1.pool = nn.MaxPool2d(2)
+    errors = compare(fast, ref, [torch.randn(2, 3, 20, 20, dtype=torch.float64)], training=True)
+    assert max(errors.values()) <= TOLERANCE[torch.float64], errors
+
+
+def test_backend_property_and_repr():
+    model = fastdense.FastDenseNet(**SMALL, backend="torch")
+    assert model.backend == "torch"
+    assert model.active_backend is None
+    model(torch.randn(2, 3, 32, 32))
+    assert model.active_backend == "torch"
+    assert "backend='torch'" in repr(model) and "active_backend='torch'" in repr(model)
+    model.backend = "auto"
+    assert all(block.backend == "auto" for block in model.dense_blocks())
+    with pytest.raises(ValueError, match="backend must be one of"):
+        model.backend = "cuda"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_network_chunked_loops_match(small_chunks, training):
+    """Many channel chunks in the fused stem/transitions and row chunks in the blocks: same result."""
+    ref, fast = network_pair()
+    inputs = [torch.randn(2, 3, 24, 24, dtype=torch.float64) for _ in range(2)]
+    errors = compare(fast, ref, inputs, training)
+    assert max(errors.values()) <= TOLERANCE[torch.float64], errors

@@ -1,0 +1,78 @@
+"""How the work is done, not only its result: no concatenation anywhere, and O(L) saved memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastdense
+
+from .helpers import block_pair
+from .test_densenet import SMALL
+
+CONCATENATIONS = {"aten.cat.default", "aten.cat.out", "aten.concat.default", "aten.concatenate.default"}
+
+
+class RecordOps(TorchDispatchMode):
+    """Every ATen operator that runs, forward and backward (the dispatcher sees them all)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def ops_of_training_step(model, x):
+    with RecordOps() as recorder:
+        model.train()(x).sum().backward()
+        model.eval()(x).sum().backward()
+    return recorder.ops
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_no_concatenation_in_forward_or_backward(memory_efficient):
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    reference_ops = ops_of_training_step(torchvision.models.DenseNet(**SMALL), x)
+    assert reference_ops & CONCATENATIONS, "the recorder must see torchvision's torch.cat"
+    ops = ops_of_training_step(fastdense.FastDenseNet(**SMALL, memory_efficient=memory_efficient), x)
+    assert "aten.convolution_backward.default" in ops  # the backward was recorded too
+    assert not ops & CONCATENATIONS
+
+
+def saved_activation_bytes(module, x):
+    """Bytes of the distinct storages autograd keeps for backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = module(x)
+    return sum(storages.values()), out
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_block_keeps_only_the_buffer_and_per_channel_vectors(memory_efficient):
+    """memory_efficient=True: the buffer plus O(C) statistics; False adds one bottleneck per layer.
+    torchvision keeps the concatenations, BatchNorm and ReLU outputs of every layer: O(L^2)."""
+    layers, c0, bn_size, growth, (n, h, w) = 16, 16, 4, 8, (4, 8, 8)
+    ref, fast = block_pair(layers, c0, bn_size, growth, dtype=torch.float32, memory_efficient=memory_efficient)
+    x = torch.randn(n, c0, h, w, requires_grad=True)
+    saved, out = saved_activation_bytes(fast.train(), x)
+    m, c_total, item = n * h * w, c0 + layers * growth, 4
+    buffer_bytes = out.untyped_storage().nbytes()
+    assert buffer_bytes == m * c_total * item
+    vectors = 2 * c_total * item + layers * 2 * bn_size * growth * item  # batch statistics of both norms
+    bottlenecks = 0 if memory_efficient else layers * m * bn_size * growth * item
+    assert saved <= buffer_bytes + vectors + bottlenecks
+    tv_saved, _ = saved_activation_bytes(ref.float().train(), x)
+    assert tv_saved > 4 * saved
