@@ -83,7 +83,11 @@ class Affine(NamedTuple):
     def __call__(self, x: Tensor) -> Tensor:
         """Normalise ``x`` (channels last, or pre-shaped vectors), rounded to ``x``'s dtype as the
         output of ``nn.BatchNorm2d`` is before the ReLU sees it."""
-        return torch.addcmul(self.bias, x - self.mean, self.scale).to(x.dtype)
+        return self.from_centered(x - self.mean, x.dtype)
+
+    def from_centered(self, centered: Tensor, dtype: torch.dtype) -> Tensor:
+        """The same from ``x - mean``, for callers that reuse the centered values."""
+        return torch.addcmul(self.bias, centered, self.scale).to(dtype)
 
     def channels(self, lo: int, hi: int) -> Affine:
         """The map for channels ``[lo, hi)`` of an ``(N, C, H, W)`` tensor."""

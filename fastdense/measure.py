@@ -32,6 +32,7 @@ PROVIDERS = {
     "fastdense-memory-efficient": lambda name: getattr(fastdense, name)(memory_efficient=True),
 }
 MODES = ("infer", "train")
+WARMUP_STEPS = 2
 METRICS = ("time", "memory")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -117,7 +118,10 @@ def measure(
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     step = make_step(model, x, mode, DTYPES[dtype])
-    step()  # warm-up: allocations, one-time initialisation, optimizer state
+    # Warm-up: allocations, one-time initialisation, optimizer state. Two steps, because oneDNN on
+    # the CPU keeps getting faster over the first calls of a new shape.
+    for _ in range(WARMUP_STEPS):
+        step()
     backend = getattr(model, "active_backend", None) or "torchvision"
     row = {
         "provider": provider,
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     row = measure(
         args.provider,

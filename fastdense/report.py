@@ -23,7 +23,7 @@ import torchvision
 
 import fastdense
 
-from .measure import DTYPES, MODES, PROVIDERS
+from .measure import DTYPES, MODES, PROVIDERS, WARMUP_STEPS
 from .verify import compare, randomize_batchnorm
 
 VERIFY_BATCH, VERIFY_RESOLUTION = 2, 64
@@ -120,7 +120,7 @@ def print_benchmark(rows: list[dict], args: argparse.Namespace) -> None:
     layout = "channels_last" if args.channels_last else "contiguous"
     print(
         f"\nBenchmark: {args.model}, batch {args.batch}, {args.resolution}x{args.resolution}, {args.dtype}, "
-        f"{layout}, device {rows[0]['device_name']}, median of {args.repeats} runs after warm-up"
+        f"{layout}, device {rows[0]['device_name']}, median of {args.repeats} runs after {WARMUP_STEPS} warm-up steps"
     )
     print("peak MiB: extra peak memory of one step (peak during the step minus memory in use before it)")
     headers = ["mode", "provider", "backend", "ms", "images/s", "speed vs eager", "peak MiB", "memory vs eager"]
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         help="default: on for CUDA, off (the default layout) on the CPU",
     )
     parser.add_argument(
-        "--repeats", type=int, default=None, help="timed runs per measurement (default: 20 CUDA, 3 CPU)"
+        "--repeats", type=int, default=None, help="timed runs per measurement (default: 20 CUDA, 5 CPU)"
     )
     parser.add_argument("--providers", nargs="+", choices=sorted(PROVIDERS), default=list(PROVIDERS))
     parser.add_argument("--skip-verify", action="store_true")
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     args.batch = args.batch or (64 if on_cuda else 8)
     args.dtype = args.dtype or ("bfloat16" if on_cuda else "float32")
     args.channels_last = on_cuda if args.channels_last is None else args.channels_last
-    args.repeats = args.repeats or (20 if on_cuda else 3)
+    args.repeats = args.repeats or (20 if on_cuda else 5)
     if "torchvision-eager" not in args.providers:
         args.providers.insert(0, "torchvision-eager")  # every ratio is against it
 

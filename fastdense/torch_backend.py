@@ -247,10 +247,11 @@ def block_backward(
         coef = g1.to(acc) if plan.training else norm1.scale  # eval: norm1 is an affine map of slope scale
         d_w1 = torch.zeros((w1c.shape[0], c_in), dtype=acc, device=out.device) if need[2] else None
         d_b1 = torch.zeros(c_in, dtype=acc, device=out.device)
-        d_g1 = torch.zeros(c_in, dtype=acc, device=out.device)
+        d_g1 = torch.zeros(c_in, dtype=acc, device=out.device)  # sum(P * (x - mean)); times rstd below
         for lo, hi in chunks(m, c_in):
             x_chunk, d_y = rows[lo:hi, :c_in], d_bottleneck[lo:hi]
-            pre1 = norm1(x_chunk)
+            centered = x_chunk - saved.mean1
+            pre1 = norm1.from_centered(centered, x_chunk.dtype)
             mask1 = pre1 > 0
             if d_w1 is not None:
                 d_w1 += (d_y.t() @ pre1.relu_().to(cdt)).to(acc)
@@ -258,12 +259,12 @@ def block_backward(
             p_grad = (d_y @ w1c).to(acc).mul_(mask1)
             del mask1
             d_b1 += p_grad.sum(0)
-            xhat1 = (x_chunk.to(acc) - saved.mean1).mul_(saved.rstd1)
-            d_g1 += xhat1.mul_(p_grad).sum(0)
-            del xhat1
+            d_g1 += centered.mul_(p_grad).sum(0)
+            del centered
             grad_sum[lo:hi, :c_in].addcmul_(p_grad, coef)
             del p_grad
         del d_bottleneck
+        d_g1.mul_(saved.rstd1)
         if plan.training:
             sum_g[:c_in].addcmul_(coef, d_b1)
             sum_gx[:c_in].addcmul_(coef, d_g1)
