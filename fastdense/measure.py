@@ -1,8 +1,9 @@
-"""Time or peak memory of one provider's DenseNet step, measured in a process of its own.
+"""Time and peak memory of DenseNet steps, each measurement in a process of its own.
 
-``python -m fastdense.measure --provider fastdense --mode train --metric memory ...`` prints one JSON
-line. The report starts one such process per provider, mode and metric, so that every figure is
-measured from a clean slate. Peak memory:
+``python -m fastdense.measure --metric time --provider A B ... --mode train ...`` prints one JSON line: a
+list with a row per provider. Times of all providers come from one process, their steps interleaved
+(every round runs each provider once), so that drift of the machine's speed affects them alike and
+their ratios hold. Peak memory is measured for one provider per process, from a clean slate:
 
 * CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus what was allocated before the step.
 * CPU: the process's resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
@@ -18,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -98,86 +100,93 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(
-    provider: str,
-    model_name: str,
-    mode: str,
-    metric: str,
-    batch: int,
-    resolution: int,
-    dtype: str,
-    device: str,
-    channels_last: bool,
-    repeats: int,
-) -> dict:
-    dev = torch.device(device)
+@dataclass(frozen=True)
+class Setting:
+    """What every provider is measured on."""
+
+    model: str = "densenet121"
+    mode: str = "train"
+    batch: int = 8
+    resolution: int = 224
+    dtype: str = "float32"
+    device: str = "cpu"
+    channels_last: bool = False
+
+    def row(self, provider: str, model: torch.nn.Module) -> dict:
+        dev = torch.device(self.device)
+        return {
+            "provider": provider,
+            "backend": getattr(model, "active_backend", None) or "torchvision",
+            **asdict(self),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        }
+
+
+def prepare(provider: str, setting: Setting):
+    """The provider's model and a warmed-up step function on fresh random input."""
+    dev = torch.device(setting.device)
     torch.manual_seed(0)
-    model = PROVIDERS[provider](model_name).to(dev)
-    x = torch.randn(batch, 3, resolution, resolution, device=dev)
-    if channels_last:
+    model = PROVIDERS[provider](setting.model).to(dev)
+    x = torch.randn(setting.batch, 3, setting.resolution, setting.resolution, device=dev)
+    if setting.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    step = make_step(model, x, mode, DTYPES[dtype])
-    # Warm-up: allocations, one-time initialisation, optimizer state. Two steps, because oneDNN on
-    # the CPU keeps getting faster over the first calls of a new shape.
+    step = make_step(model, x, setting.mode, DTYPES[setting.dtype])
+    # Allocations, one-time initialisation, optimizer state; two steps, because oneDNN on the CPU keeps
+    # getting faster over the first calls of a new shape.
     for _ in range(WARMUP_STEPS):
         step()
-    backend = getattr(model, "active_backend", None) or "torchvision"
-    row = {
-        "provider": provider,
-        "backend": backend,
-        "model": model_name,
-        "mode": mode,
-        "batch": batch,
-        "resolution": resolution,
-        "dtype": dtype,
-        "channels_last": channels_last,
-        "device": device,
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-    }
-    if metric == "memory":
-        peak = PeakMemory(dev)
-        peak.start()
-        step()
-        return row | {"peak_mem_mb": peak.stop() / 2**20}
-    times = []
+    return model, step
+
+
+def measure_memory(provider: str, setting: Setting) -> dict:
+    model, step = prepare(provider, setting)
+    peak = PeakMemory(torch.device(setting.device))
+    peak.start()
+    step()
+    return setting.row(provider, model) | {"peak_mem_mb": peak.stop() / 2**20}
+
+
+def measure_time(providers: list[str], setting: Setting, repeats: int) -> list[dict]:
+    dev = torch.device(setting.device)
+    prepared = {provider: prepare(provider, setting) for provider in providers}
+    times: dict[str, list[float]] = {provider: [] for provider in providers}
     for _ in range(repeats):
-        _sync(dev)
-        start = time.perf_counter()
-        step()
-        _sync(dev)
-        times.append(time.perf_counter() - start)
-    ms = statistics.median(times) * 1e3
-    timing = {"repeats": repeats, "ms_median": ms, "ms_all": [t * 1e3 for t in times]}
-    return row | timing | {"images_per_s": batch / (ms / 1e3)}
+        for provider, (_, step) in prepared.items():
+            _sync(dev)
+            start = time.perf_counter()
+            step()
+            _sync(dev)
+            times[provider].append(time.perf_counter() - start)
+    rows = []
+    for provider, (model, _) in prepared.items():
+        ms = statistics.median(times[provider]) * 1e3
+        timing = {"repeats": repeats, "ms_median": ms, "ms_all": [t * 1e3 for t in times[provider]]}
+        rows.append(setting.row(provider, model) | timing | {"images_per_s": setting.batch / (ms / 1e3)})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--provider", choices=sorted(PROVIDERS), required=True)
-    parser.add_argument("--model", default="densenet121")
-    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--provider", nargs="+", choices=sorted(PROVIDERS), required=True)
     parser.add_argument("--metric", choices=METRICS, required=True)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--resolution", type=int, default=224)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
+    defaults = Setting()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)
-    row = measure(
-        args.provider,
-        args.model,
-        args.mode,
-        args.metric,
-        args.batch,
-        args.resolution,
-        args.dtype,
-        args.device,
-        args.channels_last,
-        args.repeats,
-    )
-    json.dump(row, sys.stdout)
+    setting = Setting(**{name: getattr(args, name) for name in asdict(defaults)})
+    if args.metric == "memory":
+        if len(args.provider) != 1:
+            parser.error("--metric memory measures one provider per process")
+        rows = [measure_memory(args.provider[0], setting)]
+    else:
+        rows = measure_time(args.provider, setting, args.repeats)
+    json.dump(rows, sys.stdout)
     print()
 
 

@@ -5,8 +5,9 @@
    ``memory_efficient`` both ways: largest relative error of the output, the input gradient, every
    parameter gradient and the running statistics.
 2. Benchmark: inference and one training step (forward, cross-entropy, backward, SGD) for torchvision
-   eager, torchvision ``memory_efficient=True`` and fastdense, each provider and mode in a fresh process
-   (``fastdense.measure``): median time over repeats, images/s and extra peak memory.
+   eager, torchvision ``memory_efficient=True`` and fastdense (``fastdense.measure``): median time over
+   interleaved repeats of all providers in one process, images/s, and the extra peak memory of one
+   step, each provider in a fresh process.
 """
 
 from __future__ import annotations
@@ -49,30 +50,10 @@ def verification(model_name: str, device: torch.device) -> list[dict]:
     return rows
 
 
-def _measure_in_subprocess(provider: str, mode: str, metric: str, args: argparse.Namespace) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "fastdense.measure",
-        "--provider",
-        provider,
-        "--mode",
-        mode,
-        "--metric",
-        metric,
-        "--model",
-        args.model,
-        "--batch",
-        str(args.batch),
-        "--resolution",
-        str(args.resolution),
-        "--dtype",
-        args.dtype,
-        "--device",
-        args.device,
-        "--repeats",
-        str(args.repeats),
-    ]
+def _measure_in_subprocess(metric: str, providers: list[str], mode: str, args: argparse.Namespace) -> list[dict]:
+    command = [sys.executable, "-m", "fastdense.measure", "--metric", metric, "--provider", *providers]
+    command += ["--mode", mode, "--model", args.model, "--batch", str(args.batch), "--resolution", str(args.resolution)]
+    command += ["--dtype", args.dtype, "--device", args.device, "--repeats", str(args.repeats)]
     if args.channels_last:
         command.append("--channels-last")
     env = dict(os.environ)
@@ -80,13 +61,19 @@ def _measure_in_subprocess(provider: str, mode: str, metric: str, args: argparse
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"measuring {provider} {mode} {metric} failed:\n{done.stderr}")
+        raise RuntimeError(f"measuring {metric} of {', '.join(providers)} ({mode}) failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def benchmark_row(provider: str, mode: str, args: argparse.Namespace) -> dict:
-    """Time and peak memory of one provider and mode, each from a fresh process."""
-    return _measure_in_subprocess(provider, mode, "time", args) | _measure_in_subprocess(provider, mode, "memory", args)
+def benchmark(mode: str, args: argparse.Namespace) -> list[dict]:
+    """Every provider's rows for one mode: times from one process (interleaved), peaks one process each."""
+    print(f"  timing {mode}: {', '.join(args.providers)} ...", file=sys.stderr, flush=True)
+    rows = _measure_in_subprocess("time", args.providers, mode, args)
+    for row in rows:
+        print(f"  peak memory {mode}: {row['provider']} ...", file=sys.stderr, flush=True)
+        (memory,) = _measure_in_subprocess("memory", [row["provider"]], mode, args)
+        row["peak_mem_mb"] = memory["peak_mem_mb"]
+    return rows
 
 
 def format_table(headers: list[str], rows: list[list[str]], text_columns: int) -> str:
@@ -120,7 +107,7 @@ def print_benchmark(rows: list[dict], args: argparse.Namespace) -> None:
     layout = "channels_last" if args.channels_last else "contiguous"
     print(
         f"\nBenchmark: {args.model}, batch {args.batch}, {args.resolution}x{args.resolution}, {args.dtype}, "
-        f"{layout}, device {rows[0]['device_name']}, median of {args.repeats} runs after {WARMUP_STEPS} warm-up steps"
+        f"{layout}, device {rows[0]['device_name']}, median of {args.repeats} interleaved runs after {WARMUP_STEPS} warm-up steps"
     )
     print("peak MiB: extra peak memory of one step (peak during the step minus memory in use before it)")
     headers = ["mode", "provider", "backend", "ms", "images/s", "speed vs eager", "peak MiB", "memory vs eager"]
@@ -189,9 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         print_verification(result["verification"], args.model)
     if not args.skip_bench:
         for mode in MODES:
-            for provider in args.providers:
-                print(f"  measuring {provider} {mode} ...", file=sys.stderr, flush=True)
-                result["benchmark"].append(benchmark_row(provider, mode, args))
+            result["benchmark"] += benchmark(mode, args)
         print_benchmark(result["benchmark"], args)
     if args.json:
         with open(args.json, "w") as f:
