@@ -34,7 +34,7 @@ PROVIDERS = {
     "fastdense-memory-efficient": lambda name: getattr(fastdense, name)(memory_efficient=True),
 }
 MODES = ("infer", "train")
-WARMUP_STEPS = 2
+WARMUP_STEPS = 3
 METRICS = ("time", "memory")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -132,8 +132,8 @@ def prepare(provider: str, setting: Setting):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     step = make_step(model, x, setting.mode, DTYPES[setting.dtype])
-    # Allocations, one-time initialisation, optimizer state; two steps, because oneDNN on the CPU keeps
-    # getting faster over the first calls of a new shape.
+    # Allocations, one-time initialisation, optimizer state; several steps, because oneDNN on the CPU
+    # keeps getting faster over the first calls of a new shape.
     for _ in range(WARMUP_STEPS):
         step()
     return model, step

@@ -107,7 +107,8 @@ def print_benchmark(rows: list[dict], args: argparse.Namespace) -> None:
     layout = "channels_last" if args.channels_last else "contiguous"
     print(
         f"\nBenchmark: {args.model}, batch {args.batch}, {args.resolution}x{args.resolution}, {args.dtype}, "
-        f"{layout}, device {rows[0]['device_name']}, median of {args.repeats} interleaved runs after {WARMUP_STEPS} warm-up steps"
+        f"{layout}, device {rows[0]['device_name']}, median of {args.repeats} interleaved runs "
+        f"after {WARMUP_STEPS} warm-up steps"
     )
     print("peak MiB: extra peak memory of one step (peak during the step minus memory in use before it)")
     headers = ["mode", "provider", "backend", "ms", "images/s", "speed vs eager", "peak MiB", "memory vs eager"]
