@@ -69,33 +69,38 @@ def running_stats(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]
 
 
 class Affine(NamedTuple):
-    """BatchNorm with given statistics as a per-channel map ``(x - mean) * scale + bias``.
+    """BatchNorm with given statistics as a per-channel map of ``x``; vectors in the accumulation dtype.
 
-    Subtracting the mean first (rather than folding it into a shift) keeps the rounding error relative
-    to the normalised value, so a pre-activation near zero gets the sign PyTorch gives it (a flipped
-    ReLU mask changes gradients by far more than rounding). Vectors are in the accumulation dtype.
+    With batch statistics (training) the map is ``(x - mean) * scale + bias``: subtracting the mean
+    first keeps the rounding error relative to the normalised value, so a pre-activation near zero
+    keeps its sign (a flipped ReLU mask changes gradients far more than rounding does). With running
+    statistics (eval, ``folded``) it is ``x * scale + (bias - mean * scale)``, one pass, the formula
+    PyTorch's own CPU kernel uses in eval mode.
     """
 
     mean: Tensor
     scale: Tensor  # weight / sqrt(var + eps)
     bias: Tensor
+    folded: bool
 
     def __call__(self, x: Tensor) -> Tensor:
         """Normalise ``x`` (channels last, or pre-shaped vectors), rounded to ``x``'s dtype as the
         output of ``nn.BatchNorm2d`` is before the ReLU sees it."""
+        if self.folded:
+            return torch.addcmul(self.bias - self.mean * self.scale, x, self.scale).to(x.dtype)
         return self.from_centered(x - self.mean, x.dtype)
 
     def from_centered(self, centered: Tensor, dtype: torch.dtype) -> Tensor:
-        """The same from ``x - mean``, for callers that reuse the centered values."""
+        """The unfolded map from ``x - mean``, for callers that reuse the centered values."""
         return torch.addcmul(self.bias, centered, self.scale).to(dtype)
 
     def channels(self, lo: int, hi: int) -> Affine:
         """The map for channels ``[lo, hi)`` of an ``(N, C, H, W)`` tensor."""
-        return Affine(*(v[lo:hi].view(1, -1, 1, 1) for v in self))
+        return Affine(*(v[lo:hi].view(1, -1, 1, 1) for v in self[:3]), self.folded)
 
 
-def affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor) -> Affine:
-    return Affine(mean, weight.to(rstd.dtype) * rstd, bias.to(rstd.dtype))
+def affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, *, training: bool) -> Affine:
+    return Affine(mean, weight.to(rstd.dtype) * rstd, bias.to(rstd.dtype), folded=not training)
 
 
 def input_grad_from_sums(

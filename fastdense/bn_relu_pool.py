@@ -74,7 +74,7 @@ class BatchNormReLUPool(torch.autograd.Function):
             rstd = torch.rsqrt(var + norm.eps)
         else:
             mean, rstd = running_stats(norm, acc)
-        normalize = affine(weight, bias, mean, rstd)
+        normalize = affine(weight, bias, mean, rstd, training=norm.training)
         out = None
         for lo, hi in chunks(c, count, min_size=1):
             piece = _pool(normalize.channels(lo, hi)(x[:, lo:hi]).relu_(), pool)
@@ -93,7 +93,7 @@ class BatchNormReLUPool(torch.autograd.Function):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         n, c, h, w = x.shape
         count = n * h * w
-        normalize = affine(weight, bias, mean, rstd)
+        normalize = affine(weight, bias, mean, rstd, training=ctx.training)
         d_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         d_weight = torch.empty_like(mean)
         d_bias = torch.empty_like(mean)

@@ -8,8 +8,9 @@ their ratios hold. Peak memory is measured for one provider per process, from a 
 * CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus what was allocated before the step.
 * CPU: the process's resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
   minus its resident set before the step. For this metric the parent sets ``MALLOC_MMAP_THRESHOLD_``
-  so that glibc returns large freed blocks to the system at once and the resident set follows live
-  memory; timings run without it (it costs page faults), in a process of their own.
+  and ``MALLOC_TRIM_THRESHOLD_`` so that glibc returns freed blocks to the system at once and the
+  resident set follows live memory; timings run without them (they cost page faults). Memory in use
+  before the step (weights, gradients, optimizer state) is not counted.
 """
 
 from __future__ import annotations

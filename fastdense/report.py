@@ -57,8 +57,10 @@ def _measure_in_subprocess(metric: str, providers: list[str], mode: str, args: a
     if args.channels_last:
         command.append("--channels-last")
     env = dict(os.environ)
-    if metric == "memory":  # glibc hands large freed blocks back at once: the resident set follows live memory
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if metric == "memory":
+        # glibc then serves every block of a page or more with its own mapping and hands it back when
+        # freed, so the resident set follows live memory instead of what the heap has kept.
+        env |= {"MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "0"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"measuring {metric} of {', '.join(providers)} ({mode}) failed:\n{done.stderr}")

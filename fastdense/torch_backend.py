@@ -137,7 +137,8 @@ def block_forward(x: Tensor, params: tuple[Tensor, ...], plan: BlockPlan, save: 
             update_running_stats(norm1, mean1, seg_var[:c_in], m)
         else:
             mean1, rstd1 = running_stats(norm1, acc)
-        bottleneck = _bottleneck(rows[:, :c_in], affine(g1, b1, mean1, rstd1), w1.to(cdt).view(-1, c_in).t())
+        norm1_map = affine(g1, b1, mean1, rstd1, training=plan.training)
+        bottleneck = _bottleneck(rows[:, :c_in], norm1_map, w1.to(cdt).view(-1, c_in).t())  # M x 4k
 
         if plan.training:
             var2, mean2 = batch_stats(bottleneck, dim=0)
@@ -145,7 +146,7 @@ def block_forward(x: Tensor, params: tuple[Tensor, ...], plan: BlockPlan, save: 
             rstd2 = torch.rsqrt(var2 + norm2.eps)
         else:
             mean2, rstd2 = running_stats(norm2, acc)
-        act2 = affine(g2, b2, mean2, rstd2)(bottleneck).relu_().to(cdt)
+        act2 = affine(g2, b2, mean2, rstd2, training=plan.training)(bottleneck).relu_().to(cdt)
         new = F.conv2d(_nchw(act2, n, h, w), w2.to(cdt), padding=1)  # (N, k, H, W)
         del act2
 
@@ -210,11 +211,11 @@ def block_backward(
             d_new.mul_(saved.dropout_noise)
 
         # Recompute the bottleneck (unless it was kept) and norm2-ReLU exactly as the forward did.
-        norm1 = affine(g1, b1, saved.mean1, saved.rstd1)
+        norm1 = affine(g1, b1, saved.mean1, saved.rstd1, training=plan.training)
         bottleneck = saved.bottleneck
         if bottleneck is None:
             bottleneck = _bottleneck(rows[:, :c_in], norm1, w1c.t())
-        norm2 = affine(g2, b2, saved.mean2, saved.rstd2)
+        norm2 = affine(g2, b2, saved.mean2, saved.rstd2, training=plan.training)
         pre2 = norm2(bottleneck)
         mask2 = pre2 > 0
         act2 = pre2.relu_().to(cdt)
@@ -251,7 +252,7 @@ def block_backward(
         for lo, hi in chunks(m, c_in):
             x_chunk, d_y = rows[lo:hi, :c_in], d_bottleneck[lo:hi]
             centered = x_chunk - saved.mean1
-            pre1 = norm1.from_centered(centered, x_chunk.dtype)
+            pre1 = norm1(x_chunk) if norm1.folded else norm1.from_centered(centered, x_chunk.dtype)
             mask1 = pre1 > 0
             if d_w1 is not None:
                 d_w1 += (d_y.t() @ pre1.relu_().to(cdt)).to(acc)

@@ -1,4 +1,4 @@
-"""The main job (python -m fastdense) end to end at a tiny size: verification rows and benchmark rows."""
+"""The main job (python -m fastdense) end to end at a small size: verification rows and benchmark rows."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fastdense.report import format_table
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.json"
     command = [
-        sys.executable, "-m", "fastdense", "--device", "cpu", "--batch", "2", "--resolution", "32",
+        sys.executable, "-m", "fastdense", "--device", "cpu", "--batch", "2", "--resolution", "64",
         "--repeats", "1", "--providers", "torchvision-eager", "fastdense", "--json", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
