@@ -89,3 +89,15 @@ def test_nan_and_inf_propagate_like_torchvision():
     assert torch.equal(out_fast.isinf(), out_ref.isinf())
     finite = out_ref.isfinite()
     assert_rel_close(out_fast[finite], out_ref[finite], TOLERANCE[torch.float64], "finite outputs")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch_through_the_whole_network(training):
+    ref, fast = network_pair()
+    for model in (ref, fast):
+        x = torch.randn(0, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+        out = model.train(training)(x)
+        assert out.shape == (0, 5)
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+    assert_same_grads_and_buffers(fast, ref, TOLERANCE[torch.float64])
