@@ -1,5 +1,24 @@
-"""``python -m fastdense``: the verification-and-benchmark report (see ``fastdense.report``)."""
+"""``python -m fastdense [report options]``: the verification-and-benchmark report (``fastdense.report``).
 
-from .report import main
+``python -m fastdense bench ...``: the benchmark suite (``fastdense.bench``).
+``python -m fastdense profile ...``: per-kernel profile of a few steps (``fastdense.profile``).
+"""
+
+import sys
+
+
+def main() -> None:
+    command = sys.argv[1] if len(sys.argv) > 1 else None
+    if command == "bench":
+        from .bench import main as run
+    elif command == "profile":
+        from .profile import main as run
+    else:
+        from .report import main as run
+
+        run(sys.argv[1:])
+        return
+    run(sys.argv[2:])
+
 
 main()

@@ -21,6 +21,7 @@ from .batchnorm import (
     running_stats,
     update_running_stats,
 )
+from .stages import stage
 
 POOLS = (nn.AvgPool2d, nn.MaxPool2d)
 
@@ -97,7 +98,7 @@ class BatchNormReLUPool(torch.autograd.Function):
         d_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         d_weight = torch.empty_like(mean)
         d_bias = torch.empty_like(mean)
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), stage("bn_relu_pool_backward", x.device):
             for lo, hi in chunks(c, count, min_size=1):
                 x_chunk = x[:, lo:hi]
                 chunk_norm = normalize.channels(lo, hi)
@@ -129,5 +130,5 @@ def bn_relu_pool(x: Tensor, norm: nn.BatchNorm2d, pool: nn.Module) -> Tensor:
             f"expected more than 1 value per channel when training (BatchNorm batch statistics), "
             f"got input size {tuple(x.shape)}"
         )
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False), stage("bn_relu_pool", x.device):
         return BatchNormReLUPool.apply(x, norm.weight, norm.bias, norm, pool)

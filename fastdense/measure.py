@@ -1,16 +1,24 @@
-"""Time and peak memory of DenseNet steps, each measurement in a process of its own.
+"""Time, peak memory, accuracy and the largest trainable batch of DenseNet steps, one process each.
 
 ``python -m fastdense.measure --metric time --provider A B ... --mode train ...`` prints one JSON line: a
-list with a row per provider. Times of all providers come from one process, their steps interleaved
-(every round runs each provider once), so that drift of the machine's speed affects them alike and
-their ratios hold. Peak memory is measured for one provider per process, from a clean slate:
+list with a row per provider. Every measurement runs in a fresh process:
 
-* CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus what was allocated before the step.
-* CPU: the process's resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
-  minus its resident set before the step. For this metric the parent sets ``MALLOC_MMAP_THRESHOLD_``
-  and ``MALLOC_TRIM_THRESHOLD_`` so that glibc returns freed blocks to the system at once and the
-  resident set follows live memory; timings run without them (they cost page faults). Memory in use
-  before the step (weights, gradients, optimizer state) is not counted.
+* time: all requested providers in one process, their steps interleaved (every round runs each
+  provider once), so that drift of the machine's speed affects them alike and their ratios hold.
+  The first step (compilation, autotuning, allocator warm-up) is timed and reported on its own; the
+  median and the 20th/80th percentiles come from the rounds after the warm-up. CUDA steps are timed
+  with CUDA events. After timing, each eager provider's output is compared with torchvision in
+  float64 on the same weights and input (``max_rel_err``; None for torch.compile rows, whose check
+  would compile once more).
+* memory: CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus what was allocated before the
+  step, measured for every provider in the timing process (the allocator's counters are exact even
+  with other models resident). CPU, one provider per process: the resident-set high-water mark (``VmHWM``, reset through
+  ``/proc/self/clear_refs``) minus the resident set before the step; the parent sets
+  ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` (see ``ALLOCATOR_ENV``) so that glibc
+  hands freed blocks back at once and the resident set follows live memory. Memory in use before the
+  step (weights, gradients, optimizer state) is not counted.
+* max-batch (CUDA, training): the largest batch one training step fits in, by doubling then bisection.
+* peaks: the device's matmul rate in the benchmark dtype and its copy bandwidth (``fastdense.roofline``).
 """
 
 from __future__ import annotations
@@ -26,18 +34,39 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-import fastdense
+from .providers import MODELS, PROVIDERS
+from .roofline import measure_peaks
 
-PROVIDERS = {
-    "torchvision-eager": lambda name: getattr(torchvision.models, name)(),
-    "torchvision-memory-efficient": lambda name: getattr(torchvision.models, name)(memory_efficient=True),
-    "fastdense": lambda name: getattr(fastdense, name)(),
-    "fastdense-memory-efficient": lambda name: getattr(fastdense, name)(memory_efficient=True),
-}
 MODES = ("infer", "train")
 WARMUP_STEPS = 3
-METRICS = ("time", "memory")
+METRICS = ("time", "memory", "max-batch", "peaks")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "0"}  # for CPU memory runs
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every provider is measured on."""
+
+    model: str = "densenet121"
+    mode: str = "train"
+    batch: int = 8
+    resolution: int = 224
+    dtype: str = "float32"
+    device: str = "cpu"
+    channels_last: bool = False
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def row(self, provider: str) -> dict:
+        dev = self.torch_device
+        return {
+            "provider": provider,
+            **asdict(self),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        }
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -71,19 +100,47 @@ class PeakMemory:
         return _proc_status_bytes("VmHWM") - self.base
 
 
-def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, dtype: torch.dtype):
+class StepTimer:
+    """Wall time of one call: CUDA events on the GPU, the host clock on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        begin = time.perf_counter()
+        fn()
+        return time.perf_counter() - begin
+
+
+@dataclass
+class Prepared:
+    """A provider's model on fresh random input, with the step a benchmark times."""
+
+    model: torch.nn.Module  # the eager module (its state_dict, its backend)
+    x: torch.Tensor
+    step: object
+    first_step_s: float  # the first call: compilation, autotuning, allocator warm-up
+
+
+def make_step(model, x: torch.Tensor, mode: str, dtype: torch.dtype, params):
     """One inference forward or one training step (forward, cross-entropy, backward, SGD update)."""
     autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
     if mode == "infer":
-        model.eval()
 
         def step() -> None:
             with torch.inference_mode(), autocast:
                 model(x)
 
         return step
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
 
     def step() -> None:
@@ -96,80 +153,113 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, dtype: torch.d
     return step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass(frozen=True)
-class Setting:
-    """What every provider is measured on."""
-
-    model: str = "densenet121"
-    mode: str = "train"
-    batch: int = 8
-    resolution: int = 224
-    dtype: str = "float32"
-    device: str = "cpu"
-    channels_last: bool = False
-
-    def row(self, provider: str, model: torch.nn.Module) -> dict:
-        dev = torch.device(self.device)
-        return {
-            "provider": provider,
-            "backend": getattr(model, "active_backend", None) or "torchvision",
-            **asdict(self),
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        }
-
-
-def prepare(provider: str, setting: Setting):
-    """The provider's model and a warmed-up step function on fresh random input."""
-    dev = torch.device(setting.device)
+def prepare(provider: str, setting: Setting, warmup_steps: int = WARMUP_STEPS) -> Prepared:
+    """Build the provider's model, wrap it (torch.compile), and warm it up."""
+    dev = setting.torch_device
     torch.manual_seed(0)
-    model = PROVIDERS[provider](setting.model).to(dev)
+    spec = PROVIDERS[provider]
+    model = spec.build(setting.model).to(dev).train(setting.mode == "train")
     x = torch.randn(setting.batch, 3, setting.resolution, setting.resolution, device=dev)
     if setting.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    step = make_step(model, x, setting.mode, DTYPES[setting.dtype])
-    # Allocations, one-time initialisation, optimizer state; several steps, because oneDNN on the CPU
-    # keeps getting faster over the first calls of a new shape.
-    for _ in range(WARMUP_STEPS):
+    step = make_step(spec.wrap(model), x, setting.mode, DTYPES[setting.dtype], model.parameters())
+    timer = StepTimer(dev)
+    first = timer(step)
+    # Further warm-up: oneDNN on the CPU keeps getting faster over the first calls of a new shape.
+    for _ in range(warmup_steps - 1):
         step()
-    return model, step
+    return Prepared(model, x, step, first)
 
 
-def measure_memory(provider: str, setting: Setting) -> dict:
-    model, step = prepare(provider, setting)
-    peak = PeakMemory(torch.device(setting.device))
-    peak.start()
-    step()
-    return setting.row(provider, model) | {"peak_mem_mb": peak.stop() / 2**20}
+def max_rel_err(prepared: Prepared, setting: Setting) -> float:
+    """``max |out - ref| / max |ref|`` over the logits, ``ref`` being torchvision in float64 with the same
+    weights, buffers and input, in the same mode (inference: eval; training: batch statistics)."""
+    reference = torchvision.models.DenseNet(*MODELS[setting.model]).double().to(prepared.x.device)
+    reference.load_state_dict(prepared.model.state_dict())
+    training = setting.mode == "train"
+    dtype = DTYPES[setting.dtype]
+    with torch.no_grad():
+        ref = reference.train(training)(prepared.x.double())
+        with torch.autocast(prepared.x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = prepared.model.train(training)(prepared.x)
+    return float((out.double() - ref).abs().max() / ref.abs().max())
 
 
 def measure_time(providers: list[str], setting: Setting, repeats: int) -> list[dict]:
-    dev = torch.device(setting.device)
+    timer = StepTimer(setting.torch_device)
     prepared = {provider: prepare(provider, setting) for provider in providers}
     times: dict[str, list[float]] = {provider: [] for provider in providers}
     for _ in range(repeats):
-        for provider, (_, step) in prepared.items():
-            _sync(dev)
-            start = time.perf_counter()
-            step()
-            _sync(dev)
-            times[provider].append(time.perf_counter() - start)
+        for provider, p in prepared.items():
+            times[provider].append(timer(p.step))
     rows = []
-    for provider, (model, _) in prepared.items():
-        ms = statistics.median(times[provider]) * 1e3
-        timing = {"repeats": repeats, "ms_median": ms, "ms_all": [t * 1e3 for t in times[provider]]}
-        rows.append(setting.row(provider, model) | timing | {"images_per_s": setting.batch / (ms / 1e3)})
+    for provider, p in prepared.items():
+        peak_mb = _peak_mb(p, setting.torch_device) if setting.torch_device.type == "cuda" else None
+        ms = sorted(t * 1e3 for t in times[provider])
+        median = statistics.median(ms)
+        quantiles = statistics.quantiles(ms, n=5, method="inclusive") if len(ms) > 1 else [median] * 4
+        rows.append(
+            setting.row(provider)
+            | {
+                "backend": PROVIDERS[provider].backend(p.model),
+                "repeats": repeats,
+                "ms_median": median,
+                "ms_p20": quantiles[0],
+                "ms_p80": quantiles[-1],
+                "ms_all": [t * 1e3 for t in times[provider]],
+                "images_per_s": setting.batch / (median / 1e3),
+                "first_step_s": p.first_step_s,
+                "max_rel_err": None if PROVIDERS[provider].compile_mode else max_rel_err(p, setting),
+            }
+            | ({} if peak_mb is None else {"peak_mem_mb": peak_mb})
+        )
     return rows
+
+
+def _peak_mb(prepared: Prepared, device: torch.device) -> float:
+    peak = PeakMemory(device)
+    peak.start()
+    prepared.step()
+    return peak.stop() / 2**20
+
+
+def measure_memory(provider: str, setting: Setting) -> dict:
+    return setting.row(provider) | {"peak_mem_mb": _peak_mb(prepare(provider, setting), setting.torch_device)}
+
+
+def _fits(provider: str, setting: Setting, batch: int) -> bool:
+    try:
+        prepare(provider, Setting(**(asdict(setting) | {"batch": batch})), warmup_steps=1)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
+
+
+def measure_max_batch(provider: str, setting: Setting, limit: int = 1 << 14) -> dict:
+    """The largest batch one training step of ``setting`` fits in (CUDA only)."""
+    if setting.torch_device.type != "cuda":
+        raise ValueError("max-batch search needs a CUDA device")
+    setting = Setting(**(asdict(setting) | {"mode": "train"}))
+    good, bad = 0, None
+    batch = max(setting.batch, 1)
+    while bad is None and batch <= limit:  # double until a step fails
+        if _fits(provider, setting, batch):
+            good, batch = batch, batch * 2
+        else:
+            bad = batch
+    if bad is not None:
+        while bad - good > 1:  # bisect between the last fit and the first failure
+            middle = (good + bad) // 2
+            good, bad = (middle, bad) if _fits(provider, setting, middle) else (good, middle)
+    return setting.row(provider) | {"max_batch": good, "max_batch_limit_reached": bad is None}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--provider", nargs="+", choices=sorted(PROVIDERS), required=True)
+    parser.add_argument("--provider", nargs="+", choices=sorted(PROVIDERS), default=[])
     parser.add_argument("--metric", choices=METRICS, required=True)
     parser.add_argument("--repeats", type=int, default=5)
     defaults = Setting()
@@ -181,12 +271,16 @@ def main(argv: list[str] | None = None) -> None:
             parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)
     setting = Setting(**{name: getattr(args, name) for name in asdict(defaults)})
-    if args.metric == "memory":
-        if len(args.provider) != 1:
-            parser.error("--metric memory measures one provider per process")
+    if args.metric == "peaks":
+        rows = [asdict(measure_peaks(setting.torch_device, DTYPES[setting.dtype]))]
+    elif args.metric == "time":
+        rows = measure_time(args.provider, setting, args.repeats)
+    elif len(args.provider) != 1:
+        parser.error(f"--metric {args.metric} measures one provider per process")
+    elif args.metric == "memory":
         rows = [measure_memory(args.provider[0], setting)]
     else:
-        rows = measure_time(args.provider, setting, args.repeats)
+        rows = [measure_max_batch(args.provider[0], setting)]
     json.dump(rows, sys.stdout)
     print()
 

@@ -31,6 +31,7 @@ from .batchnorm import (
     running_stats,
     update_running_stats,
 )
+from .stages import stage
 
 # Per-layer parameters in the order they are passed to the autograd Function.
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
@@ -123,7 +124,8 @@ def block_forward(x: Tensor, params: tuple[Tensor, ...], plan: BlockPlan, save: 
         seg_var = torch.empty(c_total, dtype=acc, device=x.device)
 
         def record_segment_stats(lo: int, hi: int) -> None:
-            var, mean = batch_stats(rows[:, lo:hi], dim=0)
+            with stage("stats", x.device):
+                var, mean = batch_stats(rows[:, lo:hi], dim=0)
             state.seg_mean[lo:hi], seg_var[lo:hi] = mean, var
             state.seg_rstd[lo:hi] = torch.rsqrt(var + plan.eps1)
 
@@ -138,17 +140,20 @@ def block_forward(x: Tensor, params: tuple[Tensor, ...], plan: BlockPlan, save: 
         else:
             mean1, rstd1 = running_stats(norm1, acc)
         norm1_map = affine(g1, b1, mean1, rstd1, training=plan.training)
-        bottleneck = _bottleneck(rows[:, :c_in], norm1_map, w1.to(cdt).view(-1, c_in).t())  # M x 4k
+        with stage("gemm", x.device):
+            bottleneck = _bottleneck(rows[:, :c_in], norm1_map, w1.to(cdt).view(-1, c_in).t())  # M x 4k
 
         if plan.training:
-            var2, mean2 = batch_stats(bottleneck, dim=0)
+            with stage("stats", x.device):
+                var2, mean2 = batch_stats(bottleneck, dim=0)
             update_running_stats(norm2, mean2, var2, m)
             rstd2 = torch.rsqrt(var2 + norm2.eps)
         else:
             mean2, rstd2 = running_stats(norm2, acc)
-        act2 = affine(g2, b2, mean2, rstd2, training=plan.training)(bottleneck).relu_().to(cdt)
-        new = F.conv2d(_nchw(act2, n, h, w), w2.to(cdt), padding=1)  # (N, k, H, W)
-        del act2
+        with stage("conv", x.device):
+            act2 = affine(g2, b2, mean2, rstd2, training=plan.training)(bottleneck).relu_().to(cdt)
+            new = F.conv2d(_nchw(act2, n, h, w), w2.to(cdt), padding=1)  # (N, k, H, W)
+            del act2
 
         noise = None
         p = plan.drop_rates[layer]
@@ -166,6 +171,63 @@ def block_forward(x: Tensor, params: tuple[Tensor, ...], plan: BlockPlan, save: 
             state.layers.append(LayerState(mean1, rstd1, mean2, rstd2, kept, noise))
         del bottleneck
     return buf.permute(0, 3, 1, 2), state
+
+
+def _conv2_norm2_backward(d_new, bottleneck, norm2: Affine, rstd2, w2c, nhw, training: bool, need_weight: bool):
+    """From the gradient of a layer's new features (dropout already undone) back to its bottleneck:
+    3x3 conv, ReLU and norm2 backward, with norm2-ReLU recomputed exactly as the forward did.
+
+    Returns the bottleneck gradient (compute dtype) and the gradients of norm2's weight and bias and of
+    conv2's weight (None when not needed)."""
+    n, h, w = nhw
+    acc, cdt, m = rstd2.dtype, w2c.dtype, bottleneck.shape[0]
+    pre2 = norm2(bottleneck)
+    mask2 = pre2 > 0
+    act2 = pre2.relu_().to(cdt)
+    del pre2
+    with stage("conv_backward", bottleneck.device):
+        d_act2, d_w2, _ = torch.ops.aten.convolution_backward(
+            _nchw(d_new.to(cdt), n, h, w), _nchw(act2, n, h, w), w2c, None,
+            [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need_weight, False],
+        )  # fmt: skip
+    del act2
+    with stage("norm_backward", bottleneck.device):
+        d_pre2 = _rows(d_act2).to(acc).mul_(mask2)  # through relu2
+        del d_act2, mask2
+        yhat = (bottleneck.to(acc) - norm2.mean).mul_(rstd2)
+        d_b2 = d_pre2.sum(0)
+        d_g2 = (d_pre2 * yhat).sum(0)
+        d_bottleneck = input_grad_from_sums(d_pre2, yhat, d_b2, d_g2, norm2.scale, m, training).to(cdt)
+    return d_bottleneck, d_g2, d_b2, d_w2
+
+
+def _norm1_backward(d_bottleneck, x, norm1: Affine, rstd1, w1c, grad_sum, coef, need_weight: bool):
+    """norm1 backward over an ``M x C_l`` buffer prefix, in row chunks. With ``u = norm1(x)`` recomputed,
+    ``P = (dY @ W1) * [u > 0]`` is norm1's output gradient and ``dW1 = dY^T @ relu(u)``; ``P * coef``
+    (gamma in training, the eval map's slope otherwise) is added to G's first ``C_l`` columns.
+
+    Returns norm1's weight and bias gradients and conv1's weight gradient (None when not needed)."""
+    m, c_in = x.shape
+    acc, cdt = rstd1.dtype, w1c.dtype
+    d_w1 = torch.zeros((w1c.shape[0], c_in), dtype=acc, device=x.device) if need_weight else None
+    d_b1 = torch.zeros(c_in, dtype=acc, device=x.device)
+    d_g1 = torch.zeros(c_in, dtype=acc, device=x.device)  # sum(P * (x - mean)); times rstd at the end
+    for lo, hi in chunks(m, c_in):
+        x_chunk, d_y = x[lo:hi], d_bottleneck[lo:hi]
+        centered = x_chunk - norm1.mean
+        pre1 = norm1(x_chunk) if norm1.folded else norm1.from_centered(centered, x_chunk.dtype)
+        mask1 = pre1 > 0
+        if d_w1 is not None:
+            d_w1 += (d_y.t() @ pre1.relu_().to(cdt)).to(acc)
+        del pre1
+        p_grad = (d_y @ w1c).to(acc).mul_(mask1)
+        del mask1
+        d_b1 += p_grad.sum(0)
+        d_g1 += centered.mul_(p_grad).sum(0)
+        del centered
+        grad_sum[lo:hi, :c_in].addcmul_(p_grad, coef)
+        del p_grad
+    return d_g1.mul_(rstd1), d_b1, d_w1
 
 
 def block_backward(
@@ -204,68 +266,28 @@ def block_backward(
         g1, b1, w1, g2, b2, w2 = _layer_params(params, layer)
         saved, c_in = state.layers[layer], c0 + layer * k
         need = needs_input_grad[1 + layer * PARAMS_PER_LAYER : 1 + (layer + 1) * PARAMS_PER_LAYER]
-        w1c, w2c = w1.to(cdt).view(-1, c_in), w2.to(cdt)
+        w1c = w1.to(cdt).view(-1, c_in)
+        norm1 = affine(g1, b1, saved.mean1, saved.rstd1, training=plan.training)
+        norm2 = affine(g2, b2, saved.mean2, saved.rstd2, training=plan.training)
 
-        d_new = finalize(c_in, c_in + k)
+        with stage("finalize", out.device):
+            d_new = finalize(c_in, c_in + k)  # every consumer of this layer's output is done
         if saved.dropout_noise is not None:
             d_new.mul_(saved.dropout_noise)
-
-        # Recompute the bottleneck (unless it was kept) and norm2-ReLU exactly as the forward did.
-        norm1 = affine(g1, b1, saved.mean1, saved.rstd1, training=plan.training)
         bottleneck = saved.bottleneck
         if bottleneck is None:
-            bottleneck = _bottleneck(rows[:, :c_in], norm1, w1c.t())
-        norm2 = affine(g2, b2, saved.mean2, saved.rstd2, training=plan.training)
-        pre2 = norm2(bottleneck)
-        mask2 = pre2 > 0
-        act2 = pre2.relu_().to(cdt)
-        yhat = (bottleneck.to(acc) - saved.mean2).mul_(saved.rstd2)
-        del bottleneck, pre2
-
-        d_act2, d_w2, _ = torch.ops.aten.convolution_backward(
-            _nchw(d_new.to(cdt), n, h, w),
-            _nchw(act2, n, h, w),
-            w2c,
-            None,
-            [1, 1],
-            [1, 1],
-            [1, 1],
-            False,
-            [0, 0],
-            1,
-            [True, need[5], False],
+            with stage("gemm", out.device):
+                bottleneck = _bottleneck(rows[:, :c_in], norm1, w1c.t())
+        d_bottleneck, d_g2, d_b2, d_w2 = _conv2_norm2_backward(
+            d_new, bottleneck, norm2, saved.rstd2, w2.to(cdt), (n, h, w), plan.training, need_weight=need[5]
         )
-        del act2, d_new
-        d_pre2 = _rows(d_act2).to(acc).mul_(mask2)  # through relu2
-        del d_act2, mask2
-        d_b2 = d_pre2.sum(0)
-        d_g2 = (d_pre2 * yhat).sum(0)
-        d_bottleneck = input_grad_from_sums(d_pre2, yhat, d_b2, d_g2, norm2.scale, m, plan.training).to(cdt)
-        del d_pre2, yhat
-
-        # norm1 backward, in row chunks: recompute u = norm1(x); P = (dY @ W1) * [u > 0] is norm1's
-        # output gradient, dW1 = dY^T @ relu(u); every consumer's P is summed into G.
+        del d_new, bottleneck
         coef = g1.to(acc) if plan.training else norm1.scale  # eval: norm1 is an affine map of slope scale
-        d_w1 = torch.zeros((w1c.shape[0], c_in), dtype=acc, device=out.device) if need[2] else None
-        d_b1 = torch.zeros(c_in, dtype=acc, device=out.device)
-        d_g1 = torch.zeros(c_in, dtype=acc, device=out.device)  # sum(P * (x - mean)); times rstd below
-        for lo, hi in chunks(m, c_in):
-            x_chunk, d_y = rows[lo:hi, :c_in], d_bottleneck[lo:hi]
-            centered = x_chunk - saved.mean1
-            pre1 = norm1(x_chunk) if norm1.folded else norm1.from_centered(centered, x_chunk.dtype)
-            mask1 = pre1 > 0
-            if d_w1 is not None:
-                d_w1 += (d_y.t() @ pre1.relu_().to(cdt)).to(acc)
-            del pre1
-            p_grad = (d_y @ w1c).to(acc).mul_(mask1)
-            del mask1
-            d_b1 += p_grad.sum(0)
-            d_g1 += centered.mul_(p_grad).sum(0)
-            del centered
-            grad_sum[lo:hi, :c_in].addcmul_(p_grad, coef)
-            del p_grad
+        with stage("gemm_backward", out.device):
+            d_g1, d_b1, d_w1 = _norm1_backward(
+                d_bottleneck, rows[:, :c_in], norm1, saved.rstd1, w1c, grad_sum, coef, need_weight=need[2]
+            )
         del d_bottleneck
-        d_g1.mul_(saved.rstd1)
         if plan.training:
             sum_g[:c_in].addcmul_(coef, d_b1)
             sum_gx[:c_in].addcmul_(coef, d_g1)

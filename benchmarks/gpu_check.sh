@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The GPU machine's one prepared run (see the README): correctness on the GPU first, then the benchmark
+# at the sizes that matter, a short table last. Everything it measures lands in OUTDIR.
+#
+#   benchmarks/gpu_check.sh OUTDIR
+#
+# Runs from the source tree (PYTHONPATH=.) with the machine's own torch/triton/torchvision; installs
+# nothing. Budget: 8 minutes on an H100. Each stage has a time limit and the stages run in order of
+# importance; a stage cut at its limit keeps the rows it measured (the JSON is rewritten after every
+# measurement), and later stages are skipped once the budget is spent. Record what it prints in
+# benchmarks/RESULTS.md with the card, date, versions and this command.
+set -uo pipefail
+out="${1:?usage: benchmarks/gpu_check.sh OUTDIR}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.
+export TORCHINDUCTOR_CACHE_DIR="$out/inductor-cache"  # compiled kernels shared by the measuring processes
+budget=470
+status=0
+
+stage() {  # stage NAME SECONDS COMMAND...: run under a time limit, log to OUTDIR/NAME.log
+    local name="$1" limit="$2"
+    shift 2
+    local left=$((budget - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: SKIPPED, the ${budget}s budget is spent"
+        status=1
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    echo "   rc=$rc after $((SECONDS - start))s, log $out/$name.log$([ "$rc" -eq 124 ] && echo ': CUT at its time limit')"
+    [ "$rc" -ne 0 ] && status=1
+    return 0
+}
+
+python - <<'PY' | tee "$out/environment.txt"
+import datetime, platform, torch, torchvision
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = None
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE"
+print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {gpu}")
+print(f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+      f"triton {triton_version}")
+PY
+
+bench() {  # the command line of one benchmark stage: NAME MODEL BATCHES PROVIDERS...
+    local name="$1" model="$2" batches="$3"
+    shift 3
+    # shellcheck disable=SC2086  # batches is a list on purpose
+    echo python -m fastdense bench --device cuda --model "$model" --batch $batches --dtype bfloat16 --channels-last \
+        --mode both --repeats 10 --providers "$@" --json "$out/$name.json" --plot "$out/$name.png"
+}
+EAGER="torchvision-eager torchvision-memory-efficient fastdense fastdense-memory-efficient"
+
+# 1. Correctness on the GPU: the torch backend against torchvision on CUDA (fp64, fp32, bf16, fp16, autocast).
+stage gpu-tests 90 python -m pytest -q -rs tests/test_cuda.py
+# 2. The baselines and fastdense at the report's sizes: bf16, channels_last, batch 64 and 256, both modes.
+# shellcheck disable=SC2046,SC2086
+stage bench-densenet121 110 $(bench bench-densenet121 densenet121 "64 256" $EAGER)
+# shellcheck disable=SC2046,SC2086
+stage bench-densenet201 110 $(bench bench-densenet201 densenet201 "64 256" $EAGER)
+# 3. torch.compile of torchvision (compilation is reported separately as first_step_s), densenet121.
+# shellcheck disable=SC2046
+stage bench-densenet121-compile 100 $(bench bench-densenet121-compile densenet121 "64 256" torchvision-eager torch-compile)
+# 4. The slowest to compile, last, so that a cut costs nothing above.
+# shellcheck disable=SC2046
+stage bench-densenet121-compile-modes 60 $(bench bench-densenet121-compile-modes densenet121 256 \
+    torchvision-eager torch-compile-reduce-overhead torch-compile-max-autotune)
+
+# Short table last: every row measured, against torchvision eager in the same process.
+python - "$out" <<'PY'
+import glob, json, sys
+print(f"\n{'file':32} {'provider':30} {'mode':5} {'batch':>5} {'images/s':>9} {'speed':>6} {'peak MiB':>9} "
+      f"{'memory':>6} {'first s':>7} {'max_rel_err':>11}")
+for path in sorted(glob.glob(f"{sys.argv[1]}/bench-*.json")):
+    result = json.load(open(path))
+    rows = [r for r in result["rows"] if "ms_median" in r]
+    base = {(r["mode"], r["batch"]): r for r in rows if r["provider"] == "torchvision-eager"}
+    name = path.rsplit("/", 1)[-1][:-5] + ("" if result.get("complete") else " (cut)")
+    for r in rows:
+        b = base.get((r["mode"], r["batch"]), {})
+        speed = b["ms_median"] / r["ms_median"] if b else float("nan")
+        memory = r["peak_mem_mb"] / b["peak_mem_mb"] if b and b.get("peak_mem_mb") else float("nan")
+        err = "-" if r.get("max_rel_err") is None else f"{r['max_rel_err']:.1e}"
+        print(f"{name:32} {r['provider']:30} {r['mode']:5} {r['batch']:5} {r['images_per_s']:9.1f} {speed:5.2f}x "
+              f"{r.get('peak_mem_mb', float('nan')):9.0f} {memory:5.2f}x {r['first_step_s']:7.1f} {err:>11}")
+PY
+exit $status

@@ -1,0 +1,250 @@
+"""``python -m fastdense bench``: speed and peak memory of fastdense against torchvision and torch.compile.
+
+Every measurement runs in a fresh process (``fastdense.measure``): per batch size and mode, one process
+times all providers with interleaved rounds (on CUDA it also measures their peak memory), then on the
+CPU one process per provider measures its peak memory; with ``--max-batch`` on CUDA one process per
+provider finds the largest batch it trains. The table shows ratios against
+torchvision eager; ``--json`` keeps every figure, ``--plot`` draws throughput, peak memory and, for
+inference, the fraction of the roofline floor (``fastdense.roofline``) against batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torchvision
+
+import fastdense
+
+from . import tables
+from .measure import ALLOCATOR_ENV, DTYPES, MODES
+from .providers import BASELINE, MODELS, PROVIDERS, providers_for
+from .roofline import Peaks, inference_work
+
+
+def _commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        done = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        return done.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def environment() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "triton": _version_of("triton"),
+        "fastdense": fastdense.__version__,
+        "commit": _commit(),
+        "machine": platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def _version_of(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+@dataclass
+class Plan:
+    model: str
+    batches: list[int]
+    modes: list[str]
+    providers: list[str]
+    resolution: int
+    dtype: str
+    device: str
+    channels_last: bool
+    repeats: int
+    max_batch: bool = False
+
+
+def _measure(metric: str, providers: list[str], plan: Plan, mode: str, batch: int) -> list[dict]:
+    command = [sys.executable, "-m", "fastdense.measure", "--metric", metric]
+    if providers:
+        command += ["--provider", *providers]
+    command += ["--mode", mode, "--model", plan.model, "--batch", str(batch), "--resolution", str(plan.resolution)]
+    command += ["--dtype", plan.dtype, "--device", plan.device, "--repeats", str(plan.repeats)]
+    if plan.channels_last:
+        command.append("--channels-last")
+    env = dict(os.environ) | (ALLOCATOR_ENV if metric == "memory" else {})
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"measuring {metric} of {', '.join(providers)} ({mode}, batch {batch}) failed:\n{done.stderr}"
+        )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def jobs(plan: Plan) -> list[tuple[str, list[str], str, int]]:
+    """(metric, providers, mode, batch) for every measurement process, in the order they run."""
+    todo = [("peaks", [], "infer", plan.batches[0])]
+    cuda = plan.device.startswith("cuda")  # there the timing process measures peak memory too
+    for batch in plan.batches:
+        for mode in plan.modes:
+            todo.append(("time", plan.providers, mode, batch))
+            todo += [] if cuda else [("memory", [p], mode, batch) for p in plan.providers]
+            if plan.max_batch and mode == "train":
+                todo += [("max-batch", [p], mode, batch) for p in plan.providers]
+    return todo
+
+
+def _add_roofline(row: dict, peaks: Peaks) -> None:
+    if row["mode"] == "infer" and "ms_median" in row:
+        element = torch.finfo(DTYPES[row["dtype"]]).bits // 8
+        work = inference_work(row["model"], row["batch"], row["resolution"], element)
+        row["roofline_floor_ms"] = peaks.floor_seconds(work) * 1e3
+        row["roofline_fraction"] = row["roofline_floor_ms"] / row["ms_median"]
+
+
+def run(plan: Plan, progress: bool = True, json_path: str | None = None) -> dict:
+    """Measure everything in ``plan``; return environment, device peaks and one row per provider, mode
+    and batch. With ``json_path`` the result so far is written after every measurement (``complete``
+    says whether all of them ran), so a run cut short keeps what it measured."""
+    todo = jobs(plan)
+    result = {"environment": environment(), "plan": asdict(plan), "peaks": None, "rows": [], "complete": False}
+    rows: dict[tuple, dict] = {}
+    with tables.progress(len(todo), enabled=progress) as step:
+        for metric, providers, mode, batch in todo:
+            step(f"{metric} {mode} batch {batch}: {', '.join(providers) or 'device'}")
+            measured = _measure(metric, providers, plan, mode, batch)
+            if metric == "peaks":
+                result["peaks"] = measured[0]
+            else:
+                for row in measured:
+                    merged = rows.setdefault((row["provider"], mode, batch), {})
+                    merged.update(row)
+                    _add_roofline(merged, Peaks(**result["peaks"]))
+            result["rows"] = list(rows.values())
+            if json_path:
+                write_json(result, json_path)
+    result["complete"] = True
+    if json_path:
+        write_json(result, json_path)
+    return result
+
+
+def write_json(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value and base else "-"
+
+
+def print_table(result: dict) -> None:
+    plan, rows, peaks = result["plan"], result["rows"], result["peaks"]
+    layout = "channels_last" if plan["channels_last"] else "contiguous"
+    print(
+        f"\n{plan['model']}, {plan['resolution']}x{plan['resolution']}, {plan['dtype']}, {layout}, "
+        f"device {rows[0]['device_name']}; median of {plan['repeats']} interleaved runs after warm-up; "
+        f"measured peaks: matmul {peaks['matmul_flops'] / 1e12:.2f} TFLOP/s, "
+        f"copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s"
+    )
+    headers = ["provider", "backend", "ms (p20-p80)", "images/s", "speed vs eager", "peak MiB", "memory vs eager"]
+    headers += ["first step s", "max_rel_err", "roofline"] + (["max batch"] if plan["max_batch"] else [])
+    for mode in plan["modes"]:
+        for batch in plan["batches"]:
+            group = [r for r in rows if r["mode"] == mode and r["batch"] == batch and "ms_median" in r]
+            base = next((r for r in group if r["provider"] == BASELINE), {})
+            cells = []
+            for r in group:
+                err = r.get("max_rel_err")
+                peak = r.get("peak_mem_mb")
+                cells.append(
+                    [
+                        r["provider"],
+                        r["backend"],
+                        f"{r['ms_median']:.1f} ({r['ms_p20']:.1f}-{r['ms_p80']:.1f})",
+                        f"{r['images_per_s']:.1f}",
+                        _ratio(base.get("ms_median"), r["ms_median"]),
+                        "-" if peak is None else f"{peak:.1f}",
+                        _ratio(peak, base.get("peak_mem_mb")),
+                        f"{r['first_step_s']:.2f}",
+                        "-" if err is None else f"{err:.1e}",
+                        f"{100 * r['roofline_fraction']:.1f}%" if "roofline_fraction" in r else "-",
+                    ]
+                    + ([str(r.get("max_batch", "-"))] if plan["max_batch"] else [])
+                )
+            tables.print_table(f"{mode}, batch {batch}", headers, cells, text_columns=2)
+    print(
+        "speed vs eager: torchvision eager's time over this one (higher is faster); memory vs eager: this peak "
+        "over eager's.\npeak MiB: extra peak memory of one step. max_rel_err: max |out - ref| / max |ref| of the "
+        "logits against torchvision in float64\non the same weights and input. roofline: floor time over "
+        "measured time (inference; see fastdense.roofline)."
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, default_providers_note: str) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--model", default="densenet121", choices=sorted(MODELS))
+    parser.add_argument(
+        "--batch", type=int, nargs="+", action="extend", help="batch sizes (repeatable; default: CUDA 64 256, CPU 8)"
+    )
+    parser.add_argument("--resolution", type=int, default=None, help="default: 224 (64 with --quick on the CPU)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, else float32")
+    parser.add_argument("--mode", choices=("infer", "train", "both"), default="both")
+    parser.add_argument("--providers", nargs="+", choices=sorted(PROVIDERS), default=None, help=default_providers_note)
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: CUDA 20, CPU 5; --quick 3)")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few rounds: a smoke run")
+    parser.add_argument("--json", help="write every figure to this JSON file")
+
+
+def plan_from_args(args: argparse.Namespace, default_providers: list[str] | None = None) -> Plan:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    default_batches = ([64] if args.quick else [64, 256]) if cuda else ([2] if args.quick else [8])
+    batches = args.batch or default_batches
+    providers = args.providers or default_providers or providers_for(torch.device(device))
+    if BASELINE not in providers:
+        providers = [BASELINE, *providers]  # every ratio is against it
+    return Plan(
+        model=args.model,
+        batches=batches,
+        modes=list(MODES) if args.mode == "both" else [args.mode],
+        providers=providers,
+        resolution=args.resolution or (64 if args.quick and not cuda else 224),
+        dtype=args.dtype or ("bfloat16" if cuda else "float32"),
+        device=device,
+        channels_last=cuda if args.channels_last is None else args.channels_last,
+        repeats=args.repeats or (3 if args.quick else 20 if cuda else 5),
+        max_batch=getattr(args, "max_batch", False),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fastdense bench", description=__doc__.splitlines()[0])
+    add_arguments(parser, default_providers_note="default: every provider the device supports")
+    parser.add_argument("--plot", help="write PNG plots to this path (…/name.png)")
+    parser.add_argument("--max-batch", action="store_true", help="CUDA: largest batch each provider trains")
+    args = parser.parse_args(argv)
+    plan = plan_from_args(args)
+    if plan.max_batch and not plan.device.startswith("cuda"):
+        parser.error("--max-batch needs --device cuda")
+    result = run(plan, json_path=args.json)
+    print_table(result)
+    if args.json:
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .plots import plot
+
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")

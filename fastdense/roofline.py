@@ -1,0 +1,95 @@
+"""Roofline floor of DenseNet inference: multiply-accumulates, the fewest bytes a fused design moves,
+and the device's measured matmul rate and copy bandwidth.
+
+The byte count assumes DESIGN.md's fused inference: each dense layer reads its input prefix once,
+writes and reads back its bottleneck once and writes its new channels once; the stem writes and
+reads its convolution output once; a transition reads its input once and writes its pooled output
+once; weights are read once per batch. Halos, statistics and the classifier's input are neglected.
+The floor is the larger of compute time (2 * MACs / matmul rate) and traffic time (bytes / copy rate).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .providers import MODELS
+
+BN_SIZE = 4
+NUM_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class Work:
+    macs: int  # multiply-accumulates of one forward pass over the whole batch
+    bytes: int  # fewest bytes a fused forward pass moves
+
+
+def inference_work(model: str, batch: int, resolution: int, bytes_per_element: int) -> Work:
+    growth, blocks, c0 = MODELS[model]
+    conv0_side = (resolution + 1) // 2  # 7x7 conv, stride 2, padding 3
+    side = (conv0_side + 1) // 2  # 3x3 max pool, stride 2, padding 1
+    macs = conv0_side**2 * c0 * 3 * 49
+    elements = 3 * resolution**2 + 2 * c0 * conv0_side**2 + c0 * side**2
+    channels = c0
+    params = 3 * c0 * 49
+    for index, layers in enumerate(blocks):
+        for layer in range(layers):
+            c_in, bottleneck = channels + layer * growth, BN_SIZE * growth
+            macs += side**2 * (c_in * bottleneck + bottleneck * growth * 9)
+            elements += side**2 * (c_in + 2 * bottleneck + growth)
+            params += c_in * bottleneck + bottleneck * growth * 9
+        channels += layers * growth
+        if index != len(blocks) - 1:  # transition: pool first, then the 1x1 conv on a quarter of the rows
+            pooled = side // 2
+            macs += pooled**2 * channels * (channels // 2)
+            elements += side**2 * channels + pooled**2 * (channels // 2)
+            params += channels * (channels // 2)
+            side, channels = pooled, channels // 2
+    macs += channels * NUM_CLASSES
+    params += channels * NUM_CLASSES
+    return Work(macs=macs * batch, bytes=(elements * batch + params) * bytes_per_element)
+
+
+@dataclass(frozen=True)
+class Peaks:
+    matmul_flops: float  # measured dense matmul rate in the benchmark dtype, FLOP/s
+    copy_bytes_per_s: float  # measured device-to-device copy, bytes read + written per second
+
+    def floor_seconds(self, work: Work) -> float:
+        return max(2 * work.macs / self.matmul_flops, work.bytes / self.copy_bytes_per_s)
+
+
+def _median_seconds(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def measure_peaks(device: torch.device, dtype: torch.dtype) -> Peaks:
+    """The device's matmul rate in ``dtype`` and its copy bandwidth, measured now (random data)."""
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    matmul_s = _median_seconds(lambda: a @ b, device, repeats=10 if cuda else 3)
+    size = (1 << 30) if cuda else (1 << 27)  # bytes per copy
+    src = torch.randn(size // 4, device=device)
+    dst = torch.empty_like(src)
+    copy_s = _median_seconds(lambda: dst.copy_(src), device, repeats=10 if cuda else 3)
+    return Peaks(matmul_flops=2 * n**3 / matmul_s, copy_bytes_per_s=2 * size / copy_s)

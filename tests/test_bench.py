@@ -1,0 +1,127 @@
+"""The benchmark CLI (python -m fastdense bench), its plots, the roofline model and the profiler CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from fastdense.measure import Setting, measure_max_batch
+from fastdense.providers import MODELS, PROVIDERS
+from fastdense.roofline import inference_work
+
+
+def run_cli(*args: str, timeout: int = 900) -> str:
+    done = subprocess.run([sys.executable, "-m", "fastdense", *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def bench_result(tmp_path_factory):
+    """The issue's CPU command, at its size: every eager provider, both modes, JSON and plots."""
+    folder = tmp_path_factory.mktemp("bench")
+    stdout = run_cli(
+        "bench", "--device", "cpu", "--model", "densenet121", "--batch", "2", "--resolution", "64",
+        "--mode", "both", "--repeats", "2", "--json", str(folder / "out.json"), "--plot", str(folder / "out.png"),
+        "--providers", "torchvision-eager", "torchvision-memory-efficient", "fastdense", "fastdense-memory-efficient",
+    )  # fmt: skip
+    return stdout, json.loads((folder / "out.json").read_text()), folder / "out.png"
+
+
+def test_bench_rows_for_every_provider_and_mode(bench_result):
+    stdout, result, _ = bench_result
+    rows = result["rows"]
+    providers = {"torchvision-eager", "torchvision-memory-efficient", "fastdense", "fastdense-memory-efficient"}
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in providers for m in ("infer", "train")}
+    assert result["complete"]
+    for row in rows:
+        assert row["ms_median"] > 0 and row["ms_p20"] <= row["ms_median"] <= row["ms_p80"], row
+        assert row["images_per_s"] > 0 and row["peak_mem_mb"] > 0, row
+        assert row["device_name"] == "cpu" and row["first_step_s"] > 0
+        if row["provider"].startswith("fastdense"):
+            assert row["backend"] == "torch"
+            assert row["max_rel_err"] <= 1e-4, row
+        if row["mode"] == "infer":
+            assert 0 < row["roofline_fraction"] < 1, row
+    assert result["environment"]["torch"] and result["environment"]["commit"]
+    assert result["peaks"]["matmul_flops"] > 0 and result["peaks"]["copy_bytes_per_s"] > 0
+    assert "speed vs eager" in stdout and "fastdense-memory-efficient" in stdout
+
+
+def test_bench_plot_renders(bench_result):
+    import matplotlib.image
+
+    image = matplotlib.image.imread(bench_result[2])
+    assert image.shape[0] > 300 and image.shape[1] > 600
+    assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_torch_compile_provider(tmp_path):
+    """torch.compile of torchvision, on a tiny model so that compiling stays quick on the CPU."""
+    out = tmp_path / "compile.json"
+    run_cli(
+        "bench", "--device", "cpu", "--model", "densenet-tiny", "--batch", "2", "--resolution", "32",
+        "--mode", "infer", "--repeats", "2", "--providers", "torch-compile", "--json", str(out),
+    )  # fmt: skip
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"torchvision-eager", "torch-compile"}  # the baseline is always measured
+    compiled = rows["torch-compile"]
+    assert compiled["backend"] == "torchvision+inductor" and compiled["ms_median"] > 0
+    assert compiled["first_step_s"] > compiled["ms_median"] / 1e3  # compilation is reported apart
+
+
+def test_profile_prints_tables_and_writes_a_trace(tmp_path):
+    trace = tmp_path / "trace.json"
+    stdout = run_cli(
+        "profile", "--device", "cpu", "--model", "densenet-tiny", "--batch", "2", "--resolution", "32",
+        "--steps", "1", "--trace", str(trace),
+    )  # fmt: skip
+    assert "operators (self time)" in stdout and "aten::mm" in stdout
+    for stage in ("fastdense.gemm", "fastdense.conv", "fastdense.stats", "fastdense.finalize"):
+        assert stage in stdout
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name") == "fastdense.gemm_backward" for e in events)
+
+
+@pytest.mark.parametrize("model", ["densenet121", "densenet-tiny"])
+@pytest.mark.parametrize("resolution", [224, 97])
+def test_roofline_macs_match_the_model(model, resolution):
+    """The roofline's MAC count equals what the fastdense model's convolutions and classifier execute."""
+    net = PROVIDERS["fastdense"].build(model).eval()
+    macs = 0
+
+    def count(module, inputs, output):
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            macs += output.numel() * module.in_channels * k // module.groups
+        elif isinstance(module, nn.Linear):
+            macs += output.numel() * module.in_features
+
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            module.register_forward_hook(count)
+    # The blocks run their convolutions themselves: count those from the layer shapes instead.
+    x = torch.randn(1, 3, resolution, resolution)
+    with torch.no_grad():
+        features = net.features.pool0(net.features.relu0(net.features.norm0(net.features.conv0(x))))
+        for name, module in list(net.features.named_children())[4:]:
+            if name.startswith("denseblock"):
+                side = features.shape[2] * features.shape[3]
+                for layer in module.values():
+                    macs += side * (layer.conv1.in_channels * layer.conv1.out_channels)
+                    macs += side * layer.conv2.out_channels * layer.conv2.in_channels * 9
+            features = module(features)
+        net.classifier(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(features, 1), 1))
+    assert inference_work(model, 1, resolution, 2).macs == macs
+    assert MODELS[model][1] == tuple(len(b) for b in net.dense_blocks())
+
+
+def test_max_batch_search_needs_cuda():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        measure_max_batch("fastdense", Setting(device="cpu"))
