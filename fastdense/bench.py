@@ -119,6 +119,7 @@ def run(plan: Plan, progress: bool = True, json_path: str | None = None) -> dict
     says whether all of them ran), so a run cut short keeps what it measured."""
     todo = jobs(plan)
     result = {"environment": environment(), "plan": asdict(plan), "peaks": None, "rows": [], "complete": False}
+    versions = {key: result["environment"][key] for key in ("torch", "torchvision", "triton", "fastdense", "commit")}
     rows: dict[tuple, dict] = {}
     with tables.progress(len(todo), enabled=progress) as step:
         for metric, providers, mode, batch in todo:
@@ -129,7 +130,7 @@ def run(plan: Plan, progress: bool = True, json_path: str | None = None) -> dict
             else:
                 for row in measured:
                     merged = rows.setdefault((row["provider"], mode, batch), {})
-                    merged.update(row)
+                    merged.update(row | versions)
                     _add_roofline(merged, Peaks(**result["peaks"]))
             result["rows"] = list(rows.values())
             if json_path:

@@ -43,6 +43,7 @@ def test_bench_rows_for_every_provider_and_mode(bench_result):
         assert row["ms_median"] > 0 and row["ms_p20"] <= row["ms_median"] <= row["ms_p80"], row
         assert row["images_per_s"] > 0 and row["peak_mem_mb"] > 0, row
         assert row["device_name"] == "cpu" and row["first_step_s"] > 0
+        assert row["torch"] == torch.__version__ and row["commit"]
         if row["provider"].startswith("fastdense"):
             assert row["backend"] == "torch"
             assert row["max_rel_err"] <= 1e-4, row
