@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastdense.providers import PROVIDERS
+from fastdense.timing import device_defaults
 
 
 def pytest_addoption(parser):
@@ -33,8 +34,8 @@ def bench_config(config) -> dict:
         "model": config.getoption("--bench-model"),
         "batches": config.getoption("--bench-batch") or ([64, 256] if cuda else [2]),
         "resolution": config.getoption("--bench-resolution") or (224 if cuda else 64),
-        "dtype": config.getoption("--bench-dtype") or ("bfloat16" if cuda else "float32"),
-        "channels_last": cuda,
+        "dtype": config.getoption("--bench-dtype") or device_defaults(device)["dtype"],
+        "channels_last": device_defaults(device)["channels_last"],
         "providers": config.getoption("--bench-providers") or (eager + compiled if cuda else eager),
     }
 

@@ -27,6 +27,7 @@ from . import tables
 from .measure import ALLOCATOR_ENV, DTYPES, MODES
 from .providers import BASELINE, MODELS, PROVIDERS, providers_for
 from .roofline import Peaks, inference_work
+from .timing import device_defaults
 
 
 def _commit() -> str:
@@ -211,7 +212,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_providers_note: st
 
 def plan_from_args(args: argparse.Namespace, default_providers: list[str] | None = None) -> Plan:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.startswith("cuda")
+    cuda, defaults = device.startswith("cuda"), device_defaults(device)
     default_batches = ([64] if args.quick else [64, 256]) if cuda else ([2] if args.quick else [8])
     batches = args.batch or default_batches
     providers = args.providers or default_providers or providers_for(torch.device(device))
@@ -223,9 +224,9 @@ def plan_from_args(args: argparse.Namespace, default_providers: list[str] | None
         modes=list(MODES) if args.mode == "both" else [args.mode],
         providers=providers,
         resolution=args.resolution or (64 if args.quick and not cuda else 224),
-        dtype=args.dtype or ("bfloat16" if cuda else "float32"),
+        dtype=args.dtype or defaults["dtype"],
         device=device,
-        channels_last=cuda if args.channels_last is None else args.channels_last,
+        channels_last=defaults["channels_last"] if args.channels_last is None else args.channels_last,
         repeats=args.repeats or (3 if args.quick else 20 if cuda else 5),
         max_batch=getattr(args, "max_batch", False),
     )

@@ -27,7 +27,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,6 +35,7 @@ import torchvision
 
 from .providers import MODELS, PROVIDERS
 from .roofline import measure_peaks
+from .timing import StepTimer
 
 MODES = ("infer", "train")
 WARMUP_STEPS = 3
@@ -98,26 +98,6 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self.base
         return _proc_status_bytes("VmHWM") - self.base
-
-
-class StepTimer:
-    """Wall time of one call: CUDA events on the GPU, the host clock on the CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        begin = time.perf_counter()
-        fn()
-        return time.perf_counter() - begin
 
 
 @dataclass

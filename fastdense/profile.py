@@ -26,6 +26,7 @@ from . import tables
 from .measure import DTYPES, Setting, prepare
 from .providers import MODELS, PROVIDERS
 from .roofline import measure_peaks
+from .timing import device_defaults
 
 
 def _input_bytes(event, default_itemsize: int) -> int:
@@ -128,15 +129,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trace", help="write a Chrome trace to this path")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.startswith("cuda")
+    cuda, defaults = device.startswith("cuda"), device_defaults(device)
     setting = Setting(
         model=args.model,
         mode=args.mode,
         batch=args.batch or (64 if cuda else 8),
         resolution=args.resolution,
-        dtype=args.dtype or ("bfloat16" if cuda else "float32"),
+        dtype=args.dtype or defaults["dtype"],
         device=device,
-        channels_last=cuda if args.channels_last is None else args.channels_last,
+        channels_last=defaults["channels_last"] if args.channels_last is None else args.channels_last,
     )
     dtype = DTYPES[setting.dtype]
     peaks = measure_peaks(setting.torch_device, dtype)

@@ -11,12 +11,12 @@ The floor is the larger of compute time (2 * MACs / matmul rate) and traffic tim
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
 from .providers import MODELS
+from .timing import StepTimer
 
 BN_SIZE = 4
 NUM_CLASSES = 1000
@@ -64,21 +64,9 @@ class Peaks:
 
 
 def _median_seconds(fn, device: torch.device, repeats: int) -> float:
+    timer = StepTimer(device)
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+    return statistics.median(timer(fn) for _ in range(repeats))
 
 
 def measure_peaks(device: torch.device, dtype: torch.dtype) -> Peaks:

@@ -1,0 +1,33 @@
+"""Timing one call on a device: CUDA events on the GPU, the host clock on the CPU."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class StepTimer:
+    """Wall time of one call, in seconds."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        begin = time.perf_counter()
+        fn()
+        return time.perf_counter() - begin
+
+
+def device_defaults(device: str) -> dict:
+    """What the tools measure by default on a device: bf16 channels_last on CUDA, fp32 NCHW on the CPU."""
+    cuda = device.startswith("cuda")
+    return {"dtype": "bfloat16" if cuda else "float32", "channels_last": cuda}
