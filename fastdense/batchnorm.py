@@ -91,8 +91,14 @@ class Affine(NamedTuple):
         return self.from_centered(x - self.mean, x.dtype)
 
     def from_centered(self, centered: Tensor, dtype: torch.dtype) -> Tensor:
-        """The unfolded map from ``x - mean``, for callers that reuse the centered values."""
+        """The unfolded map from ``x - mean``."""
         return torch.addcmul(self.bias, centered, self.scale).to(dtype)
+
+    def centered_and_normalized(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x - mean`` (accumulation dtype, for the backward's sums) and ``self(x)``, computed exactly
+        as ``self(x)`` is, without subtracting the mean twice."""
+        centered = x - self.mean
+        return centered, self(x) if self.folded else self.from_centered(centered, x.dtype)
 
     def channels(self, lo: int, hi: int) -> Affine:
         """The map for channels ``[lo, hi)`` of an ``(N, C, H, W)`` tensor."""

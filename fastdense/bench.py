@@ -17,6 +17,7 @@ import platform
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 import torchvision
@@ -54,8 +55,6 @@ def environment() -> dict:
 
 
 def _version_of(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:

@@ -102,11 +102,11 @@ class BatchNormReLUPool(torch.autograd.Function):
             for lo, hi in chunks(c, count, min_size=1):
                 x_chunk = x[:, lo:hi]
                 chunk_norm = normalize.channels(lo, hi)
-                pre = chunk_norm(x_chunk)
+                centered, pre = chunk_norm.centered_and_normalized(x_chunk)
                 mask = pre > 0
                 d_pre = _pool_backward(grad_out[:, lo:hi], pre.relu_(), ctx.pool).to(mean.dtype).mul_(mask)
                 del pre, mask
-                xhat = (x_chunk - chunk_norm.mean).mul_(_channel(rstd[lo:hi]))
+                xhat = centered.mul_(_channel(rstd[lo:hi]))
                 d_bias[lo:hi] = d_pre.sum((0, 2, 3))
                 d_weight[lo:hi] = (d_pre * xhat).sum((0, 2, 3))
                 if d_x is not None:

@@ -214,8 +214,7 @@ def _norm1_backward(d_bottleneck, x, norm1: Affine, rstd1, w1c, grad_sum, coef, 
     d_g1 = torch.zeros(c_in, dtype=acc, device=x.device)  # sum(P * (x - mean)); times rstd at the end
     for lo, hi in chunks(m, c_in):
         x_chunk, d_y = x[lo:hi], d_bottleneck[lo:hi]
-        centered = x_chunk - norm1.mean
-        pre1 = norm1(x_chunk) if norm1.folded else norm1.from_centered(centered, x_chunk.dtype)
+        centered, pre1 = norm1.centered_and_normalized(x_chunk)
         mask1 = pre1 > 0
         if d_w1 is not None:
             d_w1 += (d_y.t() @ pre1.relu_().to(cdt)).to(acc)
