@@ -59,23 +59,42 @@ bench() {  # the command line of one benchmark stage: NAME MODEL BATCHES PROVIDE
         --mode both --repeats 10 --providers "$@" --json "$out/$name.json" --plot "$out/$name.png"
 }
 EAGER="torchvision-eager torchvision-memory-efficient fastdense fastdense-memory-efficient"
+TRITON="fastdense-triton fastdense-triton-memory-efficient"
 
-# 1. Correctness on the GPU: the torch backend against torchvision on CUDA (fp64, fp32, bf16, fp16, autocast).
-stage gpu-tests 90 python -m pytest -q -rs tests/test_cuda.py
-# 2. The baselines and fastdense at the report's sizes: bf16, channels_last, batch 64 and 256, both modes.
+# 1. Correctness on the GPU. The kernels and both backends against torchvision at realistic sizes
+#    (autotuned kernels, the four ImageNet variants, a buffer past 2^31 elements), then the interpreter's
+#    small odd shapes compiled (one fixed configuration per kernel: no tuning per shape).
+stage gpu-tests 150 python -m pytest -q -rs tests/test_cuda.py
+stage gpu-tests-triton-small 90 env FASTDENSE_AUTOTUNE=0 python -m pytest -q -rs tests/test_kernels.py \
+    tests/test_triton_backend.py
+# 2. Kernel microbenchmarks: BN-ReLU-GEMM vs cat+BN+ReLU+cuDNN 1x1, implicit-GEMM 3x3 vs cuDNN (GB/s, TFLOP/s).
+stage kernels 40 python -m fastdense kernels --json "$out/kernels.json"
+# 3. The baselines and fastdense at the report's sizes: bf16, channels_last, batch 64 and 256, both modes.
 # shellcheck disable=SC2046,SC2086
-stage bench-densenet121 110 $(bench bench-densenet121 densenet121 "64 256" $EAGER)
-# shellcheck disable=SC2046,SC2086
-stage bench-densenet201 110 $(bench bench-densenet201 densenet201 "64 256" $EAGER)
-# 3. torch.compile of torchvision (compilation is reported separately as first_step_s), densenet121.
+stage bench-densenet121 130 $(bench bench-densenet121 densenet121 "64 256" $EAGER $TRITON)
+# 4. The triton backend with cuDNN's 3x3 conv instead of the implicit GEMM (which one to keep).
+# shellcheck disable=SC2046
+stage bench-densenet121-conv-cudnn 60 env FASTDENSE_CONV3X3=cudnn $(bench bench-densenet121-conv-cudnn \
+    densenet121 256 torchvision-eager fastdense-triton)
+# 5. torch.compile of torchvision (compilation is reported separately as first_step_s), densenet121.
 # shellcheck disable=SC2046
 stage bench-densenet121-compile 100 $(bench bench-densenet121-compile densenet121 "64 256" torchvision-eager torch-compile)
-# 4. The slowest to compile, last, so that a cut costs nothing above.
+# 6. Less urgent, last, so that a cut costs nothing above.
+# shellcheck disable=SC2046,SC2086
+stage bench-densenet201 110 $(bench bench-densenet201 densenet201 "64 256" $EAGER $TRITON)
 # shellcheck disable=SC2046
 stage bench-densenet121-compile-modes 60 $(bench bench-densenet121-compile-modes densenet121 256 \
     torchvision-eager torch-compile-reduce-overhead torch-compile-max-autotune)
 
-# Short table last: every row measured, against torchvision eager in the same process.
+# Short tables last: the kernels, then every row measured against torchvision eager in the same process.
+[ -f "$out/kernels.json" ] && python - "$out/kernels.json" <<'PY'
+import json, sys
+result = json.load(open(sys.argv[1]))
+print(f"\nkernels on {result['device']}, {result['dtype']}, batch {result['batch']}")
+for r in result["rows"]:
+    print(f"{r['kernel']:13} {r['shape']:28} {r['candidate']:34} {r['ms']:8.3f} ms {r['GB_per_s']:6.0f} GB/s "
+          f"({r['copy_fraction']:.2f} of copy) {r['TFLOP_per_s']:6.1f} TFLOP/s ({r['matmul_fraction']:.2f} of matmul)")
+PY
 python - "$out" <<'PY'
 import glob, json, sys
 print(f"\n{'file':32} {'provider':30} {'mode':5} {'batch':>5} {'images/s':>9} {'speed':>6} {'peak MiB':>9} "

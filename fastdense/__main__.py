@@ -2,6 +2,7 @@
 
 ``python -m fastdense bench ...``: the benchmark suite (``fastdense.bench``).
 ``python -m fastdense profile ...``: per-kernel profile of a few steps (``fastdense.profile``).
+``python -m fastdense kernels ...``: Triton kernels against torchvision's ops (``fastdense.kernel_bench``).
 """
 
 import sys
@@ -13,6 +14,8 @@ def main() -> None:
         from .bench import main as run
     elif command == "profile":
         from .profile import main as run
+    elif command == "kernels":
+        from .kernel_bench import main as run
     else:
         from .report import main as run
 

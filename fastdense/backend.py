@@ -1,8 +1,11 @@
 """Which implementation runs a dense block: the fused Triton kernels or plain PyTorch ops.
 
 ``backend="auto"`` (the default everywhere) means: the environment variable ``FASTDENSE_BACKEND`` when
-it is set, otherwise Triton for CUDA tensors when the Triton backend is available, otherwise torch.
-An explicit ``backend="torch"`` or ``backend="triton"`` on a module always wins.
+it is set, otherwise Triton for CUDA tensors once it is the CUDA default (``TRITON_DEFAULT_ON_CUDA``),
+otherwise torch. An explicit ``backend="torch"`` or ``backend="triton"`` on a module always wins.
+
+The Triton backend runs on CUDA tensors, and on CPU tensors only under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before Triton is imported), which is how the kernels are tested without a GPU.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import torch
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "FASTDENSE_BACKEND"
 
-# Flipped when the Triton forward/backward kernels land (see the project's Triton issues). Until then
-# "auto" never picks Triton, and an explicit "triton" raises NotImplementedError.
-TRITON_BACKEND_IMPLEMENTED = False
+# "auto" picks Triton on CUDA only once the kernels have passed the GPU tests (benchmarks/gpu_check.sh)
+# on a real card; until then CUDA users get the verified torch backend unless they ask for Triton.
+TRITON_DEFAULT_ON_CUDA = False
 
 
 def check_backend_name(backend: str, *, what: str = "backend") -> str:
@@ -30,6 +33,10 @@ def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def resolve_backend(requested: str, device: torch.device) -> str:
     """Turn a module's ``backend`` setting into the backend that runs on tensors of ``device``."""
     check_backend_name(requested)
@@ -38,11 +45,14 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         if env:
             requested = check_backend_name(env, what=f"environment variable {ENV_VAR}")
     if requested == "auto":
-        use_triton = device.type == "cuda" and TRITON_BACKEND_IMPLEMENTED and triton_importable()
+        use_triton = device.type == "cuda" and TRITON_DEFAULT_ON_CUDA and triton_importable()
         return "triton" if use_triton else "torch"
-    if requested == "triton" and not TRITON_BACKEND_IMPLEMENTED:
-        raise NotImplementedError(
-            "backend='triton' is not implemented yet: the fused Triton kernels have not landed. "
-            "Use backend='torch' (or 'auto', which picks torch for now)."
-        )
+    if requested == "triton":
+        if not triton_importable():
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed; use backend='torch'")
+        if device.type != "cuda" and not triton_interpreter_enabled():
+            raise RuntimeError(
+                f"backend='triton' runs on CUDA tensors, got a {device.type} tensor; use backend='torch' "
+                "(or set TRITON_INTERPRET=1 before importing triton to run the kernels in the slow interpreter)"
+            )
     return requested

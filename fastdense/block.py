@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .backend import check_backend_name, resolve_backend
 from .torch_backend import BlockPlan, DenseBlockFunction, block_forward
+from .triton_backend import check_dtypes, triton_ops
 from .validation import check_block_input, compute_dtype
 
 
@@ -133,7 +134,7 @@ class FastDenseBlock(nn.ModuleDict):
             )
         )
 
-    def _plan(self, x: Tensor) -> BlockPlan:
+    def _plan(self, x: Tensor, backend: str) -> BlockPlan:
         layers = list(self.values())
         eps1 = {layer.norm1.eps for layer in layers}
         if self.training and len(eps1) > 1:
@@ -144,6 +145,9 @@ class FastDenseBlock(nn.ModuleDict):
         for i, layer in enumerate(layers):
             if not 0.0 <= layer.drop_rate <= 1.0:
                 raise ValueError(f"denselayer{i + 1}.drop_rate must be between 0 and 1, got {layer.drop_rate}")
+        cdt = compute_dtype(x)
+        if backend == "triton":
+            check_dtypes(x, cdt)
         return BlockPlan(
             norms1=[layer.norm1 for layer in layers],
             norms2=[layer.norm2 for layer in layers],
@@ -151,15 +155,17 @@ class FastDenseBlock(nn.ModuleDict):
             growth_rate=self.growth_rate,
             training=self.training,
             keep_bottlenecks=not self.memory_efficient,
-            compute_dtype=compute_dtype(x),
+            compute_dtype=cdt,
             eps1=layers[0].norm1.eps,
+            ops=triton_ops() if backend == "triton" else None,
         )
 
     def forward(self, x: Tensor) -> Tensor:
         params = self._layer_params()
         check_block_input(x, expected_channels=self.num_input_features, weight=params[2], training=self.training)
-        self._active_backend = resolve_backend(self._backend, x.device)
-        plan = self._plan(x)
+        backend = resolve_backend(self._backend, x.device)
+        plan = self._plan(x, backend)
+        self._active_backend = backend
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
         with torch.autocast(x.device.type, enabled=False):
             if needs_grad:

@@ -1,9 +1,11 @@
 """BatchNorm -> ReLU -> pooling as one autograd node that recomputes instead of storing.
 
-Used for the stem (norm0-relu0-pool0) and the transitions (norm-relu-avgpool, before the 1x1 conv).
-Autograd would keep the BatchNorm output (the size of the input) and, for max pooling, int64
-indices; this op keeps only its input and the per-channel statistics and recomputes the rest in
-backward, channel chunk by channel chunk.
+Used for the stem (norm0-relu0-pool0), the transitions (norm-relu-avgpool, before the 1x1 conv) and
+the head (norm5-relu-global average pool). Autograd would keep the BatchNorm output (the size of the
+input) and, for max pooling, int64 indices; this op keeps only its input and the per-channel
+statistics and recomputes the rest in backward, channel chunk by channel chunk. With the Triton
+backend the forward is one kernel (``kernels.bn_relu_pool``) after a statistics reduction; the
+backward is the same.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .batchnorm import (
     update_running_stats,
 )
 from .stages import stage
+from .triton_backend import check_dtypes
 
 POOLS = (nn.AvgPool2d, nn.MaxPool2d)
 
@@ -64,27 +67,47 @@ def _channel(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
 
+def kernel_window(pool: nn.Module) -> tuple[tuple[int, int], int, int, bool] | None:
+    """``(kernel, stride, padding, is_max)`` when the Triton kernel reproduces ``pool``, else None."""
+    pair = nn.modules.utils._pair
+    kernel, stride, padding = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size), pair(pool.padding)
+    if pool.ceil_mode or stride[0] != stride[1] or padding[0] != padding[1]:
+        return None
+    if isinstance(pool, nn.MaxPool2d):
+        return (kernel, stride[0], padding[0], True) if pair(pool.dilation) == (1, 1) else None
+    return (kernel, stride[0], 0, False) if padding == (0, 0) else None
+
+
+def channels_last_rows(x: Tensor) -> Tensor:
+    """An ``(N, C, H, W)`` tensor as channels_last ``M x C`` rows (copied only when not channels_last)."""
+    n, c, h, w = x.shape
+    return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).view(n * h * w, c)
+
+
+def norm_statistics(x: Tensor, norm: nn.BatchNorm2d, column_stats=None) -> tuple[Tensor, Tensor]:
+    """The mean and ``1 / sqrt(var + eps)`` ``norm`` normalises ``x`` with: batch statistics in training
+    (updating the running statistics, as ``nn.BatchNorm2d`` does), running statistics in eval.
+    ``column_stats`` (Triton's reduction over channels_last rows) replaces the PyTorch reduction."""
+    n, _, h, w = x.shape
+    acc, count = accumulation_dtype(x.dtype), n * h * w
+    if not norm.training:
+        return running_stats(norm, acc)
+    if column_stats is None:
+        var, mean = batch_stats(x, dim=(0, 2, 3))
+    else:
+        var, mean = column_stats(channels_last_rows(x))
+    update_running_stats(norm, mean, var, count)
+    return mean, torch.rsqrt(var + norm.eps)
+
+
 class BatchNormReLUPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module) -> Tensor:
-        n, c, h, w = x.shape
-        acc, count = accumulation_dtype(x.dtype), n * h * w
-        if norm.training:
-            var, mean = batch_stats(x, dim=(0, 2, 3))
-            update_running_stats(norm, mean, var, count)
-            rstd = torch.rsqrt(var + norm.eps)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, backend: str):
+        window = kernel_window(pool) if backend == "triton" else None
+        if window is not None:
+            out, mean, rstd = _triton_forward(x, weight, bias, norm, window)
         else:
-            mean, rstd = running_stats(norm, acc)
-        normalize = affine(weight, bias, mean, rstd, training=norm.training)
-        out = None
-        for lo, hi in chunks(c, count, min_size=1):
-            piece = _pool(normalize.channels(lo, hi)(x[:, lo:hi]).relu_(), pool)
-            if out is None:
-                channels_last = x.is_contiguous(memory_format=torch.channels_last)
-                layout = torch.channels_last if channels_last else torch.contiguous_format
-                shape = (n, c, *piece.shape[2:])
-                out = torch.empty(shape, dtype=piece.dtype, device=x.device, memory_format=layout)
-            out[:, lo:hi] = piece
+            out, mean, rstd = _torch_forward(x, weight, bias, norm, pool)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.pool, ctx.training = pool, norm.training
         return out
@@ -92,38 +115,85 @@ class BatchNormReLUPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        n, c, h, w = x.shape
-        count = n * h * w
-        normalize = affine(weight, bias, mean, rstd, training=ctx.training)
-        d_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        d_weight = torch.empty_like(mean)
-        d_bias = torch.empty_like(mean)
-        with torch.autocast(x.device.type, enabled=False), stage("bn_relu_pool_backward", x.device):
-            for lo, hi in chunks(c, count, min_size=1):
-                x_chunk = x[:, lo:hi]
-                chunk_norm = normalize.channels(lo, hi)
-                centered, pre = chunk_norm.centered_and_normalized(x_chunk)
-                mask = pre > 0
-                d_pre = _pool_backward(grad_out[:, lo:hi], pre.relu_(), ctx.pool).to(mean.dtype).mul_(mask)
-                del pre, mask
-                xhat = centered.mul_(_channel(rstd[lo:hi]))
-                d_bias[lo:hi] = d_pre.sum((0, 2, 3))
-                d_weight[lo:hi] = (d_pre * xhat).sum((0, 2, 3))
-                if d_x is not None:
-                    d_x[:, lo:hi] = input_grad_from_sums(
-                        d_pre,
-                        xhat,
-                        _channel(d_bias[lo:hi]),
-                        _channel(d_weight[lo:hi]),
-                        chunk_norm.scale,
-                        count,
-                        ctx.training,
-                    )
-        return d_x, d_weight.to(weight.dtype), d_bias.to(bias.dtype), None, None
+        grads = _backward(grad_out, x, weight, bias, mean, rstd, ctx.pool, ctx.training, ctx.needs_input_grad[0])
+        return (*grads, None)
 
 
-def bn_relu_pool(x: Tensor, norm: nn.BatchNorm2d, pool: nn.Module) -> Tensor:
-    """``pool(relu(norm(x)))`` with ``norm``'s training/eval semantics and running-stat updates."""
+def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module):
+    n, c, h, w = x.shape
+    mean, rstd = norm_statistics(x, norm)
+    normalize = affine(weight, bias, mean, rstd, training=norm.training)
+    out = None
+    for lo, hi in chunks(c, n * h * w, min_size=1):
+        piece = _pool(normalize.channels(lo, hi)(x[:, lo:hi]).relu_(), pool)
+        if out is None:
+            channels_last = x.is_contiguous(memory_format=torch.channels_last)
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            shape = (n, c, *piece.shape[2:])
+            out = torch.empty(shape, dtype=piece.dtype, device=x.device, memory_format=layout)
+        out[:, lo:hi] = piece
+    return out, mean, rstd
+
+
+def _triton_norm(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, compute_dtype: torch.dtype):
+    """Statistics by the Triton reduction, and the kernels' ``(shift, scale, bias)`` vectors."""
+    from kernels.affine import affine_vectors
+    from kernels.stats import column_stats
+
+    check_dtypes(x, compute_dtype)
+    mean, rstd = norm_statistics(x, norm, column_stats)
+    return mean, rstd, affine_vectors(affine(weight, bias, mean, rstd, training=norm.training))
+
+
+def _triton_forward(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, window):
+    from kernels.bn_relu_pool import bn_relu_pool as pool_kernel
+
+    x = x.contiguous(memory_format=torch.channels_last)  # the stem's conv0 output may not be
+    mean, rstd, vectors = _triton_norm(x, weight, bias, norm, x.dtype)
+    return pool_kernel(x, vectors, *window), mean, rstd
+
+
+def fused_transition(x: Tensor, norm: nn.BatchNorm2d, conv_weight: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    """``conv1x1(avgpool2x2(relu(norm(x))))`` as one Triton GEMM whose prologue pools (no autograd:
+    for inference and ``torch.no_grad``). Returns a channels_last ``(N, C_out, H // 2, W // 2)`` tensor."""
+    from kernels.bn_relu_gemm import bn_relu_gemm
+
+    n, c, h, w = x.shape
+    _, _, vectors = _triton_norm(x, norm.weight, norm.bias, norm, compute_dtype)
+    c_out = conv_weight.shape[0]
+    weight = conv_weight.to(compute_dtype).view(c_out, c)
+    with stage("transition", x.device):
+        out, _ = bn_relu_gemm(channels_last_rows(x), vectors, weight, pool_hw=(h, w))
+    return out.view(n, h // 2, w // 2, c_out).permute(0, 3, 1, 2)
+
+
+def _backward(grad_out, x, weight, bias, mean, rstd, pool, training: bool, need_input_grad: bool):
+    n, c, h, w = x.shape
+    count = n * h * w
+    normalize = affine(weight, bias, mean, rstd, training=training)
+    d_x = torch.empty_like(x) if need_input_grad else None
+    d_weight = torch.empty_like(mean)
+    d_bias = torch.empty_like(mean)
+    with torch.autocast(x.device.type, enabled=False), stage("bn_relu_pool_backward", x.device):
+        for lo, hi in chunks(c, count, min_size=1):
+            chunk_norm = normalize.channels(lo, hi)
+            centered, pre = chunk_norm.centered_and_normalized(x[:, lo:hi])
+            mask = pre > 0
+            d_pre = _pool_backward(grad_out[:, lo:hi], pre.relu_(), pool).to(mean.dtype).mul_(mask)
+            del pre, mask
+            xhat = centered.mul_(_channel(rstd[lo:hi]))
+            d_bias[lo:hi] = d_pre.sum((0, 2, 3))
+            d_weight[lo:hi] = (d_pre * xhat).sum((0, 2, 3))
+            if d_x is not None:
+                d_x[:, lo:hi] = input_grad_from_sums(
+                    d_pre, xhat, _channel(d_bias[lo:hi]), _channel(d_weight[lo:hi]), chunk_norm.scale, count, training
+                )
+    return d_x, d_weight.to(weight.dtype), d_bias.to(bias.dtype), None, None
+
+
+def bn_relu_pool(x: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, backend: str = "torch") -> Tensor:
+    """``pool(relu(norm(x)))`` with ``norm``'s training/eval semantics and running-stat updates;
+    ``backend`` is a resolved backend ("torch" or "triton")."""
     n, _, h, w = x.shape
     if norm.training and n * h * w == 1:
         raise ValueError(
@@ -131,4 +201,4 @@ def bn_relu_pool(x: Tensor, norm: nn.BatchNorm2d, pool: nn.Module) -> Tensor:
             f"got input size {tuple(x.shape)}"
         )
     with torch.autocast(x.device.type, enabled=False), stage("bn_relu_pool", x.device):
-        return BatchNormReLUPool.apply(x, norm.weight, norm.bias, norm, pool)
+        return BatchNormReLUPool.apply(x, norm.weight, norm.bias, norm, pool, backend)

@@ -16,20 +16,24 @@ from torch import Tensor, nn
 from torchvision.models import densenet as tv_densenet
 from torchvision.models._utils import _ovewrite_named_param, handle_legacy_interface
 
-from .backend import check_backend_name
+from .backend import check_backend_name, resolve_backend
 from .block import FastDenseBlock
-from .bn_relu_pool import bn_relu_pool, fusable
+from .bn_relu_pool import bn_relu_pool, fusable, fused_transition, kernel_window
+from .validation import compute_dtype
 
 
 class Transition(nn.Sequential):
     """BN-ReLU-1x1 conv-2x2 average pool, torchvision's ``_Transition`` with the same names.
 
     The pool runs before the conv: both are linear and the conv has no bias, so the result is the
-    same while the GEMM sees 4x fewer rows and backward keeps a 4x smaller conv input.
+    same while the GEMM sees 4x fewer rows and backward keeps a 4x smaller conv input. With the Triton
+    backend and no gradient to record, BN-ReLU-pool-conv is one kernel (the GEMM's prologue averages
+    each 2x2 window); with gradients, the BN-ReLU-pool kernel feeds PyTorch's conv.
     """
 
-    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+    def __init__(self, num_input_features: int, num_output_features: int, *, backend: str = "auto") -> None:
         super().__init__()
+        self.backend = check_backend_name(backend)
         self.norm = nn.BatchNorm2d(num_input_features)
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
@@ -41,21 +45,33 @@ class Transition(nn.Sequential):
         return type(self.pool) is nn.AvgPool2d and plain_conv and conv.bias is None
 
     def forward(self, x: Tensor) -> Tensor:
-        if fusable(self.norm, self.relu, self.pool) and self._pool_first_is_exact():
-            return self.conv(bn_relu_pool(x, self.norm, self.pool))
-        return self.pool(self.conv(self.relu(self.norm(x))))
+        if not (fusable(self.norm, self.relu, self.pool) and self._pool_first_is_exact()):
+            return self.pool(self.conv(self.relu(self.norm(x))))
+        backend = resolve_backend(self.backend, x.device)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *self.parameters()))
+        plain_conv = not (self.conv._forward_hooks or self.conv._forward_pre_hooks)  # hooks must still fire
+        if backend == "triton" and not needs_grad and plain_conv and kernel_window(self.pool) == ((2, 2), 2, 0, False):
+            return fused_transition(x, self.norm, self.conv.weight, compute_dtype(x))
+        return self.conv(bn_relu_pool(x, self.norm, self.pool, backend))
 
 
 class Features(nn.Sequential):
     """torchvision's ``features`` Sequential; runs norm0-relu0-pool0 as one op that recomputes the
     normalised stem output in backward instead of keeping it (falls back to the plain sequence when
-    those modules were replaced or carry hooks)."""
+    those modules were replaced or carry hooks). ``backend`` picks that op's kernels."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def __init__(self, *args, backend: str = "auto") -> None:
+        super().__init__(*args)
+        self.backend = check_backend_name(backend)
+
+    def forward(self, x: Tensor, *, skip_last: bool = False) -> Tensor:
         modules = list(self._modules.items())
+        if skip_last:  # the network's fused head runs the last module (norm5) itself
+            modules = modules[:-1]
         stem = [module for _, module in modules[1:4]]
         if [name for name, _ in modules[:4]] == ["conv0", "norm0", "relu0", "pool0"] and fusable(*stem):
-            x = bn_relu_pool(modules[0][1](x), stem[0], stem[2])
+            x = modules[0][1](x)
+            x = bn_relu_pool(x, stem[0], stem[2], resolve_backend(self.backend, x.device))
             modules = modules[4:]
         for _, module in modules:
             x = module(x)
@@ -82,7 +98,7 @@ class FastDenseNet(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        check_backend_name(backend)
+        self._backend = check_backend_name(backend)
         self.features = Features(
             OrderedDict(
                 [
@@ -91,7 +107,8 @@ class FastDenseNet(nn.Module):
                     ("relu0", nn.ReLU(inplace=True)),
                     ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
                 ]
-            )
+            ),
+            backend=backend,
         )
         num_features = num_init_features
         for i, num_layers in enumerate(block_config):
@@ -107,10 +124,11 @@ class FastDenseNet(nn.Module):
             self.features.add_module(f"denseblock{i + 1}", block)
             num_features = num_features + num_layers * growth_rate
             if i != len(block_config) - 1:
-                trans = Transition(num_input_features=num_features, num_output_features=num_features // 2)
+                trans = Transition(num_features, num_features // 2, backend=backend)
                 self.features.add_module(f"transition{i + 1}", trans)
                 num_features = num_features // 2
         self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self._active_backend: str | None = None
         self.classifier = nn.Linear(num_features, num_classes)
 
         # torchvision's initialisation, so a fresh model is distributed like a fresh torchvision one.
@@ -128,24 +146,40 @@ class FastDenseNet(nn.Module):
 
     @property
     def backend(self) -> str:
-        return self.dense_blocks()[0].backend
+        """The requested backend of every part: dense blocks, stem, transitions and head."""
+        return self._backend
 
     @backend.setter
     def backend(self, value: str) -> None:
-        for block in self.dense_blocks():
-            block.backend = value
+        self._backend = check_backend_name(value)
+        for module in self.modules():
+            if isinstance(module, (FastDenseBlock, Transition, Features)):
+                module.backend = value
 
     @property
     def active_backend(self) -> str | None:
         """The backend the last forward ran; None before the first call."""
-        return self.dense_blocks()[0].active_backend
+        return self._active_backend
+
+    def _fusable_norm5(self) -> nn.BatchNorm2d | None:
+        """norm5 when the head can run as one BN-ReLU-global-average-pool op (hooks on ``features``
+        or on norm5 must fire, so they keep the plain sequence)."""
+        norm5 = list(self.features._modules.items())[-1]
+        hooked = self.features._forward_hooks or self.features._forward_pre_hooks
+        if norm5[0] != "norm5" or hooked or not fusable(norm5[1], nn.ReLU(), nn.AvgPool2d(1)):
+            return None
+        return norm5[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        features = self.features(x)
-        out = F.relu(features, inplace=True)
-        out = F.adaptive_avg_pool2d(out, (1, 1))
-        out = torch.flatten(out, 1)
-        return self.classifier(out)
+        self._active_backend = resolve_backend(self._backend, x.device)
+        norm5 = self._fusable_norm5()
+        if norm5 is None:
+            out = F.relu(self.features(x), inplace=True)
+            out = F.adaptive_avg_pool2d(out, (1, 1))
+        else:  # the head's BatchNorm output and ReLU output are never stored
+            out = self.features(x, skip_last=True)
+            out = bn_relu_pool(out, norm5, nn.AvgPool2d(tuple(out.shape[2:])), self._active_backend)
+        return self.classifier(torch.flatten(out, 1))
 
 
 def _densenet(

@@ -28,12 +28,15 @@ class Provider:
     memory_efficient: bool = False
     compile_mode: str | None = None  # torch.compile mode; None runs eagerly
     cuda_only: bool = False
+    fastdense_backend: str = "auto"  # fastdense's backend= argument
 
     def build(self, model: str) -> nn.Module:
         """A fresh model (random weights, torchvision's initialisation) of this provider's library."""
         growth_rate, block_config, num_init_features = MODELS[model]
-        cls = torchvision.models.DenseNet if self.library == "torchvision" else fastdense.FastDenseNet
-        return cls(growth_rate, block_config, num_init_features, memory_efficient=self.memory_efficient)
+        args = (growth_rate, block_config, num_init_features)
+        if self.library == "torchvision":
+            return torchvision.models.DenseNet(*args, memory_efficient=self.memory_efficient)
+        return fastdense.FastDenseNet(*args, memory_efficient=self.memory_efficient, backend=self.fastdense_backend)
 
     def wrap(self, model: nn.Module):
         """What the benchmark calls: the model itself, or its torch.compile wrapper."""
@@ -58,6 +61,14 @@ PROVIDERS = {
         Provider("torch-compile-reduce-overhead", "torchvision", compile_mode="reduce-overhead", cuda_only=True),
         Provider("fastdense", "fastdense"),
         Provider("fastdense-memory-efficient", "fastdense", memory_efficient=True),
+        Provider("fastdense-triton", "fastdense", cuda_only=True, fastdense_backend="triton"),
+        Provider(
+            "fastdense-triton-memory-efficient",
+            "fastdense",
+            memory_efficient=True,
+            cuda_only=True,
+            fastdense_backend="triton",
+        ),
     )
 }
 BASELINE = "torchvision-eager"  # every ratio in a report is against it

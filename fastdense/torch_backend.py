@@ -15,6 +15,7 @@ otherwise).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -49,6 +50,29 @@ class BlockPlan:
     keep_bottlenecks: bool  # memory_efficient=False keeps each layer's 1x1 conv output for backward
     compute_dtype: torch.dtype
     eps1: float  # shared by every norm1 of the block (checked by the module)
+    ops: Ops | None = None  # the forward's kernels: None means TORCH_OPS; fastdense.triton_backend has the others
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The three forward kernels of a dense block. The torch backend's are plain PyTorch ops; the
+    Triton backend's fuse them (``fastdense.triton_backend``). Both keep the same buffer layout and
+    return the same statistics, so one backward serves both.
+
+    column_stats(cols) -> (var, mean): biased batch statistics of an ``M x c`` buffer slice.
+    bottleneck(x, norm1, w1, stats, epilogue) -> (Y, (var, mean) or None): ``relu(norm1(x)) @ w1^T`` for
+        an ``M x C_l`` buffer prefix (``w1``: ``4k x C_l``, compute dtype); ``stats``: Y's column
+        statistics (training); ``epilogue``: an eval-mode norm2 map applied with relu2 to Y.
+    new_features(Y, norm2, w2, nhw, out, noise, stats) -> (var, mean) or None: writes
+        ``conv3x3(relu(norm2(Y))) * noise`` into the ``M x k`` buffer slice ``out`` (``norm2`` None: Y is
+        already activated; ``noise`` None: no dropout) and returns the slice's statistics with ``stats``.
+    fuses_eval_norm2: whether ``bottleneck`` takes an ``epilogue``.
+    """
+
+    column_stats: Callable
+    bottleneck: Callable
+    new_features: Callable
+    fuses_eval_norm2: bool = False
 
 
 @dataclass
@@ -103,6 +127,32 @@ def _bottleneck(x: Tensor, norm1: Affine, w1_t: Tensor) -> Tensor:
     return out
 
 
+def _column_stats(cols: Tensor) -> tuple[Tensor, Tensor]:
+    return batch_stats(cols, dim=0)
+
+
+def _torch_bottleneck(x, norm1: Affine, w1: Tensor, stats: bool, epilogue: Affine | None):
+    bottleneck = _bottleneck(x, norm1, w1.t())
+    return bottleneck, batch_stats(bottleneck, dim=0) if stats else None
+
+
+def conv3x3_into(bottleneck, norm2: Affine | None, w2, nhw, out, noise, stats: bool, column_stats=_column_stats):
+    """``Ops.new_features`` with a 3x3 convolution from PyTorch (cuDNN on CUDA): the activation is
+    materialised, convolved, multiplied by the dropout noise and copied into the buffer slice."""
+    n, h, w = nhw
+    act2 = bottleneck if norm2 is None else norm2(bottleneck).relu_()
+    new = F.conv2d(_nchw(act2.to(w2.dtype), n, h, w), w2, padding=1)  # (N, k, H, W)
+    del act2
+    if noise is not None:
+        new = new * _nchw(noise, n, h, w)
+    out.view(n, h, w, out.shape[1]).copy_(new.permute(0, 2, 3, 1))
+    del new
+    return column_stats(out) if stats else None
+
+
+TORCH_OPS = Ops(column_stats=_column_stats, bottleneck=_torch_bottleneck, new_features=conv3x3_into)
+
+
 def _layer_params(params: tuple[Tensor, ...], layer: int) -> tuple[Tensor, ...]:
     return params[layer * PARAMS_PER_LAYER : (layer + 1) * PARAMS_PER_LAYER]
 
@@ -112,7 +162,7 @@ def block_forward(x: Tensor, params: tuple[Tensor, ...], plan: BlockPlan, save: 
     n, c0, h, w = x.shape
     k, num_layers = plan.growth_rate, len(plan.norms1)
     c_total, m = c0 + num_layers * k, n * h * w
-    acc, cdt = accumulation_dtype(x.dtype), plan.compute_dtype
+    acc, cdt, ops = accumulation_dtype(x.dtype), plan.compute_dtype, plan.ops or TORCH_OPS
 
     buf = torch.empty((n, h, w, c_total), dtype=x.dtype, device=x.device)
     rows = buf.view(m, c_total)
@@ -123,14 +173,16 @@ def block_forward(x: Tensor, params: tuple[Tensor, ...], plan: BlockPlan, save: 
         state.seg_rstd = torch.empty(c_total, dtype=acc, device=x.device)
         seg_var = torch.empty(c_total, dtype=acc, device=x.device)
 
-        def record_segment_stats(lo: int, hi: int) -> None:
-            with stage("stats", x.device):
-                var, mean = batch_stats(rows[:, lo:hi], dim=0)
+        def record_segment_stats(lo: int, hi: int, stats: tuple[Tensor, Tensor]) -> None:
+            var, mean = stats
             state.seg_mean[lo:hi], seg_var[lo:hi] = mean, var
-            state.seg_rstd[lo:hi] = torch.rsqrt(var + plan.eps1)
+            state.seg_rstd[lo:hi] = torch.rsqrt(var.to(acc) + plan.eps1)
 
-        record_segment_stats(0, c0)
+        with stage("stats", x.device):
+            record_segment_stats(0, c0, ops.column_stats(rows[:, :c0]))
 
+    # Eval mode folds norm2 and relu2 into the GEMM's epilogue when the raw bottleneck is not kept.
+    fuse_norm2 = ops.fuses_eval_norm2 and not plan.training and not (save and plan.keep_bottlenecks)
     for layer in range(num_layers):
         g1, b1, w1, g2, b2, w2 = _layer_params(params, layer)
         norm1, norm2, c_in = plan.norms1[layer], plan.norms2[layer], c0 + layer * k
@@ -140,32 +192,32 @@ def block_forward(x: Tensor, params: tuple[Tensor, ...], plan: BlockPlan, save: 
         else:
             mean1, rstd1 = running_stats(norm1, acc)
         norm1_map = affine(g1, b1, mean1, rstd1, training=plan.training)
+        if not plan.training:
+            mean2, rstd2 = running_stats(norm2, acc)
+        eval_norm2 = affine(g2, b2, mean2, rstd2, training=False) if fuse_norm2 else None
         with stage("gemm", x.device):
-            bottleneck = _bottleneck(rows[:, :c_in], norm1_map, w1.to(cdt).view(-1, c_in).t())  # M x 4k
+            bottleneck, stats2 = ops.bottleneck(
+                rows[:, :c_in], norm1_map, w1.to(cdt).view(-1, c_in), plan.training, eval_norm2
+            )  # M x 4k
 
         if plan.training:
-            with stage("stats", x.device):
-                var2, mean2 = batch_stats(bottleneck, dim=0)
+            var2, mean2 = (s.to(acc) for s in stats2)
             update_running_stats(norm2, mean2, var2, m)
             rstd2 = torch.rsqrt(var2 + norm2.eps)
-        else:
-            mean2, rstd2 = running_stats(norm2, acc)
-        with stage("conv", x.device):
-            act2 = affine(g2, b2, mean2, rstd2, training=plan.training)(bottleneck).relu_().to(cdt)
-            new = F.conv2d(_nchw(act2, n, h, w), w2.to(cdt), padding=1)  # (N, k, H, W)
-            del act2
+        norm2_map = None if fuse_norm2 else affine(g2, b2, mean2, rstd2, training=plan.training)
 
         noise = None
         p = plan.drop_rates[layer]
         if plan.training and p > 0:
             # Same distribution as F.dropout: keep with probability 1 - p, scale kept values by 1/(1-p).
-            noise = torch.empty((m, k), dtype=new.dtype, device=x.device).bernoulli_(1.0 - p)
+            noise = torch.empty((m, k), dtype=cdt, device=x.device).bernoulli_(1.0 - p)
             noise.mul_(0.0 if p == 1.0 else 1.0 / (1.0 - p))
-            new = new * _nchw(noise, n, h, w)
-        buf[..., c_in : c_in + k].copy_(new.permute(0, 2, 3, 1))
-        del new
+        with stage("conv", x.device):
+            stats_new = ops.new_features(
+                bottleneck, norm2_map, w2.to(cdt), (n, h, w), rows[:, c_in : c_in + k], noise, plan.training
+            )
         if plan.training:
-            record_segment_stats(c_in, c_in + k)
+            record_segment_stats(c_in, c_in + k, stats_new)
         if save:
             kept = bottleneck if plan.keep_bottlenecks else None
             state.layers.append(LayerState(mean1, rstd1, mean2, rstd2, kept, noise))

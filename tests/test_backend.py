@@ -17,28 +17,40 @@ def test_auto_picks_torch_on_cpu():
     assert fastdense.resolve_backend("auto", CPU) == "torch"
 
 
-def test_auto_picks_torch_on_cuda_until_the_triton_backend_exists(monkeypatch):
+def test_auto_picks_triton_on_cuda_only_once_it_is_the_default(monkeypatch):
     monkeypatch.setattr(backend, "triton_importable", lambda: True)
     assert fastdense.resolve_backend("auto", CUDA) == "torch"
-    monkeypatch.setattr(backend, "TRITON_BACKEND_IMPLEMENTED", True)
+    monkeypatch.setattr(backend, "TRITON_DEFAULT_ON_CUDA", True)
     assert fastdense.resolve_backend("auto", CUDA) == "triton"
     assert fastdense.resolve_backend("auto", CPU) == "torch"
     monkeypatch.setattr(backend, "triton_importable", lambda: False)
     assert fastdense.resolve_backend("auto", CUDA) == "torch"
 
 
-def test_triton_raises_not_implemented_with_guidance():
-    with pytest.raises(NotImplementedError, match=r"backend='triton' is not implemented yet.*backend='torch'"):
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fastdense.resolve_backend("triton", CPU) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match=r"backend='triton' runs on CUDA tensors.*backend='torch'.*TRITON_INTERPRET"):
         fastdense.resolve_backend("triton", CPU)
     _, block = block_pair(1, 2, 2, 2, backend="triton")
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
+        block(torch.randn(2, 2, 3, 3, dtype=torch.float64))
+    monkeypatch.setattr(backend, "triton_importable", lambda: False)
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        fastdense.resolve_backend("triton", CUDA)
+
+
+def test_triton_refuses_float64_clearly():
+    _, block = block_pair(1, 2, 2, 2, backend="triton")
+    with pytest.raises(TypeError, match=r"backend='triton' supports float32, float16 and bfloat16; got input dtype"):
         block(torch.randn(2, 2, 3, 3, dtype=torch.float64))
 
 
 def test_environment_variable_sets_what_auto_means(monkeypatch):
     monkeypatch.setenv(fastdense.BACKEND_ENV_VAR, "triton")
-    with pytest.raises(NotImplementedError):
-        fastdense.resolve_backend("auto", CPU)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fastdense.resolve_backend("auto", CPU) == "triton"
     assert fastdense.resolve_backend("torch", CPU) == "torch"  # an explicit choice wins
     monkeypatch.setenv(fastdense.BACKEND_ENV_VAR, " Torch ")
     assert fastdense.resolve_backend("auto", CPU) == "torch"

@@ -1,6 +1,7 @@
-"""The torch backend on CUDA against torchvision on CUDA. Skipped, with the reason printed (``-rs``),
-on machines without a GPU; ``benchmarks/gpu_check.sh`` runs it on the GPU machine. These are not
-counted as coverage on the CPU machines: the CPU tests cover the same code paths there."""
+"""The torch and triton backends on CUDA against torchvision on CUDA, at realistic sizes. Skipped, with
+the reason printed (``-rs``), on machines without a GPU; ``benchmarks/gpu_check.sh`` runs it on the GPU
+machine. These are not counted as coverage on the CPU machines: the CPU tests cover the same code paths
+there (the Triton kernels in the interpreter, on small shapes)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,66 @@ def test_densenet121_bf16_autocast_channels_last(training):
     tv_err = (outputs["tv"] - outputs["fp32"]).norm() / outputs["fp32"].norm()
     fast_err = (outputs["fast"] - outputs["fp32"]).norm() / outputs["fp32"].norm()
     assert fast_err <= 2 * tv_err, (fast_err, tv_err)
+
+
+@pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet169", "densenet201"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_backend_imagenet_variants_bf16_autocast(name, training):
+    """backend="triton" end to end (autotuned kernels) for the four ImageNet variants: forward in
+    training and eval mode, bf16 autocast, channels_last, and a training step's input gradient, each at
+    most twice torchvision's own bf16 error against its fp32 result; running statistics too."""
+    torch.manual_seed(0)
+    ref = randomize_batchnorm(getattr(torchvision.models, name)()).cuda().to(memory_format=torch.channels_last)
+    fast = getattr(fastdense, name)(backend="triton").cuda().to(memory_format=torch.channels_last)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(8, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    results = {}
+    state = {k: v.clone() for k, v in ref.state_dict().items()}  # each run starts from the same statistics
+    for label, model, autocast in (("fp32", ref, False), ("tv", ref, True), ("fast", fast, True)):
+        model.load_state_dict(state)
+        model.train(training)
+        inp = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(inp)
+        out.float().square().mean().backward()
+        stats = torch.cat([b.flatten().float() for b in model.buffers() if b.is_floating_point()])
+        results[label] = (out.float().detach(), inp.grad.float(), stats)
+    assert fast.active_backend == "triton"
+    for i, what in enumerate(("output", "input grad", "running stats")):
+        gold = results["fp32"][i]
+        tv_err = ((results["tv"][i] - gold).norm() / gold.norm()).item()
+        fast_err = ((results["fast"][i] - gold).norm() / gold.norm()).item()
+        assert fast_err <= max(2 * tv_err, 1e-6), (what, fast_err, tv_err)
+
+
+def test_triton_kernels_past_2_31_elements():
+    """A buffer whose M * C_total exceeds 2^31 elements: the kernels' int64 row offsets reach its last
+    rows (checked there against PyTorch), and the statistics cover every row."""
+    from kernels.bn_relu_gemm import bn_relu_gemm, bn_relu_gemm_reference
+    from kernels.conv3x3 import conv3x3, conv3x3_reference
+    from kernels.stats import column_stats
+
+    m, c_total, c_in = 8_400_000, 264, 256  # M * C_total = 2.2e9 > 2^31 (4.4 GB in bf16)
+    assert m * c_total > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    buf = torch.randn(m, c_total, device="cuda", dtype=torch.bfloat16, generator=g)
+    norm = tuple(torch.randn(c_in, device="cuda", generator=g) for _ in range(3))
+    weight = torch.randn(128, c_in, device="cuda", dtype=torch.bfloat16, generator=g) * 0.05
+    y, (var, mean) = bn_relu_gemm(buf[:, :c_in], norm, weight, stats=True)
+    tail = slice(m - 4096, m)
+    expected = bn_relu_gemm_reference(buf[tail, :c_in], norm, weight)
+    assert ((y[tail].float() - expected.float()).norm() / expected.float().norm()).item() <= 2e-3
+    ref_var, ref_mean = torch.var_mean(y.float(), dim=0, correction=0)
+    assert torch.allclose(mean, ref_mean, rtol=1e-4, atol=1e-4) and torch.allclose(var, ref_var, rtol=1e-4)
+    del y
+    stats_var, stats_mean = column_stats(buf[:, c_in:])
+    ref_var, ref_mean = torch.var_mean(buf[:, c_in:].float(), dim=0, correction=0)
+    assert torch.allclose(stats_mean, ref_mean, atol=1e-4) and torch.allclose(stats_var, ref_var, rtol=1e-4)
+    # The 3x3 conv writes the last 8 columns; images of 100 x 84 rows so the last rows are a whole image.
+    bottleneck = buf[:, :128].contiguous()
+    w2 = torch.randn(8, 128, 3, 3, device="cuda", dtype=torch.bfloat16, generator=g) * 0.05
+    conv3x3(bottleneck, w2, (1000, 100, 84), buf[:, c_in:], prologue=tuple(v[:128] for v in norm))
+    last_image = slice(m - 8400, m)
+    expected = conv3x3_reference(bottleneck[last_image], w2, (1, 100, 84), prologue=tuple(v[:128] for v in norm))
+    got = buf[last_image, c_in:].float()
+    assert ((got - expected.float()).norm() / expected.float().norm()).item() <= 2e-3

@@ -18,10 +18,11 @@ SMALL = {"growth_rate": 4, "block_config": (2, 3, 2), "num_init_features": 8, "b
 def network_pair(dtype=torch.float64, seed=0, **kwargs):
     config = SMALL | kwargs
     memory_efficient = config.pop("memory_efficient", False)
+    backend = config.pop("backend", "auto")
     torch.manual_seed(seed)
     ref = torchvision.models.DenseNet(**config)
     randomize_batchnorm(ref, torch.Generator().manual_seed(seed + 1))
-    fast = fastdense.FastDenseNet(**config, memory_efficient=memory_efficient)
+    fast = fastdense.FastDenseNet(**config, memory_efficient=memory_efficient, backend=backend)
     fast.load_state_dict(ref.state_dict())
     return ref.to(dtype), fast.to(dtype)
 

@@ -1,0 +1,168 @@
+"""BN-ReLU-1x1 conv as one GEMM over a column prefix of the block buffer (DESIGN.md section 3).
+
+``Y = relu(X[:, :K] * a + b) @ W^T`` with ``X`` an ``M x K`` row-major matrix of any row stride (the
+buffer's leading dimension is ``C_total``). The BatchNorm map and the ReLU are applied to each A tile
+right after it is loaded, so the normalised activations never exist in memory. Optional parts:
+
+* ``pool=True`` (transitions): output row ``m`` averages the 2x2 window of input rows below it before
+  the product; exact because the 1x1 conv and the average pool are both linear.
+* ``epilogue`` (eval mode): norm2's folded map and ReLU applied to the output tile, so the layer's
+  3x3 conv reads finished activations.
+* ``stats=True`` (training): per-column count/mean/M2 partials of the output tile for norm2's batch
+  statistics, merged by ``kernels.stats.merge_partials``.
+
+fp32 accumulation; row offsets in int64 (``M * C_total`` passes 2^31 at realistic sizes); every edge
+masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .affine import bn_relu, load_affine, rounded
+from .launch import INTERPRET, bucket, check_kernel_tensors, dot_precision, smallest, tuned
+from .stats import empty_partials, merge_partials, store_partials, tile_count_mean_m2
+
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
+# Hopper: the bottleneck width N = 4k is 128 (DenseNet-121/169/201) or 192 (161); K runs to ~1000.
+_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=5),
+]
+_MIN_BLOCK_M = smallest([*_CONFIGS, _INTERPRET_CONFIG], "BLOCK_M")
+
+
+@triton.jit
+def _load_pooled_rows(x_ptr, rows, row_mask, ks, k_mask, stride_x, H, W, shift, scale, bias, INTERPRETED: tl.constexpr):
+    """relu(bn(x)) averaged over the 2x2 input window of each output row (floor-mode pooling)."""
+    h_out, w_out = H // 2, W // 2
+    image = rows // (h_out * w_out)
+    pixel = rows % (h_out * w_out)
+    top_left = (image * H + 2 * (pixel // w_out)) * W + 2 * (pixel % w_out)
+    mask = row_mask[:, None] & k_mask[None, :]
+    total = tl.zeros((rows.shape[0], ks.shape[0]), tl.float32)
+    for corner in tl.static_range(4):
+        src = top_left + (corner // 2) * W + (corner % 2)
+        x = tl.load(x_ptr + src[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
+        total += bn_relu(x, shift, scale, bias, INTERPRETED)
+    return rounded(total * 0.25, x.dtype, INTERPRETED)
+
+
+@tuned(
+    _CONFIGS,
+    key=["N", "M_BUCKET", "K_BUCKET"],
+    reset_to_zero=["mean_ptr", "m2_ptr", "count_ptr"],
+    interpret=_INTERPRET_CONFIG,
+)
+@triton.jit
+def _bn_relu_gemm_kernel(
+    x_ptr, shift_ptr, scale_ptr, bias_ptr, w_ptr, y_ptr,
+    shift2_ptr, scale2_ptr, bias2_ptr, mean_ptr, m2_ptr, count_ptr,
+    M, N, K, stride_x, stride_y, H, W, M_BUCKET, K_BUCKET,
+    POOL: tl.constexpr, EPILOGUE: tl.constexpr, STATS: tl.constexpr,
+    INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < M, cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        shift, scale, bias = load_affine(shift_ptr, scale_ptr, bias_ptr, ks, k_mask)
+        if POOL:
+            act = _load_pooled_rows(x_ptr, rows, row_mask, ks, k_mask, stride_x, H, W, shift, scale, bias, INTERPRETED)
+        else:
+            mask = row_mask[:, None] & k_mask[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
+            act = bn_relu(x, shift, scale, bias, INTERPRETED).to(x.dtype)
+        # W^T is stored K x N contiguous; padded K entries load as zero on both sides.
+        w = tl.load(w_ptr + ks[:, None] * N + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if INTERPRETED:  # the interpreter's bf16 dot is wrong; fp32 operands are exact there
+            acc = tl.dot(act.to(tl.float32), w.to(tl.float32), acc)
+        else:
+            acc = tl.dot(act.to(w.dtype), w, acc, input_precision=PRECISION)
+
+    y = rounded(acc, y_ptr.dtype.element_ty, INTERPRETED)
+    if EPILOGUE:  # eval: norm2 (folded running statistics) and relu2 on the finished tile
+        shift2, scale2, bias2 = load_affine(shift2_ptr, scale2_ptr, bias2_ptr, cols, col_mask)
+        y = bn_relu(y, shift2, scale2, bias2, INTERPRETED).to(y.dtype)
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y, mask=row_mask[:, None] & col_mask[None, :])
+    if STATS:  # training: norm2's statistics of the rounded outputs, as BatchNorm sees them
+        count, mean, m2 = tile_count_mean_m2(y.to(tl.float32), row_mask)
+        store_partials(mean_ptr, m2_ptr, count_ptr, pid_m, cols, col_mask, count, mean, m2, N)
+
+
+def bn_relu_gemm(
+    x: Tensor,
+    norm: tuple[Tensor, Tensor, Tensor],
+    weight: Tensor,
+    *,
+    epilogue: tuple[Tensor, Tensor, Tensor] | None = None,
+    stats: bool = False,
+    pool_hw: tuple[int, int] | None = None,
+    out: Tensor | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """``relu(x * a + b) @ weight^T`` (see the module docstring).
+
+    x: ``M x K`` with unit column stride (a column prefix of a buffer); with ``pool_hw=(H, W)`` it holds
+    ``N*H*W`` rows of channels_last images and the output has ``N*(H//2)*(W//2)`` rows.
+    norm, epilogue: ``(shift, scale, bias)`` float32 vectors (``kernels.affine.affine_vectors``).
+    weight: ``N_out x K`` in the compute dtype (a 1x1 conv weight viewed as a matrix).
+    out: optional ``rows x N_out`` destination with unit column stride (e.g. a buffer slice).
+    Returns the output and, with ``stats``, the biased variance and mean of its columns.
+    """
+    check_kernel_tensors(x, weight)
+    m_in, k = x.shape
+    n_out = weight.shape[0]
+    if weight.shape != (n_out, k):
+        raise ValueError(
+            f"bn_relu_gemm: weight must be {n_out} x {k} to match x's {k} columns, got {tuple(weight.shape)}"
+        )
+    if x.stride(1) != 1:
+        raise ValueError(f"bn_relu_gemm: x must have unit column stride, got strides {x.stride()}")
+    h, w = pool_hw or (1, 1)
+    m = m_in if pool_hw is None else (m_in // (h * w)) * (h // 2) * (w // 2)
+    if out is None:
+        out = torch.empty((m, n_out), dtype=weight.dtype, device=x.device)
+    if out.shape != (m, n_out) or out.stride(1) != 1:
+        raise ValueError(f"bn_relu_gemm: out must be {m} x {n_out} with unit column stride, got {tuple(out.shape)}")
+    w_t = weight.t().contiguous()  # K x N: small, rows of the B operand contiguous
+    partials = empty_partials(triton.cdiv(m, _MIN_BLOCK_M) if stats else 1, n_out, x.device)
+    second = epilogue if epilogue is not None else norm  # unused pointers when there is no epilogue
+    if m > 0:
+
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"])
+
+        _bn_relu_gemm_kernel[grid](
+            x, *norm, w_t, out, *second, *partials,
+            m, n_out, k, x.stride(0), out.stride(0), h, w, bucket(m), bucket(k),
+            POOL=pool_hw is not None, EPILOGUE=epilogue is not None, STATS=stats,
+            INTERPRETED=INTERPRET, PRECISION=dot_precision(weight.dtype),
+        )  # fmt: skip
+    return out, merge_partials(*partials) if stats else None
+
+
+def bn_relu_gemm_reference(x, norm, weight, *, epilogue=None, pool_hw=None):
+    """``bn_relu_gemm`` with PyTorch ops, rounding where the kernel rounds (for the tests)."""
+
+    def apply(v, vectors):
+        shift, scale, bias = vectors
+        return ((v.float() - shift) * scale + bias).to(v.dtype).relu()
+
+    act = apply(x, norm)
+    if pool_hw is not None:
+        h, w = pool_hw
+        images = act.float().view(-1, h, w, x.shape[1]).permute(0, 3, 1, 2)
+        act = torch.nn.functional.avg_pool2d(images, 2).permute(0, 2, 3, 1).reshape(-1, x.shape[1]).to(x.dtype)
+    y = (act.to(weight.dtype).float() @ weight.float().t()).to(weight.dtype)
+    return apply(y, epilogue) if epilogue is not None else y

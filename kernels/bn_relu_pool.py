@@ -1,0 +1,103 @@
+"""BN-ReLU followed by a pooling window, one pass over channels_last rows: the stem's
+norm0-relu0-maxpool (3x3, stride 2, padding 1), a transition's norm-relu-avgpool (2x2) and the head's
+norm5-relu-global average pool (one window covering the whole image).
+
+Each program reads ``BLOCK_M`` output pixels x ``BLOCK_C`` channels and loops over the window's taps;
+the normalised activation is never written. Max pooling starts from 0, which is exact after a ReLU
+(every window holds at least one real pixel); padded taps are skipped. Average pooling divides by the
+window size (no padding is supported for it, as in every DenseNet).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .affine import bn_relu, load_affine, rounded
+from .launch import INTERPRET, bucket, check_kernel_tensors, tuned
+
+
+@tuned(
+    [
+        triton.Config({"BLOCK_M": 64, "BLOCK_C": 64}, num_warps=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_C": 32}, num_warps=4),
+    ],
+    key=["C", "KH", "KW", "M_BUCKET"],
+    interpret=triton.Config({"BLOCK_M": 16, "BLOCK_C": 16}),
+)
+@triton.jit
+def _bn_relu_pool_kernel(
+    x_ptr, shift_ptr, scale_ptr, bias_ptr, out_ptr,
+    M, C, H, W, H_OUT, W_OUT, stride_x, stride_out, KH, KW, STRIDE, PAD, M_BUCKET,
+    IS_MAX: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_c = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_mask, col_mask = rows < M, cols < C
+    image = rows // (H_OUT * W_OUT)
+    h0 = (rows // W_OUT) % H_OUT * STRIDE - PAD
+    w0 = rows % W_OUT * STRIDE - PAD
+    shift, scale, bias = load_affine(shift_ptr, scale_ptr, bias_ptr, cols, col_mask)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    for i in range(KH):
+        for j in range(KW):
+            h, w = h0 + i, w0 + j
+            inside = row_mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            mask = inside[:, None] & col_mask[None, :]
+            src = (image * H + h) * W + w
+            x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+            act = tl.where(mask, bn_relu(x, shift, scale, bias, INTERPRETED), 0.0)
+            if IS_MAX:
+                acc = tl.maximum(acc, act, propagate_nan=tl.PropagateNan.ALL)
+            else:
+                acc += act
+    if not IS_MAX:
+        acc = acc / (KH * KW)
+    out = rounded(acc, out_ptr.dtype.element_ty, INTERPRETED)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out, mask=row_mask[:, None] & col_mask[None, :])
+
+
+def pooled_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def bn_relu_pool(x: Tensor, norm: tuple[Tensor, Tensor, Tensor], kernel: int | tuple[int, int], stride: int,
+                 padding: int, is_max: bool) -> Tensor:  # fmt: skip
+    """``pool(relu(x * a + b))`` for an ``(N, C, H, W)`` channels_last tensor (floor-mode windows).
+
+    norm: ``(shift, scale, bias)`` float32 vectors; kernel: a square size or ``(KH, KW)``.
+    Returns an ``(N, C, H_out, W_out)`` channels_last tensor of ``x``'s dtype.
+    """
+    check_kernel_tensors(x)
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("bn_relu_pool: x must be a channels_last tensor")
+    if not is_max and padding != 0:
+        raise ValueError(f"bn_relu_pool: average pooling takes no padding, got padding={padding}")
+    n, c, h, w = x.shape
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    h_out, w_out = pooled_size(h, kh, stride, padding), pooled_size(w, kw, stride, padding)
+    out = torch.empty((n, c, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    m = n * h_out * w_out
+    if m > 0 and c > 0:
+
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"])
+
+        _bn_relu_pool_kernel[grid](
+            x, *norm, out, m, c, h, w, h_out, w_out, c, c, kh, kw, stride, padding, bucket(m),
+            IS_MAX=is_max, INTERPRETED=INTERPRET,
+        )  # fmt: skip
+    return out
+
+
+def bn_relu_pool_reference(x, norm, kernel, stride, padding, is_max):
+    """``bn_relu_pool`` with PyTorch ops (for the tests)."""
+    shift, scale, bias = (v.view(1, -1, 1, 1) for v in norm)
+    act = ((x.float() - shift) * scale + bias).to(x.dtype).relu().float()
+    if is_max:
+        return torch.nn.functional.max_pool2d(act, kernel, stride, padding).to(x.dtype)
+    return torch.nn.functional.avg_pool2d(act, kernel, stride, padding).to(x.dtype)

@@ -1,0 +1,150 @@
+"""3x3 convolution (stride 1, padding 1) as an implicit GEMM that writes into the block buffer.
+
+``new = conv3x3(relu(norm2(Y)))`` for a layer's ``M x C`` bottleneck ``Y`` (channels_last rows): the
+reduction runs over the 9 taps times ``C`` channels; each A tile is the bottleneck shifted by one tap,
+zero outside the image (the padding applies to the activation, after norm2 and the ReLU), with the
+norm2-ReLU map applied right after the load (the prologue), so the activation never exists in memory.
+The epilogue multiplies by the dropout noise when given, stores the ``k`` new channels straight into
+the buffer's column slice and, in training, emits that segment's batch-statistics partials.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .affine import bn_relu, load_affine, rounded
+from .launch import INTERPRET, bucket, check_kernel_tensors, dot_precision, smallest, tuned
+from .stats import empty_partials, merge_partials, store_partials, tile_count_mean_m2
+
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32})
+# Hopper: N = k = 32 (48 for DenseNet-161) new channels; the reduction is 9 * 4k = 1152 (1728) long.
+_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+]
+_MIN_BLOCK_M = smallest([*_CONFIGS, _INTERPRET_CONFIG], "BLOCK_M")
+
+
+@tuned(
+    _CONFIGS,
+    key=["N", "C", "M_BUCKET"],
+    reset_to_zero=["mean_ptr", "m2_ptr", "count_ptr"],
+    interpret=_INTERPRET_CONFIG,
+)
+@triton.jit
+def _conv3x3_kernel(
+    y_ptr, shift_ptr, scale_ptr, bias_ptr, w_ptr, out_ptr, noise_ptr, mean_ptr, m2_ptr, count_ptr,
+    M, N, C, H, W, stride_out, M_BUCKET,
+    PROLOGUE: tl.constexpr, DROPOUT: tl.constexpr, STATS: tl.constexpr,
+    INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, col_mask = rows < M, cols < N
+    h = (rows // W) % H
+    w = rows % W
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for tap in tl.static_range(9):
+        dh, dw = tap // 3 - 1, tap % 3 - 1
+        inside = row_mask & (h + dh >= 0) & (h + dh < H) & (w + dw >= 0) & (w + dw < W)
+        src = rows + dh * W + dw  # same image: rows are (n, h, w) in row-major order
+        for c0 in range(0, C, BLOCK_K):
+            ks = c0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < C
+            mask = inside[:, None] & k_mask[None, :]
+            y = tl.load(y_ptr + src[:, None] * C + ks[None, :], mask=mask, other=0.0)
+            if PROLOGUE:  # norm2 + relu2; zero padding is applied to the activation, after them
+                shift, scale, bias = load_affine(shift_ptr, scale_ptr, bias_ptr, ks, k_mask)
+                y = tl.where(mask, bn_relu(y, shift, scale, bias, INTERPRETED), 0.0).to(y.dtype)
+            taps = tap * C + ks  # weight rows: (tap, channel), N contiguous columns
+            wt = tl.load(w_ptr + taps[:, None] * N + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            if INTERPRETED:  # the interpreter's bf16 dot is wrong; fp32 operands are exact there
+                acc = tl.dot(y.to(tl.float32), wt.to(tl.float32), acc)
+            else:
+                acc = tl.dot(y.to(wt.dtype), wt, acc, input_precision=PRECISION)
+
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    new = rounded(acc, w_ptr.dtype.element_ty, INTERPRETED)  # the conv's output dtype
+    if DROPOUT:  # noise = keep mask / (1 - p), in the conv's dtype
+        noise = tl.load(noise_ptr + rows[:, None] * N + cols[None, :], mask=out_mask, other=0.0)
+        new = rounded(new.to(tl.float32) * noise.to(tl.float32), new.dtype, INTERPRETED)
+    new = rounded(new.to(tl.float32), out_ptr.dtype.element_ty, INTERPRETED)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], new, mask=out_mask)
+    if STATS:  # the new segment's batch statistics, shared by every later consumer
+        count, mean, m2 = tile_count_mean_m2(new.to(tl.float32), row_mask)
+        store_partials(mean_ptr, m2_ptr, count_ptr, pid_m, cols, col_mask, count, mean, m2, N)
+
+
+def conv3x3_weight_matrix(weight: Tensor) -> Tensor:
+    """A ``(k, C, 3, 3)`` conv weight as the kernel's ``(9 * C) x k`` matrix (rows: tap, channel)."""
+    k, c = weight.shape[:2]
+    return weight.permute(2, 3, 1, 0).reshape(9 * c, k).contiguous()
+
+
+def conv3x3(
+    y: Tensor,
+    weight: Tensor,
+    nhw: tuple[int, int, int],
+    out: Tensor,
+    *,
+    prologue: tuple[Tensor, Tensor, Tensor] | None = None,
+    noise: Tensor | None = None,
+    stats: bool = False,
+) -> tuple[Tensor, Tensor] | None:
+    """Write ``conv3x3(act) * noise`` into ``out`` (``M x k``, unit column stride, e.g. a buffer slice).
+
+    y: the ``M x C`` contiguous bottleneck (channels_last rows of ``nhw = (N, H, W)`` images); ``act``
+    is ``relu(norm2(y))`` with ``prologue=(shift, scale, bias)``, else ``y`` itself.
+    weight: ``(k, C, 3, 3)`` in the compute dtype. noise: optional ``M x k`` dropout multiplier.
+    Returns the biased variance and mean of the written columns with ``stats``, else None.
+    """
+    check_kernel_tensors(y, weight, out)
+    n, h, w = nhw
+    m, c = y.shape
+    k = weight.shape[0]
+    if m != n * h * w or not y.is_contiguous():
+        raise ValueError(f"conv3x3: y must be a contiguous {n * h * w} x C matrix, got {tuple(y.shape)}")
+    if tuple(weight.shape) != (k, c, 3, 3):
+        raise ValueError(
+            f"conv3x3: weight must be ({k}, {c}, 3, 3) to match y's {c} channels, got {tuple(weight.shape)}"
+        )
+    if out.shape != (m, k) or out.stride(1) != 1:
+        raise ValueError(f"conv3x3: out must be {m} x {k} with unit column stride, got {tuple(out.shape)}")
+    if noise is not None and (noise.shape != (m, k) or not noise.is_contiguous()):
+        raise ValueError(f"conv3x3: noise must be a contiguous {m} x {k} matrix, got {tuple(noise.shape)}")
+    partials = empty_partials(triton.cdiv(m, _MIN_BLOCK_M) if stats else 1, k, y.device)
+    norm = prologue if prologue is not None else partials[:2] + partials[:1]  # unused pointers otherwise
+    if m > 0:
+
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"])
+
+        _conv3x3_kernel[grid](
+            y, *norm, conv3x3_weight_matrix(weight), out, noise if noise is not None else y, *partials,
+            m, k, c, h, w, out.stride(0), bucket(m),
+            PROLOGUE=prologue is not None, DROPOUT=noise is not None, STATS=stats,
+            INTERPRETED=INTERPRET, PRECISION=dot_precision(weight.dtype),
+        )  # fmt: skip
+    return merge_partials(*partials) if stats else None
+
+
+def conv3x3_reference(y, weight, nhw, *, prologue=None, noise=None):
+    """``conv3x3`` with PyTorch ops, rounding where the kernel rounds (for the tests)."""
+    n, h, w = nhw
+    act = y
+    if prologue is not None:
+        shift, scale, bias = prologue
+        act = ((y.float() - shift) * scale + bias).to(y.dtype).relu()
+    images = act.to(weight.dtype).float().view(n, h, w, -1).permute(0, 3, 1, 2)
+    new = torch.nn.functional.conv2d(images, weight.float(), padding=1).to(weight.dtype)
+    new = new.permute(0, 2, 3, 1).reshape(n * h * w, -1)
+    if noise is not None:
+        new = (new.float() * noise.float()).to(weight.dtype)
+    return new

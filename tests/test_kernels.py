@@ -1,0 +1,147 @@
+"""Each Triton kernel against its plain-PyTorch reference on tiny odd shapes (M and C not multiples of
+the block sizes, C = 1, k = 1), in float32, float16 and bfloat16. Without a GPU these run in the Triton
+interpreter on CPU tensors (the root conftest sets TRITON_INTERPRET=1 before Triton is imported)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdense.verify import relative_error
+from kernels.bn_relu_gemm import bn_relu_gemm, bn_relu_gemm_reference
+from kernels.bn_relu_pool import bn_relu_pool, bn_relu_pool_reference
+from kernels.conv3x3 import conv3x3, conv3x3_reference
+from kernels.launch import INTERPRET
+from kernels.stats import column_stats, column_stats_reference
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Same inputs, same rounding points: the kernels match their references up to float32 summation order
+# (an occasional one-ulp difference after rounding); a truncating bf16 cast is ~4e-3 off.
+TOL = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 2e-3}
+
+
+def randn(*shape, dtype=torch.float32, seed=0, scale=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype).to(DEVICE)
+
+
+def norm_vectors(c, seed=1):
+    return tuple(randn(c, seed=seed + i) for i in range(3))
+
+
+@pytest.mark.parametrize("m,c,offset", [(1, 1, 0), (300, 20, 3), (1000, 67, 0)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_column_stats(m, c, offset, dtype):
+    """A column slice of a wider buffer (row stride > C), large mean against the spread."""
+    buf = randn(m, c + offset + 2, dtype=dtype, scale=3.0, offset=100.0)
+    cols = buf[:, offset : offset + c]
+    var, mean = column_stats(cols)
+    ref_var, ref_mean = column_stats_reference(cols.float())
+    assert relative_error(mean, ref_mean) <= 1e-6
+    assert relative_error(var, ref_var) <= 1e-5
+
+
+def test_column_stats_of_an_empty_batch_are_zero():
+    var, mean = column_stats(randn(0, 5))
+    assert var.shape == mean.shape == (5,) and not var.any() and not mean.any()
+
+
+@pytest.mark.parametrize("m,k_in,n_out", [(1, 1, 1), (77, 37, 19), (130, 70, 48)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bn_relu_gemm_with_statistics(m, k_in, n_out, dtype):
+    """Training shape: a column prefix of a wider buffer, norm2's statistics from the epilogue."""
+    buf = randn(m, k_in + 5, dtype=dtype)
+    x, norm, weight = buf[:, :k_in], norm_vectors(k_in), randn(n_out, k_in, dtype=dtype, seed=7)
+    y, (var, mean) = bn_relu_gemm(x, norm, weight, stats=True)
+    expected = bn_relu_gemm_reference(x, norm, weight)
+    assert y.dtype == dtype and relative_error(y, expected) <= TOL[dtype]
+    ref_var, ref_mean = column_stats_reference(y.float())
+    assert relative_error(mean, ref_mean) <= 1e-6 and relative_error(var, ref_var) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bn_relu_gemm_eval_epilogue_and_out_slice(dtype):
+    m, k_in, n_out = 45, 21, 13
+    x, norm, weight = randn(m, k_in, dtype=dtype), norm_vectors(k_in), randn(n_out, k_in, dtype=dtype, seed=7)
+    epilogue = norm_vectors(n_out, seed=11)
+    out = torch.zeros(m, n_out + 4, dtype=dtype, device=DEVICE)
+    bn_relu_gemm(x, norm, weight, epilogue=epilogue, out=out[:, 2 : 2 + n_out])
+    expected = bn_relu_gemm_reference(x, norm, weight, epilogue=epilogue)
+    assert relative_error(out[:, 2 : 2 + n_out], expected) <= TOL[dtype]
+    assert not out[:, :2].any() and not out[:, 2 + n_out :].any()  # nothing written outside the slice
+
+
+@pytest.mark.parametrize("hw", [(2, 2), (6, 7), (5, 9)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bn_relu_gemm_pooled_prologue(hw, dtype):
+    """The transition: 2x2 average pool of relu(bn(x)) inside the prologue, odd sizes floored."""
+    h, w = hw
+    buf = randn(3 * h * w, 24, dtype=dtype)
+    x, norm, weight = buf[:, :23], norm_vectors(23), randn(10, 23, dtype=dtype, seed=7)
+    y, _ = bn_relu_gemm(x, norm, weight, pool_hw=hw)
+    expected = bn_relu_gemm_reference(x, norm, weight, pool_hw=hw)
+    assert y.shape == (3 * (h // 2) * (w // 2), 10) and relative_error(y, expected) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("nhw,c,k", [((1, 1, 1), 1, 1), ((2, 5, 7), 19, 3), ((3, 4, 6), 40, 17)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv3x3_into_a_buffer_slice_with_dropout_and_statistics(nhw, c, k, dtype):
+    m = nhw[0] * nhw[1] * nhw[2]
+    y, weight, prologue = randn(m, c, dtype=dtype), randn(k, c, 3, 3, dtype=dtype, seed=5), norm_vectors(c)
+    noise = ((randn(m, k, seed=9) > 0).to(dtype) * 2).contiguous()  # keep with p = 0.5, scaled by 2
+    buf = torch.zeros(m, k + 7, dtype=dtype, device=DEVICE)
+    var, mean = conv3x3(y, weight, nhw, buf[:, 4 : 4 + k], prologue=prologue, noise=noise, stats=True)
+    expected = conv3x3_reference(y, weight, nhw, prologue=prologue, noise=noise)
+    assert relative_error(buf[:, 4 : 4 + k], expected) <= TOL[dtype]
+    assert not buf[:, :4].any() and not buf[:, 4 + k :].any()
+    ref_var, ref_mean = column_stats_reference(buf[:, 4 : 4 + k].float())
+    assert relative_error(mean, ref_mean) <= 1e-6 and relative_error(var, ref_var) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv3x3_without_prologue(dtype):
+    """Eval mode: the bottleneck already holds relu(norm2(Y)) from the GEMM's epilogue."""
+    nhw, c, k = (2, 3, 5), 8, 4
+    y, weight = randn(30, c, dtype=dtype).relu(), randn(k, c, 3, 3, dtype=dtype, seed=5)
+    out = torch.empty(30, k, dtype=dtype, device=DEVICE)
+    assert conv3x3(y, weight, nhw, out) is None
+    assert relative_error(out, conv3x3_reference(y, weight, nhw)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "window", [(3, 2, 1, True), (2, 2, 0, False), ((9, 7), 9, 0, False)], ids=["maxpool-stem", "avgpool", "global"]
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bn_relu_pool(window, dtype):
+    x = randn(2, 19, 9, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    norm = norm_vectors(19)
+    out = bn_relu_pool(x, norm, *window)
+    expected = bn_relu_pool_reference(x, norm, *window)
+    assert out.shape == expected.shape and relative_error(out, expected) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("window", [(3, 2, 1, True), (2, 2, 0, False)], ids=["max", "avg"])
+def test_nan_and_inf_propagate_like_pytorch(window):
+    x = randn(2, 5, 6, 6).contiguous(memory_format=torch.channels_last)
+    x[0, 1, 2, 2], x[1, 3, 4, 4], x[1, 0, 0, 0] = float("nan"), float("inf"), float("-inf")
+    norm = (torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE), torch.zeros(5, device=DEVICE))
+    out, expected = bn_relu_pool(x, norm, *window), bn_relu_pool_reference(x, norm, *window)
+    assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())
+    assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 5)
+    y, _ = bn_relu_gemm(rows, norm, randn(3, 5, seed=4))
+    y_ref = bn_relu_gemm_reference(rows, norm, randn(3, 5, seed=4))
+    assert torch.equal(y.isnan(), y_ref.isnan())
+
+
+def test_bad_arguments_are_refused_clearly():
+    x = randn(10, 6)
+    with pytest.raises(ValueError, match=r"weight must be 4 x 6 to match x's 6 columns"):
+        bn_relu_gemm(x, norm_vectors(6), randn(4, 5))
+    with pytest.raises(ValueError, match="unit column stride"):
+        bn_relu_gemm(x.t(), norm_vectors(10), randn(4, 10))
+    with pytest.raises(ValueError, match=r"weight must be \(3, 6, 3, 3\)"):
+        conv3x3(x, randn(3, 5, 3, 3), (1, 2, 5), randn(10, 3))
+    with pytest.raises(ValueError, match="channels_last"):
+        bn_relu_pool(randn(1, 3, 4, 4), norm_vectors(3), 2, 2, 0, False)
