@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,9 @@ DENSENET121_LAYERS = [(1, 56, 224), (2, 28, 480), (3, 14, 992), (4, 7, 992)]
 
 
 def _vectors(c: int, device) -> tuple[torch.Tensor, ...]:
-    return (torch.randn(c, device=device) * 0.1, torch.rand(c, device=device) + 0.5, torch.randn(c, device=device) * 0.1)
+    """A BatchNorm map (shift, scale, bias) of realistic magnitude."""
+    shift, bias = torch.randn(2, c, device=device) * 0.1
+    return shift, torch.rand(c, device=device) + 0.5, bias
 
 
 def gemm_case(batch: int, side: int, c_in: int, dtype, device) -> dict:
@@ -47,7 +50,7 @@ def gemm_case(batch: int, side: int, c_in: int, dtype, device) -> dict:
     images = buf.view(batch, side, side, -1).permute(0, 3, 1, 2)
     widths = [c_in - GROWTH * (c_in // GROWTH - 1)] + [GROWTH] * (c_in // GROWTH - 1)
     bounds = torch.tensor([0, *widths]).cumsum(0).tolist()
-    features = [images[:, lo:hi].contiguous(memory_format=torch.channels_last) for lo, hi in zip(bounds, bounds[1:])]
+    features = [images[:, lo:hi].contiguous(memory_format=torch.channels_last) for lo, hi in pairwise(bounds)]
     running_mean, running_var = shift.clone(), (1 / scale).square()
 
     def fused():
@@ -142,8 +145,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['kernel']:13} {r['shape']:28} {r['candidate']:34} {r['ms']:8.3f} {r['GB_per_s']:7.0f} "
               f"{r['copy_fraction']:5.2f} {r['TFLOP_per_s']:8.1f} {r['matmul_fraction']:5.2f}")  # fmt: skip
     if args.json:
-        result = {"device": name, "dtype": str(dtype), "batch": batch, "repeats": repeats, "rows": rows,
-                  "peaks": {"copy_bytes_per_s": peaks.copy_bytes_per_s, "matmul_flops": peaks.matmul_flops}}  # fmt: skip
+        peak_figures = {"copy_bytes_per_s": peaks.copy_bytes_per_s, "matmul_flops": peaks.matmul_flops}
+        result = {"device": name, "dtype": str(dtype), "batch": batch, "repeats": repeats, "rows": rows}
+        result["peaks"] = peak_figures
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {args.json}")

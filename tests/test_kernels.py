@@ -145,3 +145,23 @@ def test_bad_arguments_are_refused_clearly():
         conv3x3(x, randn(3, 5, 3, 3), (1, 2, 5), randn(10, 3))
     with pytest.raises(ValueError, match="channels_last"):
         bn_relu_pool(randn(1, 3, 4, 4), norm_vectors(3), 2, 2, 0, False)
+
+
+def test_kernel_microbenchmark_runs_and_writes_json(tmp_path, capsys):
+    """``python -m fastdense kernels``: every kernel against its PyTorch counterpart, same shapes (on the
+    CPU a toy-size smoke run in the interpreter; the GPU figures come from benchmarks/gpu_check.sh)."""
+    import json
+
+    from fastdense import kernel_bench
+
+    kernel_bench.main(["--json", str(tmp_path / "k.json"), "--repeats", "1"])
+    result = json.loads((tmp_path / "k.json").read_text())
+    by_kernel = {}
+    for row in result["rows"]:
+        assert row["ms"] > 0 and row["GB_per_s"] > 0 and row["TFLOP_per_s"] > 0
+        by_kernel.setdefault(row["kernel"], set()).add(row["candidate"])
+    assert by_kernel == {
+        "bn_relu_gemm": {"triton bn_relu_gemm", "cat+BN+ReLU+cuDNN 1x1"},
+        "conv3x3": {"triton conv3x3 (prologue+stats)", "BN-ReLU+cuDNN 3x3+copy+stats"},
+    }
+    assert "triton bn_relu_gemm" in capsys.readouterr().out
