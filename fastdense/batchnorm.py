@@ -63,6 +63,28 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: i
     rv.copy_(rv.to(var.dtype) * (1.0 - factor) + unbiased * factor)
 
 
+# Batch statistics of a dense block's output ride on the output tensor itself (an attribute, gone with
+# the tensor): the next BatchNorm that reads the same tensor (a transition's norm, norm5) reuses them
+# instead of reducing the buffer again (DESIGN.md section 3). They count only while the tensor is
+# unmodified (same version counter); a copy or a view of it does not carry them.
+_STATS_ATTRIBUTE = "_fastdense_batch_stats"
+
+
+def share_batch_stats(t: Tensor, var: Tensor, mean: Tensor) -> None:
+    """Record the per-channel biased variance and mean of ``t`` (over N, H, W) for later consumers.
+    Not for inference-mode tensors: they have no version counter to tell an in-place change."""
+    if not t.is_inference():
+        setattr(t, _STATS_ATTRIBUTE, (t._version, var, mean))
+
+
+def shared_batch_stats(t: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(var, mean)`` recorded for exactly this, unmodified, tensor; else None."""
+    entry = getattr(t, _STATS_ATTRIBUTE, None)
+    if entry is None or t.is_inference() or entry[0] != t._version:
+        return None
+    return entry[1], entry[2]
+
+
 def running_stats(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     """Eval mode: the mean and ``1 / sqrt(var + eps)`` the module normalises with."""
     return bn.running_mean.to(acc), torch.rsqrt(bn.running_var.to(acc) + bn.eps)

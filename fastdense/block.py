@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import check_backend_name, resolve_backend
+from .batchnorm import share_batch_stats
 from .torch_backend import BlockPlan, DenseBlockFunction, block_forward
 from .triton_backend import check_dtypes, triton_ops
 from .validation import check_block_input, compute_dtype
@@ -160,15 +161,34 @@ class FastDenseBlock(nn.ModuleDict):
             ops=triton_ops() if backend == "triton" else None,
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _prepare(self, x: Tensor) -> tuple[tuple[Tensor, ...], BlockPlan]:
         params = self._layer_params()
         check_block_input(x, expected_channels=self.num_input_features, weight=params[2], training=self.training)
         backend = resolve_backend(self._backend, x.device)
         plan = self._plan(x, backend)
         self._active_backend = backend
+        return params, plan
+
+    def forward(self, x: Tensor) -> Tensor:
+        params, plan = self._prepare(x)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
         with torch.autocast(x.device.type, enabled=False):
             if needs_grad:
-                return DenseBlockFunction.apply(x, plan, *params)
-            with torch.no_grad():
-                return block_forward(x, params, plan, save=False)[0]
+                out = DenseBlockFunction.apply(x, plan, *params)
+            else:
+                with torch.no_grad():
+                    out = block_forward(x, params, plan, save=False)[0]
+        if plan.buffer_stats is not None:  # training: the next BatchNorm reading `out` reuses them
+            share_batch_stats(out, *plan.buffer_stats)
+        return out
+
+    def forward_in_buffer(self, buffer: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Inference without autograd on a preallocated ``(N, H, W, C_total)`` buffer whose first
+        ``num_input_features`` channels already hold the input (written there by the stem or the
+        previous transition). Returns the output (the buffer as ``(N, C_total, H, W)``) and, in
+        training mode, its batch statistics ``(var, mean)``."""
+        x = buffer[..., : self.num_input_features].permute(0, 3, 1, 2)
+        params, plan = self._prepare(x)
+        with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+            out = block_forward(x, params, plan, save=False, buffer=buffer)[0]
+        return out, plan.buffer_stats

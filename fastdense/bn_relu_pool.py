@@ -21,6 +21,7 @@ from .batchnorm import (
     chunks,
     input_grad_from_sums,
     running_stats,
+    shared_batch_stats,
     update_running_stats,
 )
 from .stages import stage
@@ -78,21 +79,34 @@ def kernel_window(pool: nn.Module) -> tuple[tuple[int, int], int, int, bool] | N
     return (kernel, stride[0], 0, False) if padding == (0, 0) else None
 
 
+def global_average_pool(x: Tensor) -> nn.AvgPool2d:
+    """The head's ``adaptive_avg_pool2d(x, 1)`` as one window over the whole image (stride 1: one output)."""
+    return nn.AvgPool2d(tuple(x.shape[2:]), stride=1)
+
+
 def channels_last_rows(x: Tensor) -> Tensor:
     """An ``(N, C, H, W)`` tensor as channels_last ``M x C`` rows (copied only when not channels_last)."""
     n, c, h, w = x.shape
     return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).view(n * h * w, c)
 
 
-def norm_statistics(x: Tensor, norm: nn.BatchNorm2d, column_stats=None) -> tuple[Tensor, Tensor]:
+def norm_statistics(
+    x: Tensor, norm: nn.BatchNorm2d, column_stats=None, known: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """The mean and ``1 / sqrt(var + eps)`` ``norm`` normalises ``x`` with: batch statistics in training
     (updating the running statistics, as ``nn.BatchNorm2d`` does), running statistics in eval.
-    ``column_stats`` (Triton's reduction over channels_last rows) replaces the PyTorch reduction."""
+
+    Batch statistics are, in order: ``known`` ``(var, mean)``; those a dense block recorded for this
+    very tensor (``share_batch_stats``); else a reduction, Triton's (``column_stats``, over channels_last
+    rows) or PyTorch's."""
     n, _, h, w = x.shape
     acc, count = accumulation_dtype(x.dtype), n * h * w
     if not norm.training:
         return running_stats(norm, acc)
-    if column_stats is None:
+    known = known or shared_batch_stats(x)
+    if known is not None:
+        var, mean = (s.to(acc) for s in known)
+    elif column_stats is None:
         var, mean = batch_stats(x, dim=(0, 2, 3))
     else:
         var, mean = column_stats(channels_last_rows(x))
@@ -105,7 +119,7 @@ class BatchNormReLUPool(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, backend: str):
         window = kernel_window(pool) if backend == "triton" else None
         if window is not None:
-            out, mean, rstd = _triton_forward(x, weight, bias, norm, window)
+            out, mean, rstd = _triton_forward(x, norm, window)
         else:
             out, mean, rstd = _torch_forward(x, weight, bias, norm, pool)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
@@ -135,36 +149,51 @@ def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d
     return out, mean, rstd
 
 
-def _triton_norm(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, compute_dtype: torch.dtype):
-    """Statistics by the Triton reduction, and the kernels' ``(shift, scale, bias)`` vectors."""
+def _triton_norm(x: Tensor, norm: nn.BatchNorm2d, compute_dtype: torch.dtype, known=None):
+    """Statistics (the Triton reduction when none are known), and the kernels' ``(shift, scale, bias)``."""
     from kernels.affine import affine_vectors
     from kernels.stats import column_stats
 
     check_dtypes(x, compute_dtype)
-    mean, rstd = norm_statistics(x, norm, column_stats)
-    return mean, rstd, affine_vectors(affine(weight, bias, mean, rstd, training=norm.training))
+    mean, rstd = norm_statistics(x, norm, column_stats, known)
+    return mean, rstd, affine_vectors(affine(norm.weight, norm.bias, mean, rstd, training=norm.training))
 
 
-def _triton_forward(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, window):
+def _triton_forward(x: Tensor, norm: nn.BatchNorm2d, window):
     from kernels.bn_relu_pool import bn_relu_pool as pool_kernel
 
     x = x.contiguous(memory_format=torch.channels_last)  # the stem's conv0 output may not be
-    mean, rstd, vectors = _triton_norm(x, weight, bias, norm, x.dtype)
+    mean, rstd, vectors = _triton_norm(x, norm, x.dtype)
     return pool_kernel(x, vectors, *window), mean, rstd
 
 
-def fused_transition(x: Tensor, norm: nn.BatchNorm2d, conv_weight: Tensor, compute_dtype: torch.dtype) -> Tensor:
+def triton_bn_relu_pool_into(x: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, out: Tensor | None, known=None):
+    """No-autograd ``pool(relu(norm(x)))`` by the Triton kernel, written into ``out`` rows when given
+    (e.g. the first channels of a block buffer); ``known``: batch statistics ``(var, mean)`` of ``x``."""
+    from kernels.bn_relu_pool import bn_relu_pool as pool_kernel
+
+    x = x.contiguous(memory_format=torch.channels_last)
+    _, _, vectors = _triton_norm(x, norm, x.dtype, known)
+    with stage("bn_relu_pool", x.device):
+        return pool_kernel(x, vectors, *kernel_window(pool), out=out)
+
+
+def fused_transition(
+    x: Tensor, norm: nn.BatchNorm2d, conv_weight: Tensor, compute_dtype: torch.dtype, out=None, known=None
+) -> Tensor:
     """``conv1x1(avgpool2x2(relu(norm(x))))`` as one Triton GEMM whose prologue pools (no autograd:
-    for inference and ``torch.no_grad``). Returns a channels_last ``(N, C_out, H // 2, W // 2)`` tensor."""
+    for inference and ``torch.no_grad``), written into ``out`` rows when given (the next block's buffer);
+    ``known``: batch statistics ``(var, mean)`` of ``x``.
+    Returns a channels_last ``(N, C_out, H // 2, W // 2)`` tensor (a view of ``out`` when given)."""
     from kernels.bn_relu_gemm import bn_relu_gemm
 
     n, c, h, w = x.shape
-    _, _, vectors = _triton_norm(x, norm.weight, norm.bias, norm, compute_dtype)
+    _, _, vectors = _triton_norm(x, norm, compute_dtype, known)
     c_out = conv_weight.shape[0]
     weight = conv_weight.to(compute_dtype).view(c_out, c)
     with stage("transition", x.device):
-        out, _ = bn_relu_gemm(channels_last_rows(x), vectors, weight, pool_hw=(h, w))
-    return out.view(n, h // 2, w // 2, c_out).permute(0, 3, 1, 2)
+        out, _ = bn_relu_gemm(channels_last_rows(x), vectors, weight, pool_hw=(h, w), out=out)
+    return out.unflatten(0, (n, h // 2, w // 2)).permute(0, 3, 1, 2)
 
 
 def _backward(grad_out, x, weight, bias, mean, rstd, pool, training: bool, need_input_grad: bool):

@@ -18,7 +18,14 @@ from torchvision.models._utils import _ovewrite_named_param, handle_legacy_inter
 
 from .backend import check_backend_name, resolve_backend
 from .block import FastDenseBlock
-from .bn_relu_pool import bn_relu_pool, fusable, fused_transition, kernel_window
+from .bn_relu_pool import (
+    bn_relu_pool,
+    fusable,
+    fused_transition,
+    global_average_pool,
+    kernel_window,
+    triton_bn_relu_pool_into,
+)
 from .validation import compute_dtype
 
 
@@ -39,6 +46,12 @@ class Transition(nn.Sequential):
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
+    def fuses_into_next_block(self) -> bool:
+        """Whether inference can run this transition as one kernel writing into the next block's buffer."""
+        plain_conv = not (self.conv._forward_hooks or self.conv._forward_pre_hooks)
+        exact = fusable(self.norm, self.relu, self.pool) and self._pool_first_is_exact()
+        return exact and plain_conv and kernel_window(self.pool) == ((2, 2), 2, 0, False)
+
     def _pool_first_is_exact(self) -> bool:
         conv = self.conv
         plain_conv = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
@@ -49,8 +62,7 @@ class Transition(nn.Sequential):
             return self.pool(self.conv(self.relu(self.norm(x))))
         backend = resolve_backend(self.backend, x.device)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *self.parameters()))
-        plain_conv = not (self.conv._forward_hooks or self.conv._forward_pre_hooks)  # hooks must still fire
-        if backend == "triton" and not needs_grad and plain_conv and kernel_window(self.pool) == ((2, 2), 2, 0, False):
+        if backend == "triton" and not needs_grad and self.fuses_into_next_block():
             return fused_transition(x, self.norm, self.conv.weight, compute_dtype(x))
         return self.conv(bn_relu_pool(x, self.norm, self.pool, backend))
 
@@ -170,16 +182,76 @@ class FastDenseNet(nn.Module):
             return None
         return norm5[1]
 
+    def _chain(self) -> list[tuple[FastDenseBlock, Transition | None]] | None:
+        """The dense blocks and the transitions after them when the whole ``features`` is the plain
+        stem, blocks, transitions, norm5 with no hooks anywhere (then inference can pass one buffer
+        to the next), else None."""
+        modules = list(self.features._modules.items())
+        names = [name for name, _ in modules]
+        if names[:4] != ["conv0", "norm0", "relu0", "pool0"] or names[-1] != "norm5" or self._fusable_norm5() is None:
+            return None
+        if not fusable(*(module for _, module in modules[1:4])) or kernel_window(modules[3][1]) is None:
+            return None
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.features.modules())
+        middle = [module for _, module in modules[4:-1]]
+        blocks, transitions = middle[0::2], [*middle[1::2], None]
+        if hooked or not blocks or not all(type(b) is FastDenseBlock for b in blocks):
+            return None
+        if not all(type(t) is Transition and t.fuses_into_next_block() for t in transitions[:-1]):
+            return None
+        return list(zip(blocks, transitions, strict=True))
+
+    def _forward_in_buffers(self, x: Tensor, chain) -> Tensor:
+        """Inference on the triton backend with no autograd: the stem's pool writes into block 1's
+        buffer, each transition into the next block's buffer (no copies at block boundaries), and
+        the BatchNorms after a block reuse its batch statistics in training mode."""
+        from kernels.bn_relu_pool import pooled_size
+
+        features = self.features
+        stem = features.conv0(x)
+        kernel, stride, padding, _ = kernel_window(features.pool0)
+        h, w = (pooled_size(s, k, stride, padding) for s, k in zip(stem.shape[2:], kernel, strict=True))
+        n = stem.shape[0]
+        blocks = [block for block, _ in chain]
+        buffer = _block_buffer(blocks[0], n, h, w, stem)
+        triton_bn_relu_pool_into(stem, features.norm0, features.pool0, out=_first_channels(buffer, blocks[0]))
+        for (block, transition), next_block in zip(chain, [*blocks[1:], None], strict=True):
+            out, stats = block.forward_in_buffer(buffer)
+            if transition is None:
+                break
+            cdt = compute_dtype(out)
+            buffer = _block_buffer(next_block, n, h // 2, w // 2, torch.empty(0, dtype=cdt, device=x.device))
+            into = _first_channels(buffer, next_block)
+            fused_transition(out, transition.norm, transition.conv.weight, cdt, out=into, known=stats)
+            n, h, w = buffer.shape[:3]
+        pooled = triton_bn_relu_pool_into(out, features.norm5, global_average_pool(out), out=None, known=stats)
+        return self.classifier(torch.flatten(pooled, 1))
+
     def forward(self, x: Tensor) -> Tensor:
         self._active_backend = resolve_backend(self._backend, x.device)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        chain = self._chain() if self._active_backend == "triton" and not needs_grad else None
+        if chain is not None:
+            return self._forward_in_buffers(x, chain)
         norm5 = self._fusable_norm5()
         if norm5 is None:
             out = F.relu(self.features(x), inplace=True)
             out = F.adaptive_avg_pool2d(out, (1, 1))
         else:  # the head's BatchNorm output and ReLU output are never stored
             out = self.features(x, skip_last=True)
-            out = bn_relu_pool(out, norm5, nn.AvgPool2d(tuple(out.shape[2:])), self._active_backend)
+            out = bn_relu_pool(out, norm5, global_average_pool(out), self._active_backend)
         return self.classifier(torch.flatten(out, 1))
+
+
+def _block_buffer(block: FastDenseBlock, n: int, h: int, w: int, like: Tensor) -> Tensor:
+    """An empty ``(N, H, W, C_total)`` buffer for ``block``, of ``like``'s dtype and device."""
+    c_total = block.num_input_features + block.num_layers * block.growth_rate
+    return torch.empty((n, h, w, c_total), dtype=like.dtype, device=like.device)
+
+
+def _first_channels(buffer: Tensor, block: FastDenseBlock) -> Tensor:
+    """The rows of a block buffer's input channels, where the op before the block writes."""
+    return buffer.view(-1, buffer.shape[-1])[:, : block.num_input_features]
 
 
 def _densenet(

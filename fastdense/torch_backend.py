@@ -51,6 +51,7 @@ class BlockPlan:
     compute_dtype: torch.dtype
     eps1: float  # shared by every norm1 of the block (checked by the module)
     ops: Ops | None = None  # the forward's kernels: None means TORCH_OPS; fastdense.triton_backend has the others
+    buffer_stats: tuple[Tensor, Tensor] | None = None  # set by the forward in training: the buffer's (var, mean)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class BlockState:
     layers: list[LayerState] = field(default_factory=list)
     seg_mean: Tensor | None = None  # training: per-channel batch mean of the whole buffer
     seg_rstd: Tensor | None = None  # training: per-channel 1 / sqrt(var + eps1)
+    seg_var: Tensor | None = None  # training: per-channel biased variance (shared with the next BatchNorm, not saved)
 
     # The state goes through ctx.save_for_backward (not ctx attributes), so that autograd frees it
     # after backward like any saved tensor instead of keeping it as long as the graph is referenced.
@@ -157,21 +159,30 @@ def _layer_params(params: tuple[Tensor, ...], layer: int) -> tuple[Tensor, ...]:
     return params[layer * PARAMS_PER_LAYER : (layer + 1) * PARAMS_PER_LAYER]
 
 
-def block_forward(x: Tensor, params: tuple[Tensor, ...], plan: BlockPlan, save: bool) -> tuple[Tensor, BlockState]:
-    """Run the block; return the ``(N, C_total, H, W)`` channels_last buffer and the saved state."""
+def block_forward(
+    x: Tensor, params: tuple[Tensor, ...], plan: BlockPlan, save: bool, buffer: Tensor | None = None
+) -> tuple[Tensor, BlockState]:
+    """Run the block; return the ``(N, C_total, H, W)`` channels_last buffer and the saved state.
+
+    ``buffer``: an ``(N, H, W, C_total)`` tensor whose first ``C0`` channels already hold ``x`` (written
+    there by the previous op), used as the block's buffer instead of a new one and a copy."""
     n, c0, h, w = x.shape
     k, num_layers = plan.growth_rate, len(plan.norms1)
     c_total, m = c0 + num_layers * k, n * h * w
     acc, cdt, ops = accumulation_dtype(x.dtype), plan.compute_dtype, plan.ops or TORCH_OPS
 
-    buf = torch.empty((n, h, w, c_total), dtype=x.dtype, device=x.device)
+    if buffer is None:
+        buf = torch.empty((n, h, w, c_total), dtype=x.dtype, device=x.device)
+        buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
+    else:
+        buf = buffer
     rows = buf.view(m, c_total)
-    buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
     state = BlockState()
     if plan.training:
         state.seg_mean = torch.empty(c_total, dtype=acc, device=x.device)
         state.seg_rstd = torch.empty(c_total, dtype=acc, device=x.device)
-        seg_var = torch.empty(c_total, dtype=acc, device=x.device)
+        seg_var = state.seg_var = torch.empty(c_total, dtype=acc, device=x.device)
+        plan.buffer_stats = (seg_var, state.seg_mean)
 
         def record_segment_stats(lo: int, hi: int, stats: tuple[Tensor, Tensor]) -> None:
             var, mean = stats

@@ -66,11 +66,13 @@ def pooled_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def bn_relu_pool(x: Tensor, norm: tuple[Tensor, Tensor, Tensor], kernel: int | tuple[int, int], stride: int,
-                 padding: int, is_max: bool) -> Tensor:  # fmt: skip
+                 padding: int, is_max: bool, out: Tensor | None = None) -> Tensor:  # fmt: skip
     """``pool(relu(x * a + b))`` for an ``(N, C, H, W)`` channels_last tensor (floor-mode windows).
 
     norm: ``(shift, scale, bias)`` float32 vectors; kernel: a square size or ``(KH, KW)``.
-    Returns an ``(N, C, H_out, W_out)`` channels_last tensor of ``x``'s dtype.
+    out: optional ``(N * H_out * W_out) x C`` destination rows with unit column stride (e.g. the first
+    channels of the next block's buffer).
+    Returns an ``(N, C, H_out, W_out)`` channels_last tensor (a view of ``out`` when given).
     """
     check_kernel_tensors(x)
     if not x.is_contiguous(memory_format=torch.channels_last):
@@ -80,18 +82,21 @@ def bn_relu_pool(x: Tensor, norm: tuple[Tensor, Tensor, Tensor], kernel: int | t
     n, c, h, w = x.shape
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     h_out, w_out = pooled_size(h, kh, stride, padding), pooled_size(w, kw, stride, padding)
-    out = torch.empty((n, c, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     m = n * h_out * w_out
+    if out is None:
+        out = torch.empty((m, c), dtype=x.dtype, device=x.device)
+    if out.shape != (m, c) or out.stride(1) != 1:
+        raise ValueError(f"bn_relu_pool: out must be {m} x {c} rows with unit column stride, got {tuple(out.shape)}")
     if m > 0 and c > 0:
 
         def grid(meta):
             return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"])
 
         _bn_relu_pool_kernel[grid](
-            x, *norm, out, m, c, h, w, h_out, w_out, c, c, kh, kw, stride, padding, bucket(m),
+            x, *norm, out, m, c, h, w, h_out, w_out, c, out.stride(0), kh, kw, stride, padding, bucket(m),
             IS_MAX=is_max, INTERPRETED=INTERPRET,
         )  # fmt: skip
-    return out
+    return out.unflatten(0, (n, h_out, w_out)).permute(0, 3, 1, 2)
 
 
 def bn_relu_pool_reference(x, norm, kernel, stride, padding, is_max):
