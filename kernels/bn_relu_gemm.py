@@ -24,7 +24,8 @@ from torch import Tensor
 
 from .affine import bn_relu, load_affine, rounded
 from .launch import INTERPRET, bucket, check_kernel_tensors, dot_precision, smallest, tuned
-from .stats import empty_partials, merge_partials, store_partials, tile_count_mean_m2
+from .stats import empty_partials, merge_partials
+from .tiles import dot_weight_rows, output_tile, store_tile_statistics
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
 # Hopper: the bottleneck width N = 4k is 128 (DenseNet-121/169/201) or 192 (161); K runs to ~1000.
@@ -69,10 +70,7 @@ def _bn_relu_gemm_kernel(
     INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, col_mask = rows < M, cols < N
+    rows, cols, row_mask, col_mask = output_tile(M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -84,12 +82,7 @@ def _bn_relu_gemm_kernel(
             mask = row_mask[:, None] & k_mask[None, :]
             x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
             act = bn_relu(x, shift, scale, bias, INTERPRETED).to(x.dtype)
-        # W^T is stored K x N contiguous; padded K entries load as zero on both sides.
-        w = tl.load(w_ptr + ks[:, None] * N + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if INTERPRETED:  # the interpreter's bf16 dot is wrong; fp32 operands are exact there
-            acc = tl.dot(act.to(tl.float32), w.to(tl.float32), acc)
-        else:
-            acc = tl.dot(act.to(w.dtype), w, acc, input_precision=PRECISION)
+        acc = dot_weight_rows(acc, act, w_ptr, ks, k_mask, cols, col_mask, N, INTERPRETED, PRECISION)  # W^T: K x N
 
     y = rounded(acc, y_ptr.dtype.element_ty, INTERPRETED)
     if EPILOGUE:  # eval: norm2 (folded running statistics) and relu2 on the finished tile
@@ -97,8 +90,7 @@ def _bn_relu_gemm_kernel(
         y = bn_relu(y, shift2, scale2, bias2, INTERPRETED).to(y.dtype)
     tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y, mask=row_mask[:, None] & col_mask[None, :])
     if STATS:  # training: norm2's statistics of the rounded outputs, as BatchNorm sees them
-        count, mean, m2 = tile_count_mean_m2(y.to(tl.float32), row_mask)
-        store_partials(mean_ptr, m2_ptr, count_ptr, pid_m, cols, col_mask, count, mean, m2, N)
+        store_tile_statistics(y, row_mask, cols, col_mask, mean_ptr, m2_ptr, count_ptr, N)
 
 
 def bn_relu_gemm(

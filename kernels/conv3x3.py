@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .affine import bn_relu, load_affine, rounded
 from .launch import INTERPRET, bucket, check_kernel_tensors, dot_precision, smallest, tuned
-from .stats import empty_partials, merge_partials, store_partials, tile_count_mean_m2
+from .stats import empty_partials, merge_partials
+from .tiles import dot_weight_rows, output_tile, store_tile_statistics
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32})
 # Hopper: N = k = 32 (48 for DenseNet-161) new channels; the reduction is 9 * 4k = 1152 (1728) long.
@@ -44,10 +45,7 @@ def _conv3x3_kernel(
     INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, col_mask = rows < M, cols < N
+    rows, cols, row_mask, col_mask = output_tile(M, N, BLOCK_M, BLOCK_N)
     h = (rows // W) % H
     w = rows % W
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -64,11 +62,7 @@ def _conv3x3_kernel(
                 shift, scale, bias = load_affine(shift_ptr, scale_ptr, bias_ptr, ks, k_mask)
                 y = tl.where(mask, bn_relu(y, shift, scale, bias, INTERPRETED), 0.0).to(y.dtype)
             taps = tap * C + ks  # weight rows: (tap, channel), N contiguous columns
-            wt = tl.load(w_ptr + taps[:, None] * N + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            if INTERPRETED:  # the interpreter's bf16 dot is wrong; fp32 operands are exact there
-                acc = tl.dot(y.to(tl.float32), wt.to(tl.float32), acc)
-            else:
-                acc = tl.dot(y.to(wt.dtype), wt, acc, input_precision=PRECISION)
+            acc = dot_weight_rows(acc, y, w_ptr, taps, k_mask, cols, col_mask, N, INTERPRETED, PRECISION)
 
     out_mask = row_mask[:, None] & col_mask[None, :]
     new = rounded(acc, w_ptr.dtype.element_ty, INTERPRETED)  # the conv's output dtype
@@ -78,8 +72,7 @@ def _conv3x3_kernel(
     new = rounded(new.to(tl.float32), out_ptr.dtype.element_ty, INTERPRETED)
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], new, mask=out_mask)
     if STATS:  # the new segment's batch statistics, shared by every later consumer
-        count, mean, m2 = tile_count_mean_m2(new.to(tl.float32), row_mask)
-        store_partials(mean_ptr, m2_ptr, count_ptr, pid_m, cols, col_mask, count, mean, m2, N)
+        store_tile_statistics(new, row_mask, cols, col_mask, mean_ptr, m2_ptr, count_ptr, N)
 
 
 def conv3x3_weight_matrix(weight: Tensor) -> Tensor:
