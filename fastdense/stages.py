@@ -2,7 +2,8 @@
 
 Range names are ``fastdense.<stage>``: ``stats`` (batch statistics), ``gemm`` (BN-ReLU-1x1 conv),
 ``conv`` (3x3 conv), ``finalize`` (segment gradients), ``conv_backward``, ``norm_backward``,
-``gemm_backward`` and ``bn_relu_pool`` / ``bn_relu_pool_backward`` (stem and transitions).
+``gemm_backward``, ``bn_relu_pool`` / ``bn_relu_pool_backward`` (stem, transitions, head) and
+``transition`` (the triton backend's fused transition).
 """
 
 from __future__ import annotations
