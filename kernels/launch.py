@@ -44,11 +44,12 @@ class _FixedConfig:
 
     def __init__(self, kernel, config: triton.Config) -> None:
         self.kernel, self.meta = kernel, dict(config.kwargs)
+        self.options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             resolved = grid(self.meta) if callable(grid) else grid
-            return self.kernel[resolved](*args, **kwargs, **self.meta)
+            return self.kernel[resolved](*args, **kwargs, **self.meta, **self.options)
 
         return launch
 

@@ -117,3 +117,19 @@ def test_network_low_precision_training(precision):
         lambda dt, seed: to_device(network_pair(dt, seed=seed, backend="triton")),
         shape, precision, True, DEVICE, seeds=range(4),
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch_and_non_finite_values_as_torchvision(training):
+    """N = 0 gives torchvision's empty output; NaN and Inf propagate to the same positions."""
+    ref, fast = to_device(block_pair(2, 3, 2, 3, dtype=torch.float32, backend="triton"))
+    ref.train(training), fast.train(training)
+    empty = torch.randn(0, 3, 4, 4, device=DEVICE)
+    assert fast(empty).shape == ref(empty).shape == (0, 9, 4, 4)
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    x[0, 1, 2, 2], x[1, 0, 0, 0] = float("nan"), float("inf")
+    with torch.no_grad():
+        out, expected = fast(x), ref(x)
+    assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    assert torch.allclose(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
