@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .batchnorm import (
     accumulation_dtype,
@@ -127,6 +128,7 @@ class BatchNormReLUPool(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable: say so, loudly
     def backward(ctx, grad_out: Tensor):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         grads = _backward(grad_out, x, weight, bias, mean, rstd, ctx.pool, ctx.training, ctx.needs_input_grad[0])

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .batchnorm import (
     Affine,
@@ -376,6 +377,7 @@ class DenseBlockFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable: say so, loudly
     def backward(ctx, grad_out: Tensor):
         out, *rest = ctx.saved_tensors
         params, state = tuple(rest[: ctx.num_params]), BlockState.unflatten(rest[ctx.num_params :])
