@@ -76,10 +76,14 @@ stage bench-densenet121 130 $(bench bench-densenet121 densenet121 "64 256" $EAGE
 # shellcheck disable=SC2046
 stage bench-densenet121-conv-cudnn 60 env FASTDENSE_CONV3X3=cudnn $(bench bench-densenet121-conv-cudnn \
     densenet121 256 torchvision-eager fastdense-triton)
-# 5. torch.compile of torchvision (compilation is reported separately as first_step_s), densenet121.
+# 5. The largest batch each trains in the card's memory (doubling, then bisection to ~6%; OOM handled).
+stage max-batch-densenet121 80 python -m fastdense bench --device cuda --model densenet121 --batch 256 \
+    --dtype bfloat16 --channels-last --mode train --repeats 3 --max-batch --json "$out/bench-max-batch.json" \
+    --providers torchvision-eager torchvision-memory-efficient fastdense-triton fastdense-triton-memory-efficient
+# 6. torch.compile of torchvision (compilation is reported separately as first_step_s), densenet121.
 # shellcheck disable=SC2046
 stage bench-densenet121-compile 100 $(bench bench-densenet121-compile densenet121 "64 256" torchvision-eager torch-compile)
-# 6. Less urgent, last, so that a cut costs nothing above.
+# 7. Less urgent, last, so that a cut costs nothing above.
 # shellcheck disable=SC2046,SC2086
 stage bench-densenet201 110 $(bench bench-densenet201 densenet201 "64 256" $EAGER $TRITON)
 # shellcheck disable=SC2046
@@ -111,5 +115,9 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/bench-*.json")):
         err = "-" if r.get("max_rel_err") is None else f"{r['max_rel_err']:.1e}"
         print(f"{name:32} {r['provider']:30} {r['mode']:5} {r['batch']:5} {r['images_per_s']:9.1f} {speed:5.2f}x "
               f"{r.get('peak_mem_mb', float('nan')):9.0f} {memory:5.2f}x {r['first_step_s']:7.1f} {err:>11}")
+    for r in result["rows"]:
+        if "max_batch" in r:
+            print(f"{name:32} {r['provider']:30} largest training batch: {r['max_batch']} "
+                  f"(fails at {r.get('max_batch_fails')})")
 PY
 exit $status

@@ -69,12 +69,16 @@ class Ops:
         ``conv3x3(relu(norm2(Y))) * noise`` into the ``M x k`` buffer slice ``out`` (``norm2`` None: Y is
         already activated; ``noise`` None: no dropout) and returns the slice's statistics with ``stats``.
     fuses_eval_norm2: whether ``bottleneck`` takes an ``epilogue``.
+    norm1_backward: the backward of ``bottleneck`` (``_norm1_backward``'s contract); None: PyTorch's.
+    finalize: a segment's input gradient (``_finalize``'s contract); None: PyTorch's.
     """
 
     column_stats: Callable
     bottleneck: Callable
     new_features: Callable
     fuses_eval_norm2: bool = False
+    norm1_backward: Callable | None = None
+    finalize: Callable | None = None
 
 
 @dataclass
@@ -293,6 +297,22 @@ def _norm1_backward(d_bottleneck, x, norm1: Affine, rstd1, w1c, grad_sum, coef, 
     return d_g1.mul_(rstd1), d_b1, d_w1
 
 
+def _finalize(g: Tensor, x: Tensor, d_out: Tensor, stats, noise: Tensor | None) -> Tensor:
+    """``Ops.finalize`` in PyTorch: a segment's input gradient from its column range of G (accumulation
+    dtype), of the buffer and of the output gradient. ``stats``: ``(mean, rstd, sum_g, sum_gx)`` per
+    channel in training, None in eval (frozen statistics: each norm1 is an affine map, already in G).
+    ``noise``: the layer's dropout multiplier, applied last (dropout backward)."""
+    d_out = d_out.to(g.dtype)
+    if stats is None:
+        d_x = g + d_out
+    else:
+        mean, rstd, sum_g, sum_gx = stats
+        m = g.shape[0]
+        d_x = (x.to(g.dtype) - mean).mul_(rstd)  # xhat
+        d_x.mul_(sum_gx / m).neg_().add_(g).sub_(sum_g / m).mul_(rstd).add_(d_out)
+    return d_x.mul_(noise) if noise is not None else d_x
+
+
 def block_backward(
     grad_out: Tensor,
     out: Tensor,
@@ -313,16 +333,13 @@ def block_backward(
         sum_g = torch.zeros(c_total, dtype=acc, device=out.device)
         sum_gx = torch.zeros(c_total, dtype=acc, device=out.device)
 
-    def finalize(lo: int, hi: int) -> Tensor:
+    norm1_backward = (plan.ops.norm1_backward if plan.ops else None) or _norm1_backward
+    finalize_segment = (plan.ops.finalize if plan.ops else None) or _finalize
+
+    def finalize(lo: int, hi: int, noise: Tensor | None = None) -> Tensor:
         """Gradient of columns [lo, hi) once every consumer has been accumulated into G."""
-        g = grad_sum[:, lo:hi]
-        d_out = _rows(grad_out[:, lo:hi]).to(acc)
-        if not plan.training:  # frozen statistics: each norm1 is an affine map, already in G
-            return g + d_out
-        mean, rstd = state.seg_mean[lo:hi], state.seg_rstd[lo:hi]
-        d_x = (rows[:, lo:hi].to(acc) - mean).mul_(rstd)  # xhat
-        d_x.mul_(sum_gx[lo:hi] / m).neg_().add_(g).sub_(sum_g[lo:hi] / m).mul_(rstd)
-        return d_x.add_(d_out)
+        stats = (state.seg_mean[lo:hi], state.seg_rstd[lo:hi], sum_g[lo:hi], sum_gx[lo:hi]) if plan.training else None
+        return finalize_segment(grad_sum[:, lo:hi], rows[:, lo:hi], _rows(grad_out[:, lo:hi]), stats, noise)
 
     grads: list[Tensor | None] = [None] * len(params)
     for layer in reversed(range(num_layers)):
@@ -334,9 +351,7 @@ def block_backward(
         norm2 = affine(g2, b2, saved.mean2, saved.rstd2, training=plan.training)
 
         with stage("finalize", out.device):
-            d_new = finalize(c_in, c_in + k)  # every consumer of this layer's output is done
-        if saved.dropout_noise is not None:
-            d_new.mul_(saved.dropout_noise)
+            d_new = finalize(c_in, c_in + k, saved.dropout_noise)  # every consumer of this layer's output is done
         bottleneck = saved.bottleneck
         if bottleneck is None:
             with stage("gemm", out.device):
@@ -347,7 +362,7 @@ def block_backward(
         del d_new, bottleneck
         coef = g1.to(acc) if plan.training else norm1.scale  # eval: norm1 is an affine map of slope scale
         with stage("gemm_backward", out.device):
-            d_g1, d_b1, d_w1 = _norm1_backward(
+            d_g1, d_b1, d_w1 = norm1_backward(
                 d_bottleneck, rows[:, :c_in], norm1, saved.rstd1, w1c, grad_sum, coef, need_weight=need[2]
             )
         del d_bottleneck

@@ -70,7 +70,36 @@ def _new_features_cudnn(bottleneck, norm2, w2, nhw, out, noise, stats):
     return conv3x3_into(bottleneck, norm2, w2, nhw, out, noise, stats, column_stats=_column_stats)
 
 
+def _norm1_backward(d_bottleneck, x, norm1, rstd1, w1c, grad_sum, coef, need_weight):
+    """dgrad into G with norm1's sums, and wgrad, by the kernels (mask recomputed as the forward's)."""
+    affine, *_ = _kernels()
+    from kernels.bn_relu_gemm_backward import norm1_gemm_backward
+
+    vectors = affine.affine_vectors(norm1)
+    sum_p, sum_px, d_w1 = norm1_gemm_backward(
+        d_bottleneck.contiguous(), x, vectors, norm1.mean, coef, w1c, grad_sum, need_weight
+    )
+    return sum_px.mul_(rstd1), sum_p, d_w1
+
+
+def _finalize(g, x, d_out, stats, noise):
+    from kernels.finalize import finalize
+    from kernels.launch import unit_columns
+
+    out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    if not unit_columns(d_out):  # an output gradient that is not channels_last: its rows view is strided
+        d_out = d_out.contiguous()
+    return finalize(g, x, d_out, out, stats, noise)
+
+
 def triton_ops() -> Ops:
-    """The Triton backend's forward kernels, with the 3x3 conv chosen by ``FASTDENSE_CONV3X3``."""
+    """The Triton backend's kernels, with the 3x3 conv chosen by ``FASTDENSE_CONV3X3``."""
     new_features = _new_features_triton if conv3x3_choice() == "triton" else _new_features_cudnn
-    return Ops(_column_stats, _bottleneck, new_features, fuses_eval_norm2=True)
+    return Ops(
+        _column_stats,
+        _bottleneck,
+        new_features,
+        fuses_eval_norm2=True,
+        norm1_backward=_norm1_backward,
+        finalize=_finalize,
+    )

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .affine import bn_relu, load_affine, rounded
-from .launch import INTERPRET, bucket, check_kernel_tensors, dot_precision, smallest, tuned
+from .launch import INTERPRET, bucket, check_kernel_tensors, dot_precision, smallest, tuned, unit_columns
 from .stats import empty_partials, merge_partials
 from .tiles import dot_weight_rows, output_tile, store_tile_statistics
 
@@ -119,13 +119,13 @@ def bn_relu_gemm(
         raise ValueError(
             f"bn_relu_gemm: weight must be {n_out} x {k} to match x's {k} columns, got {tuple(weight.shape)}"
         )
-    if x.stride(1) != 1:
+    if not unit_columns(x):
         raise ValueError(f"bn_relu_gemm: x must have unit column stride, got strides {x.stride()}")
     h, w = pool_hw or (1, 1)
     m = m_in if pool_hw is None else (m_in // (h * w)) * (h // 2) * (w // 2)
     if out is None:
         out = torch.empty((m, n_out), dtype=weight.dtype, device=x.device)
-    if out.shape != (m, n_out) or out.stride(1) != 1:
+    if out.shape != (m, n_out) or not unit_columns(out):
         raise ValueError(f"bn_relu_gemm: out must be {m} x {n_out} with unit column stride, got {tuple(out.shape)}")
     w_t = weight.t().contiguous()  # K x N: small, rows of the B operand contiguous
     partials = empty_partials(triton.cdiv(m, _MIN_BLOCK_M) if stats else 1, n_out, x.device)

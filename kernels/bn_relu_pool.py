@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .affine import bn_relu, load_affine, rounded
-from .launch import INTERPRET, bucket, check_kernel_tensors, tuned
+from .launch import INTERPRET, bucket, check_kernel_tensors, tuned, unit_columns
 
 
 @tuned(
@@ -85,7 +85,7 @@ def bn_relu_pool(x: Tensor, norm: tuple[Tensor, Tensor, Tensor], kernel: int | t
     m = n * h_out * w_out
     if out is None:
         out = torch.empty((m, c), dtype=x.dtype, device=x.device)
-    if out.shape != (m, c) or out.stride(1) != 1:
+    if out.shape != (m, c) or not unit_columns(out):
         raise ValueError(f"bn_relu_pool: out must be {m} x {c} rows with unit column stride, got {tuple(out.shape)}")
     if m > 0 and c > 0:
 

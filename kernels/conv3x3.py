@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .affine import bn_relu, load_affine, rounded
-from .launch import INTERPRET, bucket, check_kernel_tensors, dot_precision, smallest, tuned
+from .launch import INTERPRET, bucket, check_kernel_tensors, dot_precision, smallest, tuned, unit_columns
 from .stats import empty_partials, merge_partials
 from .tiles import dot_weight_rows, output_tile, store_tile_statistics
 
@@ -108,7 +108,7 @@ def conv3x3(
         raise ValueError(
             f"conv3x3: weight must be ({k}, {c}, 3, 3) to match y's {c} channels, got {tuple(weight.shape)}"
         )
-    if out.shape != (m, k) or out.stride(1) != 1:
+    if out.shape != (m, k) or not unit_columns(out):
         raise ValueError(f"conv3x3: out must be {m} x {k} with unit column stride, got {tuple(out.shape)}")
     if noise is not None and (noise.shape != (m, k) or not noise.is_contiguous()):
         raise ValueError(f"conv3x3: noise must be a contiguous {m} x {k} matrix, got {tuple(noise.shape)}")

@@ -27,6 +27,7 @@ def tuned(
     key: list[str],
     reset_to_zero: list[str] | None = None,
     interpret: triton.Config | None = None,
+    restore_value: list[str] | None = None,
 ):
     """``triton.autotune`` on a GPU; under the interpreter (or without ``AUTOTUNE``) a launcher that
     always uses ``interpret`` (default: the first configuration)."""
@@ -34,7 +35,8 @@ def tuned(
     def wrap(kernel):
         if not AUTOTUNE:
             return _FixedConfig(kernel, interpret or configs[0])
-        return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)(kernel)
+        # restore_value: arguments a kernel accumulates into, put back after each timed trial.
+        return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, restore_value=restore_value)(kernel)
 
     return wrap
 
@@ -82,3 +84,9 @@ def smallest(configs: list[triton.Config], *names: str) -> int:
     """The smallest product of the meta-parameters ``names`` over ``configs`` (e.g. rows per program),
     which sizes the per-program partial-statistics arrays for any configuration the tuner picks."""
     return min(math.prod(c.kwargs[n] for n in names) for c in configs)
+
+
+def unit_columns(t: torch.Tensor) -> bool:
+    """Whether a 2-D tensor's columns are adjacent in memory (rows may have any stride). A single
+    column counts whatever its stride: the kernels never step across columns then."""
+    return t.shape[1] <= 1 or t.stride(1) == 1

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import bucket, check_kernel_tensors, smallest, tuned
+from .launch import bucket, check_kernel_tensors, smallest, tuned, unit_columns
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def column_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     (a column slice of a channels_last buffer, any row stride)."""
     check_kernel_tensors(x)
     m, c = x.shape
-    if x.stride(1) != 1:
+    if not unit_columns(x):
         raise ValueError(f"column_stats: x must have unit column stride, got strides {x.stride()}")
     if m == 0:
         return torch.zeros(2, c, dtype=torch.float32, device=x.device).unbind(0)

@@ -15,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import bn_relu_gemm, bn_relu_pool, conv3x3, stats
+from kernels import bn_relu_gemm, bn_relu_gemm_backward, bn_relu_pool, conv3x3, finalize, stats
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on an H100/H200
@@ -43,6 +43,20 @@ def variants():
         kernel, pointers = bn_relu_pool._bn_relu_pool_kernel, {"x_ptr": dtype, "out_ptr": dtype}
         for config in kernel.configs:
             yield f"bn_relu_pool {dtype} max={is_max}", kernel, pointers, {"IS_MAX": is_max}, config
+
+
+def backward_variants():
+    dgrad, wgrad = bn_relu_gemm_backward._dgrad_kernel, bn_relu_gemm_backward._wgrad_kernel
+    for dtype in DTYPES:
+        for config in dgrad.configs:
+            yield f"dgrad {dtype}", dgrad, {"dy_ptr": dtype, "w_ptr": dtype, "x_ptr": dtype}, {}, config
+        for config in wgrad.configs:
+            yield f"wgrad {dtype}", wgrad, {"dy_ptr": dtype, "x_ptr": dtype}, {}, config
+        for training, dropout in itertools.product((True, False), repeat=2):
+            kernel, flags = finalize._finalize_kernel, {"TRAINING": training, "DROPOUT": dropout}
+            pointers = {"x_ptr": dtype, "dout_ptr": dtype, "noise_ptr": dtype}
+            for config in kernel.configs:
+                yield f"finalize {dtype} {flags}", kernel, pointers, flags, config
 
 
 def compile_variant(autotuner, pointers, flags, config):
@@ -76,6 +90,9 @@ QUICK = {
     "column_stats bf16",
     "bn_relu_pool bf16 max=True",
     "bn_relu_pool fp32 max=False",
+    "dgrad bf16",
+    "wgrad bf16",
+    "finalize bf16 {'TRAINING': True, 'DROPOUT': True}",
 }
 
 
@@ -83,7 +100,7 @@ def main(argv: list[str]) -> int:
     everything = "--all" in argv
     failures, seen = 0, set()
     fits: dict[str, bool] = {}
-    for name, autotuner, pointers, flags, config in variants():
+    for name, autotuner, pointers, flags, config in itertools.chain(variants(), backward_variants()):
         if not everything and (name not in QUICK or name in seen):
             continue
         seen.add(name)

@@ -114,3 +114,36 @@ def test_triton_kernels_past_2_31_elements():
     expected = conv3x3_reference(bottleneck[last_image], w2, (1, 100, 84), prologue=tuple(v[:128] for v in norm))
     got = buf[last_image, c_in:].float()
     assert ((got - expected.float()).norm() / expected.float().norm()).item() <= 2e-3
+
+
+def test_triton_backend_sgd_steps_track_torchvision():
+    """Three SGD steps of densenet121 (bf16 autocast, channels_last, batch 16) on the triton backend
+    stay as close to torchvision's float32 run as torchvision's own bf16 run does (twice, at most)."""
+    import copy
+
+    torch.manual_seed(0)
+    gold = randomize_batchnorm(torchvision.models.densenet121()).cuda().to(memory_format=torch.channels_last)
+    tv = copy.deepcopy(gold)
+    fast = fastdense.densenet121(backend="triton").cuda().to(memory_format=torch.channels_last)
+    fast.load_state_dict(gold.state_dict())
+    x = torch.randn(16, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (16,), device="cuda")
+
+    def train(model, autocast):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        for _ in range(3):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return torch.cat([p.detach().flatten().float() for p in model.parameters()])
+
+    start = torch.cat([p.detach().flatten().float() for p in gold.parameters()])
+    gold_params, tv_params, fast_params = train(gold, False), train(tv, True), train(fast, True)
+    assert fast.active_backend == "triton"
+    step = (gold_params - start).norm()
+    tv_err = ((tv_params - gold_params).norm() / step).item()
+    fast_err = ((fast_params - gold_params).norm() / step).item()
+    assert fast_err <= max(2 * tv_err, 1e-3), (fast_err, tv_err)

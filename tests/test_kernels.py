@@ -165,3 +165,40 @@ def test_kernel_microbenchmark_runs_and_writes_json(tmp_path, capsys):
         "conv3x3": {"triton conv3x3 (prologue+stats)", "BN-ReLU+cuDNN 3x3+copy+stats"},
     }
     assert "triton bn_relu_gemm" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("m,c,k", [(1, 1, 1), (70, 37, 19), (130, 66, 48)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm1_gemm_backward(m, c, k, dtype):
+    """dgrad (mask recomputed, accumulated into a wider G, norm1's sums) and wgrad against PyTorch."""
+    from kernels.bn_relu_gemm_backward import norm1_gemm_backward, norm1_gemm_backward_reference
+
+    buf = randn(m, c + 3, dtype=dtype)
+    x, norm = buf[:, :c], norm_vectors(c)
+    mean, coef = randn(c, seed=21), randn(c, seed=22)
+    weight, d_y = randn(k, c, dtype=dtype, seed=23), randn(m, k, dtype=dtype, seed=24)
+    grad_sum = randn(m, c + 5, seed=25)  # earlier consumers' contributions, kept
+    expected_sum = grad_sum.clone()
+    got = norm1_gemm_backward(d_y, x, norm, mean, coef, weight, grad_sum, need_weight=True)
+    want = norm1_gemm_backward_reference(d_y, x, norm, mean, coef, weight, expected_sum, need_weight=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-4  # fp32 accumulation in both; only summation order differs
+    assert relative_error(grad_sum, expected_sum) <= tol
+    for name, a, b in zip(("sum(P)", "sum(P x)", "dW"), got, want, strict=True):
+        assert relative_error(a, b) <= tol, name
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_finalize(training, dtype):
+    """A column range of G, the buffer and the output gradient (all wider matrices) to its input gradient."""
+    from kernels.finalize import finalize, finalize_reference
+
+    m, c = 77, 13
+    grad_sum, buf, d_out = randn(m, c + 9, seed=31), randn(m, c + 5, dtype=dtype, seed=32), randn(m, c + 2, seed=33)
+    stats = (randn(c, seed=34), randn(c, seed=35).abs() + 0.5, randn(c, seed=36), randn(c, seed=37))
+    stats = stats if training else None
+    noise = ((randn(m, c, seed=38) > 0).to(dtype) * 2).contiguous()
+    g, x, dy = grad_sum[:, 3 : 3 + c], buf[:, 5:], d_out[:, 1 : 1 + c].to(dtype)
+    out = torch.empty(m, c, dtype=torch.float32, device=DEVICE)
+    finalize(g, x, dy, out, stats, noise)
+    assert relative_error(out, finalize_reference(g, x, dy, stats, noise)) <= 1e-6

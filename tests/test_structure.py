@@ -11,6 +11,7 @@ import fastdense
 
 from .helpers import block_pair
 from .test_densenet import SMALL
+from .test_triton_backend import DEVICE
 
 CONCATENATIONS = {"aten.cat.default", "aten.cat.out", "aten.concat.default", "aten.concatenate.default"}
 
@@ -60,13 +61,19 @@ def saved_activation_bytes(module, x):
     return sum(storages.values()), out
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("memory_efficient", [False, True])
-def test_block_keeps_only_the_buffer_and_per_channel_vectors(memory_efficient):
+def test_block_keeps_only_the_buffer_and_per_channel_vectors(memory_efficient, backend):
     """memory_efficient=True: the buffer plus O(C) statistics; False adds one bottleneck per layer.
-    torchvision keeps the concatenations, BatchNorm and ReLU outputs of every layer: O(L^2)."""
+    torchvision keeps the concatenations, BatchNorm and ReLU outputs of every layer: O(L^2).
+    The triton backend's forward saves exactly what the torch backend's does."""
     layers, c0, bn_size, growth, (n, h, w) = 16, 16, 4, 8, (4, 8, 8)
-    ref, fast = block_pair(layers, c0, bn_size, growth, dtype=torch.float32, memory_efficient=memory_efficient)
-    x = torch.randn(n, c0, h, w, requires_grad=True)
+    device = DEVICE if backend == "triton" else "cpu"
+    ref, fast = block_pair(
+        layers, c0, bn_size, growth, dtype=torch.float32, memory_efficient=memory_efficient, backend=backend
+    )
+    ref, fast = ref.to(device), fast.to(device)
+    x = torch.randn(n, c0, h, w, device=device, requires_grad=True)
     saved, out = saved_activation_bytes(fast.train(), x)
     m, c_total, item = n * h * w, c0 + layers * growth, 4
     buffer_bytes = out.untyped_storage().nbytes()

@@ -133,3 +133,21 @@ def test_empty_batch_and_non_finite_values_as_torchvision(training):
     assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())
     finite = expected.isfinite()
     assert torch.allclose(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["keep", "memeff"])
+def test_block_dropout_backward_matches_the_torch_backend(memory_efficient):
+    """With the same seed both backends draw the same dropout mask; the triton backward (finalize
+    kernel multiplying by the saved noise) gives the torch backend's gradients."""
+    grads = {}
+    for backend in ("torch", "triton"):
+        _, block = block_pair(3, 4, 2, 3, dtype=torch.float32, drop_rate=0.4, backend=backend,
+                              memory_efficient=memory_efficient)  # fmt: skip
+        block = block.to(DEVICE).train()
+        torch.manual_seed(11)
+        x = torch.randn(2, 4, 5, 6, device=DEVICE, requires_grad=True)
+        out = block(x)
+        out.square().sum().backward()
+        grads[backend] = [x.grad, *(p.grad for p in block.parameters())]
+    for got, want in zip(grads["triton"], grads["torch"], strict=True):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,178 @@
+"""Backward of BN-ReLU-1x1 conv over the block buffer (DESIGN.md section 4), two kernels.
+
+With ``u = (X[:, :C] - shift) * scale + bias`` recomputed from the buffer (never stored) and ``dY`` the
+gradient of the layer's bottleneck:
+
+* ``dgrad``: ``P = (dY @ W1) * [u > 0]`` (norm1's output gradient), accumulated straight into the
+  block's fp32 gradient buffer as ``G[:, :C] += coef * P``, with norm1's per-channel sums
+  ``sum(P)`` and ``sum(P * (X - mean))`` (its dbeta, and dgamma before the factor rstd) emitted as
+  per-row-tile partials from the epilogue. Each program owns its G tile: no atomics, deterministic.
+* ``wgrad``: ``dW1 = dY^T @ relu(u)``, a reduction over the M rows split into ``SPLIT_M`` ranges
+  whose fp32 partials are summed on the host (deterministic: no atomics).
+
+fp32 accumulation, int64 row offsets, every edge masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .affine import bn_relu, load_affine
+from .launch import INTERPRET, bucket, check_kernel_tensors, dot_precision, smallest, tuned, unit_columns
+from .tiles import dot_weight_rows, output_tile
+
+_DGRAD_INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
+# Here N is the buffer prefix width C (up to ~1000) and the reduction runs over the 4k = 128 channels.
+_DGRAD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+]
+_DGRAD_MIN_BLOCK_M = smallest([*_DGRAD_CONFIGS, _DGRAD_INTERPRET], "BLOCK_M")
+
+
+@tuned(
+    _DGRAD_CONFIGS,
+    key=["N", "K", "M_BUCKET"],
+    reset_to_zero=["sum_p_ptr", "sum_px_ptr"],
+    restore_value=["g_ptr"],
+    interpret=_DGRAD_INTERPRET,
+)
+@triton.jit
+def _dgrad_kernel(
+    dy_ptr, w_ptr, x_ptr, shift_ptr, scale_ptr, bias_ptr, mean_ptr, coef_ptr, g_ptr, sum_p_ptr, sum_px_ptr,
+    M, N, K, stride_x, stride_g, M_BUCKET,
+    INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rows, cols, row_mask, col_mask = output_tile(M, N, BLOCK_M, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # dY (M x K, contiguous) @ W1 (K x N, row-major)
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        dy = tl.load(dy_ptr + rows[:, None] * K + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = dot_weight_rows(acc, dy, w_ptr, ks, k_mask, cols, col_mask, N, INTERPRETED, PRECISION)
+
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    shift, scale, bias = load_affine(shift_ptr, scale_ptr, bias_ptr, cols, col_mask)
+    active = bn_relu(x, shift, scale, bias, INTERPRETED) > 0  # norm1's ReLU mask, recomputed
+    p = tl.where(mask & active, acc, 0.0)
+    g_ptrs = g_ptr + rows[:, None] * stride_g + cols[None, :]
+    coef = tl.load(coef_ptr + cols, mask=col_mask, other=0.0)
+    tl.store(g_ptrs, tl.load(g_ptrs, mask=mask, other=0.0) + p * coef[None, :], mask=mask)
+    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
+    centered = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
+    partial_row = tl.program_id(0).to(tl.int64) * N
+    tl.store(sum_p_ptr + partial_row + cols, tl.sum(p, axis=0), mask=col_mask)
+    tl.store(sum_px_ptr + partial_row + cols, tl.sum(p * centered, axis=0), mask=col_mask)
+
+
+_WGRAD_INTERPRET = triton.Config({"BLOCK_N": 32, "BLOCK_C": 32, "BLOCK_M": 32, "SPLIT_M": 2})
+_WGRAD_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_C": 64, "BLOCK_M": 64, "SPLIT_M": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 64, "SPLIT_M": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_C": 128, "BLOCK_M": 32, "SPLIT_M": 16}, num_warps=8, num_stages=3),
+]
+_WGRAD_MAX_SPLIT = max(c.kwargs["SPLIT_M"] for c in [*_WGRAD_CONFIGS, _WGRAD_INTERPRET])
+
+
+@tuned(_WGRAD_CONFIGS, key=["N", "C", "M_BUCKET"], reset_to_zero=["dw_ptr"], interpret=_WGRAD_INTERPRET)
+@triton.jit
+def _wgrad_kernel(
+    dy_ptr, x_ptr, shift_ptr, scale_ptr, bias_ptr, dw_ptr,
+    M, N, C, stride_x, M_BUCKET,
+    INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_M: tl.constexpr,
+):  # fmt: skip
+    pid_n, pid_c, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_mask, col_mask = ns < N, cols < C
+    shift, scale, bias = load_affine(shift_ptr, scale_ptr, bias_ptr, cols, col_mask)
+    rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT_M), BLOCK_M) * BLOCK_M
+    start = split.to(tl.int64) * rows_per_split
+    acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+    for m0 in range(0, rows_per_split, BLOCK_M):
+        rows = start + m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_mask = rows < M
+        dy = tl.load(dy_ptr + rows[:, None] * N + ns[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        act = tl.where(mask, bn_relu(x, shift, scale, bias, INTERPRETED), 0.0).to(dy.dtype)  # relu(norm1(x))
+        if INTERPRETED:  # the interpreter's bf16 dot is wrong; fp32 operands are exact there
+            acc = tl.dot(tl.trans(dy.to(tl.float32)), act.to(tl.float32), acc)
+        else:
+            acc = tl.dot(tl.trans(dy), act, acc, input_precision=PRECISION)
+    out = dw_ptr + split.to(tl.int64) * N * C + ns[:, None] * C + cols[None, :]
+    tl.store(out, acc, mask=n_mask[:, None] & col_mask[None, :])
+
+
+def norm1_gemm_backward(
+    d_y: Tensor,
+    x: Tensor,
+    norm: tuple[Tensor, Tensor, Tensor],
+    mean: Tensor,
+    coef: Tensor,
+    weight: Tensor,
+    grad_sum: Tensor,
+    need_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Backward of ``Y = relu(norm1(x)) @ weight^T`` over an ``M x C`` buffer prefix ``x``.
+
+    d_y: ``M x 4k`` contiguous, in the compute dtype (``weight``'s). norm: ``(shift, scale, bias)`` of
+    norm1's map (for the ReLU mask); mean: what ``x`` is centred by for the dgamma sum; coef: per-channel
+    factor of ``P`` into ``grad_sum`` (``M x C_total`` float32, accumulated in place in its first C columns).
+    Returns ``sum(P)``, ``sum(P * (x - mean))`` and ``dW = d_y^T @ relu(norm1(x))`` (None unless
+    ``need_weight``), all float32.
+    """
+    check_kernel_tensors(d_y, x, weight, grad_sum)
+    m, c = x.shape
+    k = weight.shape[0]
+    if weight.shape != (k, c) or d_y.shape != (m, k) or not d_y.is_contiguous() or not unit_columns(x):
+        raise ValueError(
+            f"norm1_gemm_backward: shapes d_y {tuple(d_y.shape)}, x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+        )
+    if grad_sum.dtype != torch.float32 or not unit_columns(grad_sum) or grad_sum.shape[0] != m:
+        raise ValueError("norm1_gemm_backward: grad_sum must be an M x C_total float32 matrix with unit column stride")
+    weight = weight.contiguous()
+    vectors = [v.to(torch.float32).contiguous() for v in (*norm, mean, coef)]
+    tiles = triton.cdiv(m, _DGRAD_MIN_BLOCK_M)
+    sums = torch.zeros((2, max(tiles, 1), c), dtype=torch.float32, device=x.device)
+    d_w = torch.zeros((_WGRAD_MAX_SPLIT, k, c), dtype=torch.float32, device=x.device) if need_weight else None
+    if m > 0 and c > 0:
+        precision = dot_precision(weight.dtype)
+
+        def dgrad_grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"])
+
+        _dgrad_kernel[dgrad_grid](
+            d_y, weight, x, *vectors, grad_sum, sums[0], sums[1],
+            m, c, k, x.stride(0), grad_sum.stride(0), bucket(m),
+            INTERPRETED=INTERPRET, PRECISION=precision,
+        )  # fmt: skip
+        if need_weight:
+
+            def wgrad_grid(meta):
+                return triton.cdiv(k, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"]), meta["SPLIT_M"]
+
+            _wgrad_kernel[wgrad_grid](
+                d_y, x, *vectors[:3], d_w, m, k, c, x.stride(0), bucket(m),
+                INTERPRETED=INTERPRET, PRECISION=precision,
+            )  # fmt: skip
+    total = sums.sum(1)
+    return total[0], total[1], None if d_w is None else d_w.sum(0)
+
+
+def norm1_gemm_backward_reference(d_y, x, norm, mean, coef, weight, grad_sum, need_weight):
+    """``norm1_gemm_backward`` with PyTorch ops (for the tests)."""
+    shift, scale, bias = norm
+    act = ((x.float() - shift) * scale + bias).to(x.dtype).float().relu()
+    p = (d_y.float() @ weight.float()) * (act > 0)
+    grad_sum[:, : x.shape[1]] += p * coef
+    d_w = d_y.float().t() @ act.to(d_y.dtype).float() if need_weight else None
+    return p.sum(0), (p * (x.float() - mean)).sum(0), d_w
