@@ -114,6 +114,38 @@ def test_triton_kernels_past_2_31_elements():
     expected = conv3x3_reference(bottleneck[last_image], w2, (1, 100, 84), prologue=tuple(v[:128] for v in norm))
     got = buf[last_image, c_in:].float()
     assert ((got - expected.float()).norm() / expected.float().norm()).item() <= 2e-3
+    del bottleneck
+    # Backward: dgrad accumulates into an fp32 G of M x C_total (8.9 GB), wgrad reduces over every row,
+    # finalize reads the last rows of G and the buffer.
+    from kernels.bn_relu_gemm_backward import norm1_gemm_backward, norm1_gemm_backward_reference
+    from kernels.finalize import finalize, finalize_reference
+
+    grad_sum = torch.zeros(m, c_total, device="cuda")
+    d_y = torch.randn(m, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    mean, coef = torch.randn(c_in, device="cuda", generator=g), torch.rand(c_in, device="cuda", generator=g)
+    sum_p, sum_px, d_w = norm1_gemm_backward(d_y, buf[:, :c_in], norm, mean, coef, weight, grad_sum, True)
+    tail_sum = torch.zeros(4096, c_total, device="cuda")
+    want = norm1_gemm_backward_reference(d_y[tail], buf[tail, :c_in], norm, mean, coef, weight, tail_sum, False)
+    assert ((grad_sum[tail] - tail_sum).norm() / tail_sum.norm()).item() <= 1e-4
+    ref_d_w = torch.zeros_like(d_w)
+    for lo in range(0, m, 1 << 20):  # the reference in row chunks, to keep its memory small
+        rows = slice(lo, min(lo + (1 << 20), m))
+        scratch = torch.zeros(rows.stop - lo, c_in, device="cuda")
+        ref_d_w += norm1_gemm_backward_reference(d_y[rows], buf[rows, :c_in], norm, mean, coef, weight, scratch, True)[
+            2
+        ]
+    assert ((d_w - ref_d_w).norm() / ref_d_w.norm()).item() <= 1e-3
+    assert sum_p.shape == sum_px.shape == want[0].shape
+    stats = (
+        mean,
+        coef + 0.5,
+        torch.randn(c_in, device="cuda", generator=g),
+        torch.randn(c_in, device="cuda", generator=g),
+    )
+    out = torch.empty(m, c_in, device="cuda")
+    finalize(grad_sum[:, :c_in], buf[:, :c_in], buf[:, :c_in], out, stats)
+    expected = finalize_reference(grad_sum[tail, :c_in], buf[tail, :c_in], buf[tail, :c_in], stats)
+    assert ((out[tail] - expected).norm() / expected.norm()).item() <= 1e-5
 
 
 def test_triton_backend_sgd_steps_track_torchvision():
