@@ -73,7 +73,7 @@ def test_block_dropout_keeps_the_torch_backends_distribution():
     assert (out[:, 4:] == 0).any()
 
 
-@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+@pytest.mark.parametrize("precision", ["float16", "bfloat16", "autocast-bf16"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_block_low_precision(precision, training):
     shape = (4, 16, 7, 5)
