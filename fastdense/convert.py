@@ -38,6 +38,8 @@ def _why_not_exact(block: _DenseBlock) -> str | None:
     c0, growth = layers[0].norm1.num_features, layers[0].conv2.out_channels
     for i, layer in enumerate(layers):
         name = f"denselayer{i + 1}"
+        if any(isinstance(norm, nn.SyncBatchNorm) for norm in (layer.norm1, layer.norm2)):
+            return f"{name} uses SyncBatchNorm (statistics across processes), which fastdense does not support yet"
         if not (_standard_bn(layer.norm1) and _standard_bn(layer.norm2)):
             return f"{name} uses a normalisation other than an affine BatchNorm2d with running statistics"
         if not (type(layer.relu1) is nn.ReLU and type(layer.relu2) is nn.ReLU):

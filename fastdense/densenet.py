@@ -76,14 +76,20 @@ class Features(nn.Sequential):
         super().__init__(*args)
         self.backend = check_backend_name(backend)
 
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """conv0, then norm0-relu0-pool0 as one op when they are the plain modules (else one by one)."""
+        conv0, norm0, relu0, pool0 = (self._modules[name] for name in ("conv0", "norm0", "relu0", "pool0"))
+        x = conv0(x)
+        if fusable(norm0, relu0, pool0):
+            return bn_relu_pool(x, norm0, pool0, resolve_backend(self.backend, x.device))
+        return pool0(relu0(norm0(x)))
+
     def forward(self, x: Tensor, *, skip_last: bool = False) -> Tensor:
         modules = list(self._modules.items())
         if skip_last:  # the network's fused head runs the last module (norm5) itself
             modules = modules[:-1]
-        stem = [module for _, module in modules[1:4]]
-        if [name for name, _ in modules[:4]] == ["conv0", "norm0", "relu0", "pool0"] and fusable(*stem):
-            x = modules[0][1](x)
-            x = bn_relu_pool(x, stem[0], stem[2], resolve_backend(self.backend, x.device))
+        if [name for name, _ in modules[:4]] == ["conv0", "norm0", "relu0", "pool0"]:
+            x = self.forward_stem(x)
             modules = modules[4:]
         for _, module in modules:
             x = module(x)
@@ -226,6 +232,23 @@ class FastDenseNet(nn.Module):
             n, h, w = buffer.shape[:3]
         pooled = triton_bn_relu_pool_into(out, features.norm5, global_average_pool(out), out=None, known=stats)
         return self.classifier(torch.flatten(pooled, 1))
+
+    def feature_maps(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """The feature maps detectors and segmenters build on (timm's ``features_only``): ``"stem"``
+        (after pool0, stride 4), each ``"denseblockN"`` output (strides 4, 8, 16, 32 for the ImageNet
+        models; a block's output is its channels_last buffer) and ``"norm5"``, in order. Differentiable;
+        runs the modules of ``features`` one by one, so hooks on them fire."""
+        maps: OrderedDict[str, Tensor] = OrderedDict()
+        modules = list(self.features.named_children())
+        if [name for name, _ in modules[:4]] == ["conv0", "norm0", "relu0", "pool0"]:
+            x = self.features.forward_stem(x)
+            maps["stem"] = x
+            modules = modules[4:]
+        for name, module in modules:
+            x = module(x)
+            if name.startswith("denseblock") or name == "norm5":
+                maps[name] = x
+        return maps
 
     def forward(self, x: Tensor) -> Tensor:
         self._active_backend = resolve_backend(self._backend, x.device)

@@ -1,0 +1,95 @@
+"""Working inside the frameworks DenseNets live in (issue 6, in part): feature maps for detectors and
+segmenters, and DistributedDataParallel training on two CPU processes (gloo)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torchvision
+from torch.nn.parallel import DistributedDataParallel
+
+import fastdense
+from fastdense.verify import randomize_batchnorm, relative_error
+
+from .test_densenet import SMALL, network_pair
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_feature_maps_match_torchvision_stages(training):
+    ref, fast = network_pair(torch.float64)
+    ref.train(training), fast.train(training)
+    x = torch.randn(2, 3, 40, 36, dtype=torch.float64, requires_grad=True)
+    maps = fast.feature_maps(x)
+    expected, h = {}, x
+    for name, module in ref.features.named_children():
+        h = module(h)
+        if name == "pool0":
+            expected["stem"] = h
+        elif name.startswith("denseblock") or name == "norm5":
+            expected[name] = h
+    assert list(maps) == ["stem", "denseblock1", "denseblock2", "denseblock3", "norm5"] == list(expected)
+    for name, value in maps.items():
+        assert value.shape == expected[name].shape
+        assert relative_error(value, expected[name]) <= 1e-12, name
+    (grad,) = torch.autograd.grad(sum(m.square().sum() for m in maps.values()), x)
+    (ref_grad,) = torch.autograd.grad(sum(m.square().sum() for m in expected.values()), x)
+    assert relative_error(grad, ref_grad) <= 1e-9
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    ref = randomize_batchnorm(torchvision.models.DenseNet(**SMALL), torch.Generator().manual_seed(1)).double()
+    fast = fastdense.FastDenseNet(**SMALL, backend="torch").double()
+    fast.load_state_dict(ref.state_dict())
+    final = {}
+    for name, model in (("torchvision", ref), ("fastdense", fast)):
+        ddp = DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        generator = torch.Generator().manual_seed(100 + rank)  # each rank its own shard of data
+        for _ in range(3):
+            x = torch.randn(4, 3, 32, 32, generator=generator, dtype=torch.float64)
+            y = torch.randint(0, SMALL["num_classes"], (4,), generator=generator)
+            loss = torch.nn.functional.cross_entropy(ddp(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        final[name] = {k: v.clone() for k, v in model.state_dict().items()}
+    results[rank] = final
+    dist.destroy_process_group()
+
+
+def test_distributed_data_parallel_matches_torchvision():
+    """Two gloo processes train under DDP for three steps; on every rank the fastdense model ends with
+    torchvision's parameters and buffers (DDP averages gradients and broadcasts rank 0's buffers)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = mp.Manager()
+        results = manager.dict()
+        init_file = os.path.join(tmp, "init")
+        mp.spawn(_ddp_worker, args=(2, init_file, results), nprocs=2, join=True)
+        for key, value in results[0]["fastdense"].items():  # DDP did synchronise: ranks share parameters
+            if "running" not in key and "num_batches" not in key:
+                assert torch.equal(value, results[1]["fastdense"][key]), key
+        for rank in range(2):
+            final = results[rank]
+            for key, value in final["torchvision"].items():
+                got = final["fastdense"][key]
+                if value.is_floating_point():
+                    assert relative_error(got, value) <= 1e-9, (rank, key)
+                else:
+                    assert torch.equal(got, value), (rank, key)
+        manager.shutdown()
+
+
+def test_converting_a_model_with_sync_batchnorm_refuses_clearly():
+    """SyncBatchNorm shares statistics across processes; fastdense's blocks cannot yet, so convert
+    leaves such blocks as they are and says why."""
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.DenseNet(**SMALL))
+    with pytest.warns(UserWarning, match="SyncBatchNorm"):
+        converted = fastdense.convert(model)
+    assert not any(isinstance(m, fastdense.FastDenseBlock) for m in converted.modules())
