@@ -1,7 +1,9 @@
-"""``convert``: swap torchvision dense blocks inside an existing model for ``FastDenseBlock``s.
+"""``convert``: swap torchvision's and timm's dense blocks inside an existing model for ``FastDenseBlock``s.
 
 The converted blocks hold the very same parameter and buffer objects (an optimizer built before the
 conversion keeps working) under the same names, so ``state_dict()`` keys and order are unchanged.
+timm's layers normalise with ``BatchNormAct2d`` (BatchNorm and activation in one module); a block is
+converted when that activation is a ReLU. timm is never imported: its classes are recognised by name.
 """
 
 from __future__ import annotations
@@ -23,27 +25,69 @@ def _standard_bn(bn: nn.Module) -> bool:
     return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
 
 
-def _why_not_exact(block: _DenseBlock) -> str | None:
-    """None when ``FastDenseBlock`` reproduces ``block`` exactly, else the reason it would not."""
-    if type(block).forward is not _DenseBlock.forward:
+def _timm_class(module: nn.Module, name: str) -> bool:
+    """Whether ``module`` is exactly timm's class ``name`` (matched by name: timm is optional)."""
+    cls = type(module)
+    return cls.__name__ == name and cls.__module__.startswith("timm.")
+
+
+def is_dense_block(module: nn.Module) -> bool:
+    """A dense block ``convert`` knows: torchvision's ``_DenseBlock`` or timm's ``DenseBlock``."""
+    return isinstance(module, _DenseBlock) or _timm_class(module, "DenseBlock")
+
+
+def _timm_norm_act(norm: nn.Module) -> bool:
+    """timm's BatchNormAct2d computing relu(batch_norm(x)): affine, running statistics, plain ReLU."""
+    act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
+    return (
+        _timm_class(norm, "BatchNormAct2d")
+        and norm.affine
+        and norm.track_running_stats
+        and type(act) is nn.ReLU
+        and type(drop) is nn.Identity
+        and not hasattr(norm, "aa")
+    )
+
+
+def _why_not_exact_layers(block: nn.Module) -> str | None:
+    """The layer classes and their activations: torchvision's or timm's, unmodified."""
+    timm = _timm_class(block, "DenseBlock")
+    if not timm and type(block).forward is not _DenseBlock.forward:
         return "its class overrides forward"
     layers = list(block.values())
     if not layers:
         return "it has no layers"
     for i, layer in enumerate(layers):
+        name = f"denselayer{i + 1}"
+        if timm:
+            if not _timm_class(layer, "DenseLayer"):
+                return f"{name} is a {type(layer).__name__}, not timm's DenseLayer"
+            if not (_timm_norm_act(layer.norm1) and _timm_norm_act(layer.norm2)):
+                return f"{name} normalises with something other than BatchNorm2d followed by ReLU"
+            continue
         if not isinstance(layer, _DenseLayer) or type(layer).forward is not _DenseLayer.forward:
-            return f"denselayer{i + 1} is a {type(layer).__name__}, not torchvision's _DenseLayer"
+            return f"{name} is a {type(layer).__name__}, not torchvision's _DenseLayer"
         if type(layer).bn_function is not _DenseLayer.bn_function:
-            return f"denselayer{i + 1} overrides bn_function"
+            return f"{name} overrides bn_function"
+        if not (type(layer.relu1) is nn.ReLU and type(layer.relu2) is nn.ReLU):
+            return f"{name} uses an activation other than ReLU"
+    return None
+
+
+def _why_not_exact(block: nn.Module) -> str | None:
+    """None when ``FastDenseBlock`` reproduces ``block`` exactly, else the reason it would not."""
+    reason = _why_not_exact_layers(block)
+    if reason is not None:
+        return reason
+    layers = list(block.values())
     c0, growth = layers[0].norm1.num_features, layers[0].conv2.out_channels
     for i, layer in enumerate(layers):
         name = f"denselayer{i + 1}"
         if any(isinstance(norm, nn.SyncBatchNorm) for norm in (layer.norm1, layer.norm2)):
             return f"{name} uses SyncBatchNorm (statistics across processes), which fastdense does not support yet"
-        if not (_standard_bn(layer.norm1) and _standard_bn(layer.norm2)):
+        standard = _standard_bn if isinstance(block, _DenseBlock) else _timm_norm_act
+        if not (standard(layer.norm1) and standard(layer.norm2)):
             return f"{name} uses a normalisation other than an affine BatchNorm2d with running statistics"
-        if not (type(layer.relu1) is nn.ReLU and type(layer.relu2) is nn.ReLU):
-            return f"{name} uses an activation other than ReLU"
         c1, c2 = layer.conv1, layer.conv2
         if not (type(c1) is nn.Conv2d and type(c2) is nn.Conv2d):
             return f"{name} uses a convolution other than nn.Conv2d"
@@ -66,7 +110,11 @@ def _why_not_exact(block: _DenseBlock) -> str | None:
     return None
 
 
-def _fast_block(block: _DenseBlock, backend: str) -> FastDenseBlock:
+def _memory_efficient(layer: nn.Module) -> bool:
+    return bool(getattr(layer, "memory_efficient", False) or getattr(layer, "grad_checkpointing", False))
+
+
+def _fast_block(block: nn.Module, backend: str) -> FastDenseBlock:
     layers = list(block.values())
     growth = layers[0].conv2.out_channels
     fast = FastDenseBlock(
@@ -74,26 +122,29 @@ def _fast_block(block: _DenseBlock, backend: str) -> FastDenseBlock:
         num_input_features=layers[0].norm1.num_features,
         bn_size=layers[0].conv1.out_channels // growth,
         growth_rate=growth,
-        memory_efficient=any(layer.memory_efficient for layer in layers),
+        memory_efficient=any(_memory_efficient(layer) for layer in layers),
         backend=backend,
     )
-    # Hand the original modules over, so parameters and buffers stay the very same objects.
+    # Hand the original modules over, so parameters and buffers stay the very same objects. timm's
+    # layers have no ReLU modules (BatchNormAct2d applies it): the fast layers keep their own, stateless.
     for new, old in zip(fast.values(), layers, strict=True):
         for child in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
-            setattr(new, child, getattr(old, child))
-        new.drop_rate, new.memory_efficient = old.drop_rate, old.memory_efficient
+            if hasattr(old, child):
+                setattr(new, child, getattr(old, child))
+        new.drop_rate, new.memory_efficient = old.drop_rate, _memory_efficient(old)
     return fast.train(block.training)
 
 
 def convert(module: nn.Module, *, backend: str = "auto") -> nn.Module:
-    """Replace every torchvision ``_DenseBlock`` in ``module`` by an equivalent ``FastDenseBlock``.
+    """Replace every torchvision ``_DenseBlock`` and timm ``DenseBlock`` in ``module`` by an equivalent
+    ``FastDenseBlock``.
 
     Works on a whole torchvision ``DenseNet``, any model containing dense blocks, or a single block
     (then the new block is returned). Blocks that cannot be reproduced exactly are left alone with a
     ``UserWarning`` that names them and says why. Returns ``module`` (modified in place) or the new block.
     """
     check_backend_name(backend)
-    if isinstance(module, _DenseBlock):
+    if is_dense_block(module):
         reason = _why_not_exact(module)
         if reason is None:
             return _fast_block(module, backend)
@@ -101,7 +152,7 @@ def convert(module: nn.Module, *, backend: str = "auto") -> nn.Module:
         return module
     for name, child in list(module.named_modules()):
         for child_name, grandchild in list(child.named_children()):
-            if not isinstance(grandchild, _DenseBlock):
+            if not is_dense_block(grandchild):
                 continue
             full_name = f"{name}.{child_name}" if name else child_name
             reason = _why_not_exact(grandchild)

@@ -1,5 +1,5 @@
-"""Working inside the frameworks DenseNets live in (issue 6, in part): feature maps for detectors and
-segmenters, and DistributedDataParallel training on two CPU processes (gloo)."""
+"""Working inside the frameworks DenseNets live in (issue 6, in part): timm models converted, feature
+maps for detectors and segmenters, DistributedDataParallel training on two CPU processes (gloo)."""
 
 from __future__ import annotations
 
@@ -93,3 +93,54 @@ def test_converting_a_model_with_sync_batchnorm_refuses_clearly():
     with pytest.warns(UserWarning, match="SyncBatchNorm"):
         converted = fastdense.convert(model)
     assert not any(isinstance(m, fastdense.FastDenseBlock) for m in converted.modules())
+
+
+def timm_pair(**kwargs):
+    """A timm DenseNet with random weights and BatchNorm state, and a converted deep copy."""
+    import copy
+
+    import timm  # pinned in requirements.txt
+
+    torch.manual_seed(0)
+    config = {"growth_rate": 4, "block_config": (2, 3), "bn_size": 2, "num_classes": 5} | kwargs
+    original = randomize_batchnorm(timm.models.densenet.DenseNet(**config), torch.Generator().manual_seed(1))
+    return original.double(), fastdense.convert(copy.deepcopy(original).double())
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_timm_densenet_converts_exactly(training):
+    from fastdense.verify import compare
+
+    original, converted = timm_pair()
+    assert sum(isinstance(m, fastdense.FastDenseBlock) for m in converted.modules()) == 2
+    assert list(converted.state_dict()) == list(original.state_dict())
+    inputs = [torch.randn(2, 3, 40, 36, dtype=torch.float64) for _ in range(2)]
+    errors = compare(converted, original, inputs, training)
+    assert max(errors.values()) <= 1e-9, errors
+
+
+def test_timm_blur_densenet_converts_its_dense_blocks():
+    """densenetblur121d (deep stem, blur-pool transitions): its dense blocks are standard and convert;
+    the state_dict keys stay timm's and the logits agree."""
+    import timm
+
+    torch.manual_seed(0)
+    original = randomize_batchnorm(timm.create_model("densenetblur121d", pretrained=False)).eval()
+    keys = list(original.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = original(x)
+        converted = fastdense.convert(original)
+        got = converted(x)
+    assert sum(isinstance(m, fastdense.FastDenseBlock) for m in converted.modules()) == 4
+    assert list(converted.state_dict()) == keys
+    assert relative_error(got, expected) <= 1e-5
+
+
+def test_timm_blocks_with_another_activation_stay_with_a_warning():
+    import timm
+
+    model = timm.models.densenet.DenseNet(growth_rate=4, block_config=(2,), bn_size=2, act_layer="silu")
+    with pytest.warns(UserWarning, match="other than BatchNorm2d followed by ReLU"):
+        fastdense.convert(model)
+    assert not any(isinstance(m, fastdense.FastDenseBlock) for m in model.modules())
