@@ -135,29 +135,41 @@ def _fast_block(block: nn.Module, backend: str) -> FastDenseBlock:
     return fast.train(block.training)
 
 
-def convert(module: nn.Module, *, backend: str = "auto") -> nn.Module:
+def convert(module: nn.Module, *, backend: str = "auto", strict: bool = False) -> nn.Module:
     """Replace every torchvision ``_DenseBlock`` and timm ``DenseBlock`` in ``module`` by an equivalent
     ``FastDenseBlock``.
 
-    Works on a whole torchvision ``DenseNet``, any model containing dense blocks, or a single block
-    (then the new block is returned). Blocks that cannot be reproduced exactly are left alone with a
-    ``UserWarning`` that names them and says why. Returns ``module`` (modified in place) or the new block.
+    Works on a whole DenseNet, any model containing dense blocks, or a single block (then the new block
+    is returned). Blocks that cannot be reproduced exactly are left alone with a ``UserWarning`` that
+    names them and says why, or, with ``strict=True``, make it raise a ``ValueError`` before anything
+    is changed. Returns ``module`` (modified in place) or the new block.
     """
     check_backend_name(backend)
     if is_dense_block(module):
         reason = _why_not_exact(module)
         if reason is None:
             return _fast_block(module, backend)
-        warnings.warn(f"fastdense.convert: left the dense block unchanged: {reason}", stacklevel=2)
+        _refuse(f"left the dense block unchanged: {reason}", strict)
         return module
-    for name, child in list(module.named_modules()):
-        for child_name, grandchild in list(child.named_children()):
-            if not is_dense_block(grandchild):
-                continue
-            full_name = f"{name}.{child_name}" if name else child_name
-            reason = _why_not_exact(grandchild)
-            if reason is None:
-                setattr(child, child_name, _fast_block(grandchild, backend))
-            else:
-                warnings.warn(f"fastdense.convert: left {full_name!r} unchanged: {reason}", stacklevel=2)
+    found = [
+        (parent, child_name, f"{name}.{child_name}" if name else child_name, grandchild)
+        for name, parent in module.named_modules()
+        for child_name, grandchild in parent.named_children()
+        if is_dense_block(grandchild)
+    ]
+    reasons = {full_name: _why_not_exact(block) for _, _, full_name, block in found}
+    if strict and any(reasons.values()):
+        problems = "; ".join(f"{name!r}: {reason}" for name, reason in reasons.items() if reason)
+        raise ValueError(f"fastdense.convert(strict=True): cannot reproduce every dense block exactly: {problems}")
+    for parent, child_name, full_name, block in found:
+        if reasons[full_name] is None:
+            setattr(parent, child_name, _fast_block(block, backend))
+        else:
+            _refuse(f"left {full_name!r} unchanged: {reasons[full_name]}", strict)
     return module
+
+
+def _refuse(message: str, strict: bool) -> None:
+    if strict:
+        raise ValueError(f"fastdense.convert(strict=True): {message}")
+    warnings.warn(f"fastdense.convert: {message}", stacklevel=3)

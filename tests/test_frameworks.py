@@ -144,3 +144,17 @@ def test_timm_blocks_with_another_activation_stay_with_a_warning():
     with pytest.warns(UserWarning, match="other than BatchNorm2d followed by ReLU"):
         fastdense.convert(model)
     assert not any(isinstance(m, fastdense.FastDenseBlock) for m in model.modules())
+
+
+def test_strict_conversion_raises_before_changing_anything():
+    import timm
+
+    model = timm.models.densenet.DenseNet(growth_rate=4, block_config=(2, 2), bn_size=2)
+    model.features.denseblock2.denselayer1.norm1.act = torch.nn.GELU()  # one block no longer exact
+    with pytest.raises(ValueError, match=r"strict=True.*features.denseblock2.*ReLU"):
+        fastdense.convert(model, strict=True)
+    assert not any(isinstance(m, fastdense.FastDenseBlock) for m in model.modules())  # untouched
+    with pytest.warns(UserWarning, match="features.denseblock2"):
+        fastdense.convert(model)
+    assert isinstance(model.features.denseblock1, fastdense.FastDenseBlock)
+    assert not isinstance(model.features.denseblock2, fastdense.FastDenseBlock)
