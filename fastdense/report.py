@@ -22,6 +22,7 @@ from .verify import compare, randomize_batchnorm
 
 VERIFY_BATCH, VERIFY_RESOLUTION = 2, 64
 REPORT_PROVIDERS = ["torchvision-eager", "torchvision-memory-efficient", "fastdense", "fastdense-memory-efficient"]
+CUDA_REPORT_PROVIDERS = ["fastdense-triton", "fastdense-triton-memory-efficient"]  # added on a GPU
 
 
 def verification(model_name: str, device: torch.device) -> list[dict]:
@@ -58,11 +59,13 @@ def print_verification(rows: list[dict], model: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastdense", description=__doc__.splitlines()[0])
-    bench.add_arguments(parser, default_providers_note="default: " + " ".join(REPORT_PROVIDERS))
+    note = f"default: {' '.join(REPORT_PROVIDERS)} (on CUDA also {' '.join(CUDA_REPORT_PROVIDERS)})"
+    bench.add_arguments(parser, default_providers_note=note)
     parser.add_argument("--skip-verify", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
     args = parser.parse_args(argv)
-    plan = bench.plan_from_args(args, default_providers=REPORT_PROVIDERS)
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    plan = bench.plan_from_args(args, default_providers=REPORT_PROVIDERS + (CUDA_REPORT_PROVIDERS if cuda else []))
 
     env = bench.environment()
     print("fastdense report: " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
