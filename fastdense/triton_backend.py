@@ -1,11 +1,12 @@
-"""The ``triton`` backend's forward: the block's kernels from ``kernels/`` (DESIGN.md section 3).
+"""The ``triton`` backend: the block's kernels from ``kernels/`` (DESIGN.md sections 3 and 4).
 
-The layer loop, running-statistics updates and the saved state are the torch backend's
-(``torch_backend.block_forward``); only the three kernels differ: segment statistics by a reduction
-kernel, BN-ReLU-1x1 conv as one GEMM with norm2's statistics (training) or norm2-ReLU (eval) in its
-epilogue, and the 3x3 conv as an implicit GEMM with the norm2-ReLU prologue that writes straight into
-the buffer slice and emits the new segment's statistics. The forward saves exactly what the torch
-backend's backward reads, so training runs that backward until the fused one lands.
+The layer loops, running-statistics updates and the saved state are the torch backend's
+(``torch_backend.block_forward`` / ``block_backward``); only the operations inside differ. Forward:
+segment statistics by a reduction kernel, BN-ReLU-1x1 conv as one GEMM with norm2's statistics
+(training) or norm2-ReLU (eval) in its epilogue, and the 3x3 conv as an implicit GEMM with the
+norm2-ReLU prologue that writes straight into the buffer slice and emits the new segment's statistics.
+Backward: dgrad into the gradient buffer with norm1's sums, split-M wgrad, and the segment finalize;
+norm2 and the 3x3 conv's backward stay PyTorch's (cuDNN).
 
 ``kernels`` (and so ``triton``) is imported on first use: ``TRITON_INTERPRET=1`` must be set before
 Triton is imported, and CPU-only installs need not have Triton at all.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -44,26 +46,30 @@ def check_dtypes(x: torch.Tensor, compute_dtype: torch.dtype) -> None:
 
 
 @functools.cache
-def _kernels():
-    from kernels import affine, bn_relu_gemm, conv3x3, stats
+def _kernels() -> SimpleNamespace:
+    from kernels import affine, bn_relu_gemm, bn_relu_gemm_backward, conv3x3, finalize, launch, stats
 
-    return affine, bn_relu_gemm, conv3x3, stats
+    return SimpleNamespace(
+        affine=affine, gemm=bn_relu_gemm, backward=bn_relu_gemm_backward, conv=conv3x3,
+        finalize=finalize, launch=launch, stats=stats,
+    )  # fmt: skip
+
+
+def _vectors(norm):
+    """A ``batchnorm.Affine`` as the kernels' ``(shift, scale, bias)``; None stays None."""
+    return None if norm is None else _kernels().affine.affine_vectors(norm)
 
 
 def _column_stats(cols):
-    return _kernels()[3].column_stats(cols)
+    return _kernels().stats.column_stats(cols)
 
 
 def _bottleneck(x, norm1, w1, stats, epilogue):
-    affine, gemm, _, _ = _kernels()
-    second = affine.affine_vectors(epilogue) if epilogue is not None else None
-    return gemm.bn_relu_gemm(x, affine.affine_vectors(norm1), w1, epilogue=second, stats=stats)
+    return _kernels().gemm.bn_relu_gemm(x, _vectors(norm1), w1, epilogue=_vectors(epilogue), stats=stats)
 
 
 def _new_features_triton(bottleneck, norm2, w2, nhw, out, noise, stats):
-    affine, _, conv, _ = _kernels()
-    prologue = affine.affine_vectors(norm2) if norm2 is not None else None
-    return conv.conv3x3(bottleneck, w2, nhw, out, prologue=prologue, noise=noise, stats=stats)
+    return _kernels().conv.conv3x3(bottleneck, w2, nhw, out, prologue=_vectors(norm2), noise=noise, stats=stats)
 
 
 def _new_features_cudnn(bottleneck, norm2, w2, nhw, out, noise, stats):
@@ -72,24 +78,17 @@ def _new_features_cudnn(bottleneck, norm2, w2, nhw, out, noise, stats):
 
 def _norm1_backward(d_bottleneck, x, norm1, rstd1, w1c, grad_sum, coef, need_weight):
     """dgrad into G with norm1's sums, and wgrad, by the kernels (mask recomputed as the forward's)."""
-    affine, *_ = _kernels()
-    from kernels.bn_relu_gemm_backward import norm1_gemm_backward
-
-    vectors = affine.affine_vectors(norm1)
-    sum_p, sum_px, d_w1 = norm1_gemm_backward(
-        d_bottleneck.contiguous(), x, vectors, norm1.mean, coef, w1c, grad_sum, need_weight
+    sum_p, sum_px, d_w1 = _kernels().backward.norm1_gemm_backward(
+        d_bottleneck.contiguous(), x, _vectors(norm1), norm1.mean, coef, w1c, grad_sum, need_weight
     )
     return sum_px.mul_(rstd1), sum_p, d_w1
 
 
 def _finalize(g, x, d_out, stats, noise):
-    from kernels.finalize import finalize
-    from kernels.launch import unit_columns
-
     out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
-    if not unit_columns(d_out):  # an output gradient that is not channels_last: its rows view is strided
+    if not _kernels().launch.unit_columns(d_out):  # an output gradient that is not channels_last
         d_out = d_out.contiguous()
-    return finalize(g, x, d_out, out, stats, noise)
+    return _kernels().finalize.finalize(g, x, d_out, out, stats, noise)
 
 
 def triton_ops() -> Ops:
