@@ -26,6 +26,7 @@ from .batchnorm import (
     update_running_stats,
 )
 from .stages import stage
+from .torch_backend import as_images, as_rows
 from .triton_backend import check_dtypes
 
 POOLS = (nn.AvgPool2d, nn.MaxPool2d)
@@ -85,12 +86,6 @@ def global_average_pool(x: Tensor) -> nn.AvgPool2d:
     return nn.AvgPool2d(tuple(x.shape[2:]), stride=1)
 
 
-def channels_last_rows(x: Tensor) -> Tensor:
-    """An ``(N, C, H, W)`` tensor as channels_last ``M x C`` rows (copied only when not channels_last)."""
-    n, c, h, w = x.shape
-    return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).view(n * h * w, c)
-
-
 def norm_statistics(
     x: Tensor, norm: nn.BatchNorm2d, column_stats=None, known: tuple[Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -110,7 +105,7 @@ def norm_statistics(
     elif column_stats is None:
         var, mean = batch_stats(x, dim=(0, 2, 3))
     else:
-        var, mean = column_stats(channels_last_rows(x))
+        var, mean = column_stats(as_rows(x))
     update_running_stats(norm, mean, var, count)
     return mean, torch.rsqrt(var + norm.eps)
 
@@ -161,23 +156,22 @@ def _triton_norm(x: Tensor, norm: nn.BatchNorm2d, compute_dtype: torch.dtype, kn
     return mean, rstd, affine_vectors(affine(norm.weight, norm.bias, mean, rstd, training=norm.training))
 
 
-def _triton_forward(x: Tensor, norm: nn.BatchNorm2d, window):
+def _triton_forward(x: Tensor, norm: nn.BatchNorm2d, window, out: Tensor | None = None, known=None):
+    """``pool(relu(norm(x)))`` by the Triton kernel (``window``: ``kernel_window(pool)``), written into
+    ``out`` rows when given; ``known``: batch statistics ``(var, mean)`` of ``x``. Returns the result
+    and the statistics used."""
     from kernels.bn_relu_pool import bn_relu_pool as pool_kernel
 
     x = x.contiguous(memory_format=torch.channels_last)  # the stem's conv0 output may not be
-    mean, rstd, vectors = _triton_norm(x, norm, x.dtype)
-    return pool_kernel(x, vectors, *window), mean, rstd
+    mean, rstd, vectors = _triton_norm(x, norm, x.dtype, known)
+    return pool_kernel(x, vectors, *window, out=out), mean, rstd
 
 
 def triton_bn_relu_pool_into(x: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, out: Tensor | None, known=None):
     """No-autograd ``pool(relu(norm(x)))`` by the Triton kernel, written into ``out`` rows when given
     (e.g. the first channels of a block buffer); ``known``: batch statistics ``(var, mean)`` of ``x``."""
-    from kernels.bn_relu_pool import bn_relu_pool as pool_kernel
-
-    x = x.contiguous(memory_format=torch.channels_last)
-    _, _, vectors = _triton_norm(x, norm, x.dtype, known)
     with stage("bn_relu_pool", x.device):
-        return pool_kernel(x, vectors, *kernel_window(pool), out=out)
+        return _triton_forward(x, norm, kernel_window(pool), out, known)[0]
 
 
 def fused_transition(
@@ -194,8 +188,8 @@ def fused_transition(
     c_out = conv_weight.shape[0]
     weight = conv_weight.to(compute_dtype).view(c_out, c)
     with stage("transition", x.device):
-        out, _ = bn_relu_gemm(channels_last_rows(x), vectors, weight, pool_hw=(h, w), out=out)
-    return out.unflatten(0, (n, h // 2, w // 2)).permute(0, 3, 1, 2)
+        out, _ = bn_relu_gemm(as_rows(x), vectors, weight, pool_hw=(h, w), out=out)
+    return as_images(out, n, h // 2, w // 2)
 
 
 def _backward(grad_out, x, weight, bias, mean, rstd, pool, training: bool, need_input_grad: bool):

@@ -219,14 +219,14 @@ class FastDenseNet(nn.Module):
         h, w = (pooled_size(s, k, stride, padding) for s, k in zip(stem.shape[2:], kernel, strict=True))
         n = stem.shape[0]
         blocks = [block for block, _ in chain]
-        buffer = _block_buffer(blocks[0], n, h, w, stem)
+        buffer = _block_buffer(blocks[0], n, h, w, stem.dtype, stem.device)
         triton_bn_relu_pool_into(stem, features.norm0, features.pool0, out=_first_channels(buffer, blocks[0]))
         for (block, transition), next_block in zip(chain, [*blocks[1:], None], strict=True):
             out, stats = block.forward_in_buffer(buffer)
             if transition is None:
                 break
             cdt = compute_dtype(out)
-            buffer = _block_buffer(next_block, n, h // 2, w // 2, torch.empty(0, dtype=cdt, device=x.device))
+            buffer = _block_buffer(next_block, n, h // 2, w // 2, cdt, x.device)
             into = _first_channels(buffer, next_block)
             fused_transition(out, transition.norm, transition.conv.weight, cdt, out=into, known=stats)
             n, h, w = buffer.shape[:3]
@@ -266,10 +266,10 @@ class FastDenseNet(nn.Module):
         return self.classifier(torch.flatten(out, 1))
 
 
-def _block_buffer(block: FastDenseBlock, n: int, h: int, w: int, like: Tensor) -> Tensor:
-    """An empty ``(N, H, W, C_total)`` buffer for ``block``, of ``like``'s dtype and device."""
+def _block_buffer(block: FastDenseBlock, n: int, h: int, w: int, dtype: torch.dtype, device) -> Tensor:
+    """An empty ``(N, H, W, C_total)`` buffer for ``block``."""
     c_total = block.num_input_features + block.num_layers * block.growth_rate
-    return torch.empty((n, h, w, c_total), dtype=like.dtype, device=like.device)
+    return torch.empty((n, h, w, c_total), dtype=dtype, device=device)
 
 
 def _first_channels(buffer: Tensor, block: FastDenseBlock) -> Tensor:

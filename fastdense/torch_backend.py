@@ -113,15 +113,18 @@ class BlockState:
         return cls(layers, tensors[0], tensors[1])
 
 
-def _nchw(rows: Tensor, n: int, h: int, w: int) -> Tensor:
-    """An ``M x C`` row-major matrix seen as an ``(N, C, H, W)`` channels_last tensor (no copy)."""
-    return rows.view(n, h, w, rows.shape[1]).permute(0, 3, 1, 2)
+def as_images(rows: Tensor, n: int, h: int, w: int) -> Tensor:
+    """An ``M x C`` matrix (any row stride: a buffer's column slice too) seen as an ``(N, C, H, W)``
+    channels_last tensor, without a copy."""
+    return rows.unflatten(0, (n, h, w)).permute(0, 3, 1, 2)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """An ``(N, C, H, W)`` tensor as an ``M x C`` matrix (a view when it is channels_last)."""
+def as_rows(t: Tensor) -> Tensor:
+    """An ``(N, C, H, W)`` tensor as an ``M x C`` matrix with adjacent columns, as the kernels take it:
+    a view when it is channels_last (or a channel slice of such), else a copy."""
     n, c, h, w = t.shape
-    return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    rows = t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    return rows if c <= 1 or rows.stride(1) == 1 else rows.contiguous()
 
 
 def _bottleneck(x: Tensor, norm1: Affine, w1_t: Tensor) -> Tensor:
@@ -148,11 +151,11 @@ def conv3x3_into(bottleneck, norm2: Affine | None, w2, nhw, out, noise, stats: b
     materialised, convolved, multiplied by the dropout noise and copied into the buffer slice."""
     n, h, w = nhw
     act2 = bottleneck if norm2 is None else norm2(bottleneck).relu_()
-    new = F.conv2d(_nchw(act2.to(w2.dtype), n, h, w), w2, padding=1)  # (N, k, H, W)
+    new = F.conv2d(as_images(act2.to(w2.dtype), n, h, w), w2, padding=1)  # (N, k, H, W)
     del act2
     if noise is not None:
-        new = new * _nchw(noise, n, h, w)
-    out.view(n, h, w, out.shape[1]).copy_(new.permute(0, 2, 3, 1))
+        new = new * as_images(noise, n, h, w)
+    as_images(out, n, h, w).copy_(new)
     del new
     return column_stats(out) if stats else None
 
@@ -255,12 +258,12 @@ def _conv2_norm2_backward(d_new, bottleneck, norm2: Affine, rstd2, w2c, nhw, tra
     del pre2
     with stage("conv_backward", bottleneck.device):
         d_act2, d_w2, _ = torch.ops.aten.convolution_backward(
-            _nchw(d_new.to(cdt), n, h, w), _nchw(act2, n, h, w), w2c, None,
+            as_images(d_new.to(cdt), n, h, w), as_images(act2, n, h, w), w2c, None,
             [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need_weight, False],
         )  # fmt: skip
     del act2
     with stage("norm_backward", bottleneck.device):
-        d_pre2 = _rows(d_act2).to(acc).mul_(mask2)  # through relu2
+        d_pre2 = as_rows(d_act2).to(acc).mul_(mask2)  # through relu2
         del d_act2, mask2
         yhat = (bottleneck.to(acc) - norm2.mean).mul_(rstd2)
         d_b2 = d_pre2.sum(0)
@@ -325,7 +328,7 @@ def block_backward(
     n, c_total, h, w = out.shape
     k, num_layers = plan.growth_rate, len(plan.norms1)
     c0, m = c_total - num_layers * k, n * h * w
-    rows = _rows(out)
+    rows = as_rows(out)
     acc, cdt = accumulation_dtype(out.dtype), plan.compute_dtype
     grad_sum = torch.zeros((m, c_total), dtype=acc, device=out.device)  # G: sum over consumers
     if plan.training:
@@ -339,7 +342,7 @@ def block_backward(
     def finalize(lo: int, hi: int, noise: Tensor | None = None) -> Tensor:
         """Gradient of columns [lo, hi) once every consumer has been accumulated into G."""
         stats = (state.seg_mean[lo:hi], state.seg_rstd[lo:hi], sum_g[lo:hi], sum_gx[lo:hi]) if plan.training else None
-        return finalize_segment(grad_sum[:, lo:hi], rows[:, lo:hi], _rows(grad_out[:, lo:hi]), stats, noise)
+        return finalize_segment(grad_sum[:, lo:hi], rows[:, lo:hi], as_rows(grad_out[:, lo:hi]), stats, noise)
 
     grads: list[Tensor | None] = [None] * len(params)
     for layer in reversed(range(num_layers)):
@@ -377,7 +380,7 @@ def block_backward(
 
     d_x = None
     if needs_input_grad[0]:
-        d_x = _nchw(finalize(0, c0), n, h, w).to(out.dtype)
+        d_x = as_images(finalize(0, c0), n, h, w).to(out.dtype)
     return d_x, grads
 
 

@@ -47,11 +47,10 @@ def check_dtypes(x: torch.Tensor, compute_dtype: torch.dtype) -> None:
 
 @functools.cache
 def _kernels() -> SimpleNamespace:
-    from kernels import affine, bn_relu_gemm, bn_relu_gemm_backward, conv3x3, finalize, launch, stats
+    from kernels import affine, bn_relu_gemm, bn_relu_gemm_backward, conv3x3, finalize, stats
 
     return SimpleNamespace(
-        affine=affine, gemm=bn_relu_gemm, backward=bn_relu_gemm_backward, conv=conv3x3,
-        finalize=finalize, launch=launch, stats=stats,
+        affine=affine, gemm=bn_relu_gemm, backward=bn_relu_gemm_backward, conv=conv3x3, finalize=finalize, stats=stats
     )  # fmt: skip
 
 
@@ -86,8 +85,6 @@ def _norm1_backward(d_bottleneck, x, norm1, rstd1, w1c, grad_sum, coef, need_wei
 
 def _finalize(g, x, d_out, stats, noise):
     out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
-    if not _kernels().launch.unit_columns(d_out):  # an output gradient that is not channels_last
-        d_out = d_out.contiguous()
     return _kernels().finalize.finalize(g, x, d_out, out, stats, noise)
 
 
