@@ -67,6 +67,8 @@ TRITON="fastdense-triton fastdense-triton-memory-efficient"
 stage gpu-tests 150 python -m pytest -q -rs tests/test_cuda.py
 stage gpu-tests-triton-small 90 env FASTDENSE_AUTOTUNE=0 python -m pytest -q -rs tests/test_kernels.py \
     tests/test_triton_backend.py
+# CUDA graphs (eager capture, both backends) and torch.compile: fullgraph, mode="reduce-overhead".
+stage gpu-tests-graphs-compile 90 python -m pytest -q -rs tests/test_cuda_graphs.py
 # 2. Kernel microbenchmarks: BN-ReLU-GEMM vs cat+BN+ReLU+cuDNN 1x1, implicit-GEMM 3x3 vs cuDNN (GB/s, TFLOP/s).
 stage kernels 40 python -m fastdense kernels --json "$out/kernels.json"
 # 3. The baselines and fastdense at the report's sizes: bf16, channels_last, batch 64 and 256, both modes.
@@ -80,9 +82,11 @@ stage bench-densenet121-conv-cudnn 60 env FASTDENSE_CONV3X3=cudnn $(bench bench-
 stage max-batch-densenet121 80 python -m fastdense bench --device cuda --model densenet121 --batch 256 \
     --dtype bfloat16 --channels-last --mode train --repeats 3 --max-batch --json "$out/bench-max-batch.json" \
     --providers torchvision-eager torchvision-memory-efficient fastdense-triton fastdense-triton-memory-efficient
-# 6. torch.compile of torchvision (compilation is reported separately as first_step_s), densenet121.
+# 6. torch.compile of torchvision and of fastdense (its blocks are opaque operators; compilation is
+#    reported separately as first_step_s), densenet121.
 # shellcheck disable=SC2046
-stage bench-densenet121-compile 100 $(bench bench-densenet121-compile densenet121 "64 256" torchvision-eager torch-compile)
+stage bench-densenet121-compile 140 $(bench bench-densenet121-compile densenet121 "64 256" torchvision-eager \
+    torch-compile fastdense-compile fastdense-triton-compile)
 # 7. Less urgent, last, so that a cut costs nothing above.
 # shellcheck disable=SC2046,SC2086
 stage bench-densenet201 110 $(bench bench-densenet201 densenet201 "64 256" $EAGER $TRITON)

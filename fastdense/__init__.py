@@ -2,7 +2,7 @@
 
 from .backend import ENV_VAR as BACKEND_ENV_VAR
 from .backend import resolve_backend
-from .block import FastDenseBlock, FastDenseLayer
+from .block import FastDenseBlock, FastDenseBlock3d, FastDenseLayer
 from .convert import convert
 from .densenet import FastDenseNet, Transition, densenet121, densenet161, densenet169, densenet201, densenet264
 
@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKEND_ENV_VAR",
     "FastDenseBlock",
+    "FastDenseBlock3d",
     "FastDenseLayer",
     "FastDenseNet",
     "Transition",

@@ -56,7 +56,9 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: i
     bn.num_batches_tracked.add_(1)
     if count == 0:  # an empty batch leaves the running statistics alone, as in PyTorch
         return
-    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    # momentum=None: the cumulative average, as a tensor (no host sync, and torch.compile traces it).
+    cumulative = bn.momentum is None
+    factor = (1.0 / bn.num_batches_tracked.to(torch.float64)).to(mean.dtype) if cumulative else bn.momentum
     unbiased = var * (count / (count - 1))  # callers refuse count == 1 in training, as PyTorch does
     rm, rv = bn.running_mean, bn.running_var
     rm.copy_(rm.to(mean.dtype) * (1.0 - factor) + mean * factor)

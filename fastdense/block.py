@@ -1,10 +1,14 @@
 """``FastDenseBlock``: a drop-in for torchvision's ``_DenseBlock`` on one shared buffer.
 
 The module tree (``denselayer1..L``, each with ``norm1, relu1, conv1, norm2, relu2, conv2``) and hence
-the state_dict are exactly torchvision's; only the block's forward differs.
+the state_dict are exactly torchvision's; only the block's forward differs. ``spatial_dims=3`` (or
+``FastDenseBlock3d``) makes the 3-D block of volumetric DenseNets (MONAI's): BatchNorm3d, 1x1x1 and
+3x3x3 convolutions, the same buffer, shared statistics and backward.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -12,9 +16,21 @@ from torch import Tensor, nn
 
 from .backend import check_backend_name, resolve_backend
 from .batchnorm import share_batch_stats
-from .torch_backend import BlockPlan, DenseBlockFunction, block_forward
+from .block_op import run_dense_block
+from .torch_backend import BatchStats, BlockPlan, batch_stats_of, block_forward, update_block_running_stats
 from .triton_backend import check_dtypes, triton_ops
 from .validation import check_block_input, compute_dtype
+
+SPATIAL_DIMS = (1, 2, 3)
+_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CHANNEL_DROPOUTS = {1: F.dropout1d, 2: F.dropout2d, 3: F.dropout3d}
+
+
+def check_spatial_dims(spatial_dims: int) -> int:
+    if spatial_dims not in SPATIAL_DIMS:
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    return spatial_dims
 
 
 class FastDenseLayer(nn.Module):
@@ -22,7 +38,8 @@ class FastDenseLayer(nn.Module):
 
     It holds the parameters under torchvision's names. Inside a ``FastDenseBlock`` its ``forward`` is
     never called (the block runs all layers on its shared buffer, so forward hooks on a layer do not
-    fire); called on its own it behaves like torchvision's ``_DenseLayer``.
+    fire); called on its own it behaves like torchvision's ``_DenseLayer``. ``channelwise_dropout``
+    drops whole channels of a sample (``F.dropout2d``/``dropout3d``, MONAI's choice) instead of values.
     """
 
     def __init__(
@@ -32,16 +49,21 @@ class FastDenseLayer(nn.Module):
         bn_size: int,
         drop_rate: float,
         memory_efficient: bool = False,
+        *,
+        spatial_dims: int = 2,
+        channelwise_dropout: bool = False,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(num_input_features)
+        norm, conv = _NORMS[check_spatial_dims(spatial_dims)], _CONVS[spatial_dims]
+        self.norm1 = norm(num_input_features)
         self.relu1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
-        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.conv1 = conv(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+        self.norm2 = norm(bn_size * growth_rate)
         self.relu2 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv2 = conv(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
+        self.channelwise_dropout = channelwise_dropout
 
     def forward(self, input: Tensor | list[Tensor]) -> Tensor:  # noqa: A002 - torchvision's name
         # Stand-alone use only (a FastDenseBlock never calls this): the plain reference computation.
@@ -49,7 +71,8 @@ class FastDenseLayer(nn.Module):
         bottleneck = self.conv1(self.relu1(self.norm1(x)))
         new_features = self.conv2(self.relu2(self.norm2(bottleneck)))
         if self.drop_rate > 0:
-            new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
+            dropout = _CHANNEL_DROPOUTS[x.dim() - 2] if self.channelwise_dropout else F.dropout
+            new_features = dropout(new_features, p=self.drop_rate, training=self.training)
         return new_features
 
 
@@ -57,8 +80,9 @@ class FastDenseBlock(nn.ModuleDict):
     """A dense block whose layers share one preallocated channels_last buffer.
 
     Same signature and state_dict as torchvision's ``_DenseBlock``; ``backend`` picks the
-    implementation (see ``fastdense.backend``). The output is the block's buffer: an
-    ``(N, num_input_features + num_layers * growth_rate, H, W)`` tensor in channels_last memory format.
+    implementation (see ``fastdense.backend``); ``spatial_dims`` (1, 2 or 3) the input's rank. The
+    output is the block's buffer: an ``(N, num_input_features + num_layers * growth_rate, H, W)`` tensor
+    (``(N, C, D, H, W)`` in 3-D) in channels-last memory format.
     The output is saved for backward, so modifying it in place before ``backward()`` raises autograd's
     usual error.
     """
@@ -75,6 +99,7 @@ class FastDenseBlock(nn.ModuleDict):
         memory_efficient: bool = False,
         *,
         backend: str = "auto",
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -86,12 +111,14 @@ class FastDenseBlock(nn.ModuleDict):
                 bn_size=bn_size,
                 drop_rate=drop_rate,
                 memory_efficient=memory_efficient,
+                spatial_dims=spatial_dims,
             )
             self.add_module(f"denselayer{i + 1}", layer)
         self.num_input_features = num_input_features
         self.growth_rate = growth_rate
         self.bn_size = bn_size
         self.memory_efficient = memory_efficient
+        self.spatial_dims = spatial_dims
         self.backend = backend
         self._active_backend: str | None = None
 
@@ -119,9 +146,11 @@ class FastDenseBlock(nn.ModuleDict):
             f"num_layers={len(self)}, num_input_features={self.num_input_features}, "
             f"growth_rate={self.growth_rate}, bn_size={self.bn_size}, "
             f"memory_efficient={self.memory_efficient}, backend={self._backend!r}{ran}"
+            + (f", spatial_dims={self.spatial_dims}" if self.spatial_dims != 2 else "")
         )
 
-    def _layer_params(self) -> tuple[Tensor, ...]:
+    def layer_params(self) -> tuple[Tensor, ...]:
+        """Every layer's norm1 weight and bias, conv1 weight, norm2 weight and bias, conv2 weight."""
         return tuple(
             p
             for layer in self.values()
@@ -135,8 +164,16 @@ class FastDenseBlock(nn.ModuleDict):
             )
         )
 
-    def _plan(self, x: Tensor, backend: str) -> BlockPlan:
+    def _check(self, x: Tensor) -> tuple[str, torch.dtype]:
+        """Refuse what the block cannot run; the backend that runs ``x`` and the compute dtype."""
         layers = list(self.values())
+        check_block_input(
+            x,
+            expected_channels=self.num_input_features,
+            weight=layers[0].conv1.weight,
+            training=self.training,
+            spatial_dims=self.spatial_dims,
+        )
         eps1 = {layer.norm1.eps for layer in layers}
         if self.training and len(eps1) > 1:
             raise ValueError(
@@ -146,49 +183,66 @@ class FastDenseBlock(nn.ModuleDict):
         for i, layer in enumerate(layers):
             if not 0.0 <= layer.drop_rate <= 1.0:
                 raise ValueError(f"denselayer{i + 1}.drop_rate must be between 0 and 1, got {layer.drop_rate}")
-        cdt = compute_dtype(x)
+        backend, cdt = resolve_backend(self._backend, x.device), compute_dtype(x)
         if backend == "triton":
             check_dtypes(x, cdt)
+        self._active_backend = backend
+        return backend, cdt
+
+    def _plan(self, backend: str, cdt: torch.dtype) -> BlockPlan:
+        layers = list(self.values())
         return BlockPlan(
             norms1=[layer.norm1 for layer in layers],
             norms2=[layer.norm2 for layer in layers],
             drop_rates=[layer.drop_rate for layer in layers],
+            channelwise_dropout=tuple(_channelwise(layer) for layer in layers),
             growth_rate=self.growth_rate,
             training=self.training,
             keep_bottlenecks=not self.memory_efficient,
             compute_dtype=cdt,
             eps1=layers[0].norm1.eps,
-            ops=triton_ops() if backend == "triton" else None,
+            ops=triton_ops(self.spatial_dims) if backend == "triton" else None,
         )
 
-    def _prepare(self, x: Tensor) -> tuple[tuple[Tensor, ...], BlockPlan]:
-        params = self._layer_params()
-        check_block_input(x, expected_channels=self.num_input_features, weight=params[2], training=self.training)
-        backend = resolve_backend(self._backend, x.device)
-        plan = self._plan(x, backend)
-        self._active_backend = backend
-        return params, plan
+    def _update_running_stats(self, stats: BatchStats, count: int) -> None:
+        layers = list(self.values())
+        norms1, norms2 = [layer.norm1 for layer in layers], [layer.norm2 for layer in layers]
+        update_block_running_stats(norms1, norms2, stats, count, self.growth_rate)
 
     def forward(self, x: Tensor) -> Tensor:
-        params, plan = self._prepare(x)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-        with torch.autocast(x.device.type, enabled=False):
-            if needs_grad:
-                out = DenseBlockFunction.apply(x, plan, *params)
-            else:
-                with torch.no_grad():
-                    out = block_forward(x, params, plan, save=False)[0]
-        if plan.buffer_stats is not None:  # training: the next BatchNorm reading `out` reuses them
-            share_batch_stats(out, *plan.buffer_stats)
+        backend, cdt = self._check(x)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        out, stats = run_dense_block(self, x, backend=backend, compute_dtype=cdt, save=needs_grad)
+        if stats is not None:
+            self._update_running_stats(stats, math.prod((x.shape[0], *x.shape[2:])))
+            if not torch.compiler.is_compiling():  # the next BatchNorm reading `out` reuses them (eager only)
+                share_batch_stats(out, stats.var, stats.mean)
         return out
 
     def forward_in_buffer(self, buffer: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """Inference without autograd on a preallocated ``(N, H, W, C_total)`` buffer whose first
+        """Inference without autograd on a preallocated ``(N, *spatial, C_total)`` buffer whose first
         ``num_input_features`` channels already hold the input (written there by the stem or the
-        previous transition). Returns the output (the buffer as ``(N, C_total, H, W)``) and, in
+        previous transition). Returns the output (the buffer as ``(N, C_total, *spatial)``) and, in
         training mode, its batch statistics ``(var, mean)``."""
-        x = buffer[..., : self.num_input_features].permute(0, 3, 1, 2)
-        params, plan = self._prepare(x)
+        x = buffer[..., : self.num_input_features].movedim(-1, 1)
+        backend, cdt = self._check(x)
         with torch.autocast(x.device.type, enabled=False), torch.no_grad():
-            out = block_forward(x, params, plan, save=False, buffer=buffer)[0]
-        return out, plan.buffer_stats
+            out, state = block_forward(x, self.layer_params(), self._plan(backend, cdt), save=False, buffer=buffer)
+        if not self.training:
+            return out, None
+        stats = batch_stats_of(state)
+        self._update_running_stats(stats, math.prod(buffer.shape[:-1]))
+        return out, (stats.var, stats.mean)
+
+
+def _channelwise(layer: nn.Module) -> bool:
+    return bool(getattr(layer, "channelwise_dropout", False))
+
+
+class FastDenseBlock3d(FastDenseBlock):
+    """``FastDenseBlock(..., spatial_dims=3)``: the dense block of volumetric DenseNets on
+    ``(N, C, D, H, W)`` inputs, with BatchNorm3d, 1x1x1 and 3x3x3 convolutions."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("spatial_dims", 3)
+        super().__init__(*args, **kwargs)

@@ -33,10 +33,14 @@ POOLS = (nn.AvgPool2d, nn.MaxPool2d)
 
 
 def fusable(norm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
-    """Whether ``pool(relu(norm(x)))`` is the plain computation this op reproduces, with no hooks."""
+    """Whether ``pool(relu(norm(x)))`` is the plain computation this op reproduces, with no hooks.
+
+    Never under ``torch.compile``: there the modules run one by one and the compiler fuses them itself
+    (only the dense block, which writes a buffer in place, stays an opaque operator)."""
     modules = (norm, relu, pool)
     return (
-        type(norm) is nn.BatchNorm2d
+        not torch.compiler.is_compiling()
+        and type(norm) is nn.BatchNorm2d
         and norm.affine
         and norm.track_running_stats
         and type(relu) is nn.ReLU

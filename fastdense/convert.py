@@ -1,9 +1,11 @@
-"""``convert``: swap torchvision's and timm's dense blocks inside an existing model for ``FastDenseBlock``s.
+"""``convert``: swap torchvision's, timm's and MONAI's dense blocks inside a model for ``FastDenseBlock``s.
 
 The converted blocks hold the very same parameter and buffer objects (an optimizer built before the
 conversion keeps working) under the same names, so ``state_dict()`` keys and order are unchanged.
 timm's layers normalise with ``BatchNormAct2d`` (BatchNorm and activation in one module); a block is
-converted when that activation is a ReLU. timm is never imported: its classes are recognised by name.
+converted when that activation is a ReLU. MONAI's blocks (1-D, 2-D and 3-D) keep their layers'
+``layers`` Sequential (``fastdense.sequential_layer``); their dropout is channel-wise (Dropout2d/3d)
+and so is the fast block's. timm and MONAI are never imported: their classes are recognised by name.
 """
 
 from __future__ import annotations
@@ -15,32 +17,41 @@ from torchvision.models.densenet import _DenseBlock, _DenseLayer
 
 from .backend import check_backend_name
 from .block import FastDenseBlock
+from .sequential_layer import CHANNELWISE_DROPOUTS, SequentialDenseLayer
 
 
 def _has_hooks(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
 
 
-def _standard_bn(bn: nn.Module) -> bool:
-    return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
-
-
-def _timm_class(module: nn.Module, name: str) -> bool:
-    """Whether ``module`` is exactly timm's class ``name`` (matched by name: timm is optional)."""
+def _foreign_class(module: nn.Module, name: str, package: str) -> bool:
+    """Whether ``module`` is exactly ``package``'s class ``name`` (matched by name: the package is optional)."""
     cls = type(module)
-    return cls.__name__ == name and cls.__module__.startswith("timm.")
+    return cls.__name__ == name and cls.__module__.startswith(f"{package}.")
+
+
+def _kind(module: nn.Module) -> str | None:
+    """Whose dense block ``module`` is: "torchvision", "timm", "monai", or None for none of them."""
+    if isinstance(module, _DenseBlock):
+        return "torchvision"
+    if _foreign_class(module, "DenseBlock", "timm"):
+        return "timm"
+    if _foreign_class(module, "_DenseBlock", "monai"):
+        return "monai"
+    return None
 
 
 def is_dense_block(module: nn.Module) -> bool:
-    """A dense block ``convert`` knows: torchvision's ``_DenseBlock`` or timm's ``DenseBlock``."""
-    return isinstance(module, _DenseBlock) or _timm_class(module, "DenseBlock")
+    """A dense block ``convert`` knows: torchvision's ``_DenseBlock``, timm's ``DenseBlock`` or MONAI's
+    ``_DenseBlock`` (1-D, 2-D or 3-D)."""
+    return _kind(module) is not None
 
 
 def _timm_norm_act(norm: nn.Module) -> bool:
     """timm's BatchNormAct2d computing relu(batch_norm(x)): affine, running statistics, plain ReLU."""
     act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
     return (
-        _timm_class(norm, "BatchNormAct2d")
+        _foreign_class(norm, "BatchNormAct2d", "timm")
         and norm.affine
         and norm.track_running_stats
         and type(act) is nn.ReLU
@@ -49,51 +60,84 @@ def _timm_norm_act(norm: nn.Module) -> bool:
     )
 
 
-def _why_not_exact_layers(block: nn.Module) -> str | None:
-    """The layer classes and their activations: torchvision's or timm's, unmodified."""
-    timm = _timm_class(block, "DenseBlock")
-    if not timm and type(block).forward is not _DenseBlock.forward:
-        return "its class overrides forward"
-    layers = list(block.values())
-    if not layers:
-        return "it has no layers"
-    for i, layer in enumerate(layers):
-        name = f"denselayer{i + 1}"
-        if timm:
-            if not _timm_class(layer, "DenseLayer"):
-                return f"{name} is a {type(layer).__name__}, not timm's DenseLayer"
-            if not (_timm_norm_act(layer.norm1) and _timm_norm_act(layer.norm2)):
-                return f"{name} normalises with something other than BatchNorm2d followed by ReLU"
-            continue
-        if not isinstance(layer, _DenseLayer) or type(layer).forward is not _DenseLayer.forward:
-            return f"{name} is a {type(layer).__name__}, not torchvision's _DenseLayer"
-        if type(layer).bn_function is not _DenseLayer.bn_function:
-            return f"{name} overrides bn_function"
-        if not (type(layer.relu1) is nn.ReLU and type(layer.relu2) is nn.ReLU):
-            return f"{name} uses an activation other than ReLU"
+def _batch_norm(norm: nn.Module, spatial_dims: int) -> bool:
+    return type(norm) is _BATCH_NORMS[spatial_dims] and norm.affine and norm.track_running_stats
+
+
+_BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_MONAI_MODULES = ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"]
+
+
+def _why_not_exact_layer(kind: str, layer: nn.Module, name: str) -> str | None:
+    """The layer's class and its activations: the framework's own, unmodified."""
+    if kind == "timm":
+        if not _foreign_class(layer, "DenseLayer", "timm"):
+            return f"{name} is a {type(layer).__name__}, not timm's DenseLayer"
+        if not (_timm_norm_act(layer.norm1) and _timm_norm_act(layer.norm2)):
+            return f"{name} normalises with something other than BatchNorm2d followed by ReLU"
+        return None
+    if kind == "monai":
+        if not _foreign_class(layer, "_DenseLayer", "monai"):
+            return f"{name} is a {type(layer).__name__}, not MONAI's _DenseLayer"
+        names = list(layer.layers._modules)
+        if names not in (_MONAI_MODULES, [*_MONAI_MODULES, "dropout"]):
+            return f"{name}.layers holds {names}, not MONAI's norm-act-conv sequence"
+        dropout = layer.layers._modules.get("dropout")
+        if dropout is not None and type(dropout) not in (nn.Dropout, *CHANNELWISE_DROPOUTS):
+            return f"{name} uses a {type(dropout).__name__}, not nn.Dropout or a channel-wise Dropout1d/2d/3d"
+    elif not isinstance(layer, _DenseLayer) or type(layer).forward is not _DenseLayer.forward:
+        return f"{name} is a {type(layer).__name__}, not torchvision's _DenseLayer"
+    elif type(layer).bn_function is not _DenseLayer.bn_function:
+        return f"{name} overrides bn_function"
+    parts = SequentialDenseLayer(layer.layers) if kind == "monai" else layer
+    if not (type(parts.relu1) is nn.ReLU and type(parts.relu2) is nn.ReLU):
+        return f"{name} uses an activation other than ReLU"
     return None
+
+
+def _as_fast_layer(kind: str, layer: nn.Module) -> nn.Module:
+    """The layer as the fast block reads it: MONAI's through ``SequentialDenseLayer``."""
+    return SequentialDenseLayer(layer.layers) if kind == "monai" else layer
 
 
 def _why_not_exact(block: nn.Module) -> str | None:
     """None when ``FastDenseBlock`` reproduces ``block`` exactly, else the reason it would not."""
-    reason = _why_not_exact_layers(block)
-    if reason is not None:
-        return reason
-    layers = list(block.values())
+    kind = _kind(block)
+    if kind == "torchvision" and type(block).forward is not _DenseBlock.forward:
+        return "its class overrides forward"
+    originals = list(block.children())
+    if not originals:
+        return "it has no layers"
+    for i, layer in enumerate(originals):
+        reason = _why_not_exact_layer(kind, layer, f"denselayer{i + 1}")
+        if reason is not None:
+            return reason
+    layers = [_as_fast_layer(kind, layer) for layer in originals]
+    spatial_dims = _CONV_DIMS.get(type(layers[0].conv1))
+    if spatial_dims is None:
+        return "denselayer1.conv1 is not an nn.Conv1d, nn.Conv2d or nn.Conv3d"
+    one, three = (1,) * spatial_dims, (3,) * spatial_dims
     c0, growth = layers[0].norm1.num_features, layers[0].conv2.out_channels
     for i, layer in enumerate(layers):
         name = f"denselayer{i + 1}"
         if any(isinstance(norm, nn.SyncBatchNorm) for norm in (layer.norm1, layer.norm2)):
             return f"{name} uses SyncBatchNorm (statistics across processes), which fastdense does not support yet"
-        standard = _standard_bn if isinstance(block, _DenseBlock) else _timm_norm_act
-        if not (standard(layer.norm1) and standard(layer.norm2)):
-            return f"{name} uses a normalisation other than an affine BatchNorm2d with running statistics"
+        if kind == "timm":
+            standard = _timm_norm_act(layer.norm1) and _timm_norm_act(layer.norm2)
+        else:
+            standard = _batch_norm(layer.norm1, spatial_dims) and _batch_norm(layer.norm2, spatial_dims)
+        if not standard:
+            return (
+                f"{name} uses a normalisation other than an affine BatchNorm{spatial_dims}d with running "
+                "statistics (instance, group or layer norm, ...)"
+            )
         c1, c2 = layer.conv1, layer.conv2
-        if not (type(c1) is nn.Conv2d and type(c2) is nn.Conv2d):
-            return f"{name} uses a convolution other than nn.Conv2d"
-        if (c1.kernel_size, c1.stride, c1.padding, c1.dilation, c1.groups) != ((1, 1), (1, 1), (0, 0), (1, 1), 1):
+        if not (_CONV_DIMS.get(type(c1)) == spatial_dims and _CONV_DIMS.get(type(c2)) == spatial_dims):
+            return f"{name} mixes convolutions of other kinds or ranks"
+        if (c1.kernel_size, c1.stride, c1.padding, c1.dilation, c1.groups) != (one, one, (0,) * spatial_dims, one, 1):
             return f"{name}.conv1 is not a plain 1x1 convolution"
-        if (c2.kernel_size, c2.stride, c2.padding, c2.dilation, c2.groups) != ((3, 3), (1, 1), (1, 1), (1, 1), 1):
+        if (c2.kernel_size, c2.stride, c2.padding, c2.dilation, c2.groups) != (three, one, one, one, 1):
             return f"{name}.conv2 is not a plain 3x3 convolution with padding 1"
         if c1.bias is not None or c2.bias is not None or c1.padding_mode != "zeros" or c2.padding_mode != "zeros":
             return f"{name} has a convolution with a bias or non-zero padding mode"
@@ -115,19 +159,25 @@ def _memory_efficient(layer: nn.Module) -> bool:
 
 
 def _fast_block(block: nn.Module, backend: str) -> FastDenseBlock:
-    layers = list(block.values())
+    kind = _kind(block)
+    originals = list(block.children())
+    layers = [_as_fast_layer(kind, layer) for layer in originals]
     growth = layers[0].conv2.out_channels
     fast = FastDenseBlock(
         num_layers=len(layers),
         num_input_features=layers[0].norm1.num_features,
         bn_size=layers[0].conv1.out_channels // growth,
         growth_rate=growth,
-        memory_efficient=any(_memory_efficient(layer) for layer in layers),
+        memory_efficient=any(_memory_efficient(layer) for layer in originals),
         backend=backend,
+        spatial_dims=_CONV_DIMS[type(layers[0].conv1)],
     )
-    # Hand the original modules over, so parameters and buffers stay the very same objects. timm's
-    # layers have no ReLU modules (BatchNormAct2d applies it): the fast layers keep their own, stateless.
-    for new, old in zip(fast.values(), layers, strict=True):
+    for i, (new, old) in enumerate(zip(list(fast.values()), originals, strict=True)):
+        if kind == "monai":  # MONAI's own Sequential moves over whole: keys stay denselayerN.layers.*
+            fast[f"denselayer{i + 1}"] = layers[i]
+            continue
+        # Hand the original modules over, so parameters and buffers stay the very same objects. timm's
+        # layers have no ReLU modules (BatchNormAct2d applies it): the fast layers keep their own, stateless.
         for child in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
             if hasattr(old, child):
                 setattr(new, child, getattr(old, child))
@@ -136,8 +186,8 @@ def _fast_block(block: nn.Module, backend: str) -> FastDenseBlock:
 
 
 def convert(module: nn.Module, *, backend: str = "auto", strict: bool = False) -> nn.Module:
-    """Replace every torchvision ``_DenseBlock`` and timm ``DenseBlock`` in ``module`` by an equivalent
-    ``FastDenseBlock``.
+    """Replace every torchvision ``_DenseBlock``, timm ``DenseBlock`` and MONAI ``_DenseBlock`` in
+    ``module`` by an equivalent ``FastDenseBlock``.
 
     Works on a whole DenseNet, any model containing dense blocks, or a single block (then the new block
     is returned). Blocks that cannot be reproduced exactly are left alone with a ``UserWarning`` that

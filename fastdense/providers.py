@@ -43,9 +43,8 @@ class Provider:
         return model if self.compile_mode is None else torch.compile(model, mode=self.compile_mode)
 
     def backend(self, model: nn.Module) -> str:
-        if self.library == "fastdense":
-            return model.active_backend or model.backend
-        return "torchvision" if self.compile_mode is None else "torchvision+inductor"
+        name = (model.active_backend or model.backend) if self.library == "fastdense" else "torchvision"
+        return name if self.compile_mode is None else f"{name}+inductor"
 
     def available(self, device: torch.device) -> bool:
         return device.type == "cuda" or not self.cuda_only
@@ -61,7 +60,11 @@ PROVIDERS = {
         Provider("torch-compile-reduce-overhead", "torchvision", compile_mode="reduce-overhead", cuda_only=True),
         Provider("fastdense", "fastdense"),
         Provider("fastdense-memory-efficient", "fastdense", memory_efficient=True),
+        Provider("fastdense-compile", "fastdense", compile_mode="default"),
         Provider("fastdense-triton", "fastdense", cuda_only=True, fastdense_backend="triton"),
+        Provider(
+            "fastdense-triton-compile", "fastdense", compile_mode="default", cuda_only=True, fastdense_backend="triton"
+        ),
         Provider(
             "fastdense-triton-memory-efficient",
             "fastdense",

@@ -15,13 +15,14 @@ otherwise).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from .batchnorm import (
     Affine,
@@ -35,16 +36,25 @@ from .batchnorm import (
 )
 from .stages import stage
 
-# Per-layer parameters in the order they are passed to the autograd Function.
+# Per-layer parameters in the order they are passed to the block operator (fastdense.block_op).
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
+
+
+class RunningNorm(NamedTuple):
+    """What the block forward reads of a BatchNorm module: its running statistics (eval) and eps. A
+    BatchNorm module itself serves as one too."""
+
+    running_mean: Tensor
+    running_var: Tensor
+    eps: float
 
 
 @dataclass
 class BlockPlan:
-    """What a block forward needs besides the tensors: modules for running statistics, settings."""
+    """What a block forward needs besides the tensors: each BatchNorm's running statistics, settings."""
 
-    norms1: list[nn.BatchNorm2d]
-    norms2: list[nn.BatchNorm2d]
+    norms1: list[RunningNorm | nn.BatchNorm2d]
+    norms2: list[RunningNorm | nn.BatchNorm2d]
     drop_rates: list[float]
     growth_rate: int
     training: bool
@@ -52,7 +62,8 @@ class BlockPlan:
     compute_dtype: torch.dtype
     eps1: float  # shared by every norm1 of the block (checked by the module)
     ops: Ops | None = None  # the forward's kernels: None means TORCH_OPS; fastdense.triton_backend has the others
-    buffer_stats: tuple[Tensor, Tensor] | None = None  # set by the forward in training: the buffer's (var, mean)
+    # Per layer: dropout zeroes whole channels of a sample (MONAI's Dropout2d/3d) instead of single values.
+    channelwise_dropout: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,9 +76,10 @@ class Ops:
     bottleneck(x, norm1, w1, stats, epilogue) -> (Y, (var, mean) or None): ``relu(norm1(x)) @ w1^T`` for
         an ``M x C_l`` buffer prefix (``w1``: ``4k x C_l``, compute dtype); ``stats``: Y's column
         statistics (training); ``epilogue``: an eval-mode norm2 map applied with relu2 to Y.
-    new_features(Y, norm2, w2, nhw, out, noise, stats) -> (var, mean) or None: writes
+    new_features(Y, norm2, w2, grid, out, noise, stats) -> (var, mean) or None: writes
         ``conv3x3(relu(norm2(Y))) * noise`` into the ``M x k`` buffer slice ``out`` (``norm2`` None: Y is
-        already activated; ``noise`` None: no dropout) and returns the slice's statistics with ``stats``.
+        already activated; ``noise`` None: no dropout) and returns the slice's statistics with ``stats``;
+        ``grid`` is ``(N, *spatial)``.
     fuses_eval_norm2: whether ``bottleneck`` takes an ``epilogue``.
     norm1_backward: the backward of ``bottleneck`` (``_norm1_backward``'s contract); None: PyTorch's.
     finalize: a segment's input gradient (``_finalize``'s contract); None: PyTorch's.
@@ -85,8 +97,10 @@ class Ops:
 class LayerState:
     """Per-layer tensors the backward reads (everything else is recomputed from the buffer)."""
 
-    mean1: Tensor  # the statistics norm1 used: batch (views of the shared vectors) or running
-    rstd1: Tensor
+    # The running statistics norm1 used in eval; None in training, where they are the prefix
+    # [0, C_l) of the block's shared batch statistics (BlockState.seg_mean, seg_rstd).
+    mean1: Tensor | None
+    rstd1: Tensor | None
     mean2: Tensor
     rstd2: Tensor
     bottleneck: Tensor | None = None  # M x 4k, only when keep_bottlenecks
@@ -98,7 +112,10 @@ class BlockState:
     layers: list[LayerState] = field(default_factory=list)
     seg_mean: Tensor | None = None  # training: per-channel batch mean of the whole buffer
     seg_rstd: Tensor | None = None  # training: per-channel 1 / sqrt(var + eps1)
-    seg_var: Tensor | None = None  # training: per-channel biased variance (shared with the next BatchNorm, not saved)
+    # Training, not saved for backward: the biased variance of the buffer (for the running statistics
+    # and the next BatchNorm) and each layer's norm2 batch statistics (for its running statistics).
+    seg_var: Tensor | None = None
+    norm2_stats: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (var, mean) per layer
 
     # The state goes through ctx.save_for_backward (not ctx attributes), so that autograd frees it
     # after backward like any saved tensor instead of keeping it as long as the graph is referenced.
@@ -113,18 +130,51 @@ class BlockState:
         return cls(layers, tensors[0], tensors[1])
 
 
-def as_images(rows: Tensor, n: int, h: int, w: int) -> Tensor:
-    """An ``M x C`` matrix (any row stride: a buffer's column slice too) seen as an ``(N, C, H, W)``
-    channels_last tensor, without a copy."""
-    return rows.unflatten(0, (n, h, w)).permute(0, 3, 1, 2)
+class BatchStats(NamedTuple):
+    """A training forward's batch statistics, biased, in the accumulation dtype: of the buffer's channels
+    (every norm1 reads a prefix of them) and of each layer's bottleneck (``L x 4k``, its norm2)."""
+
+    var: Tensor
+    mean: Tensor
+    var2: Tensor
+    mean2: Tensor
+
+
+def batch_stats_of(state: BlockState) -> BatchStats:
+    var2, mean2 = (torch.stack(s) for s in zip(*state.norm2_stats, strict=True))
+    return BatchStats(state.seg_var, state.seg_mean, var2, mean2)
+
+
+def update_block_running_stats(norms1, norms2, stats: BatchStats, count: int, growth_rate: int) -> None:
+    """The running-statistics updates of every BatchNorm of a block after a training forward (outside the
+    forward itself, so that the forward is a pure function of its inputs for ``torch.compile``)."""
+    c0 = stats.mean.shape[0] - len(norms1) * growth_rate
+    for layer, (norm1, norm2) in enumerate(zip(norms1, norms2, strict=True)):
+        c_in = c0 + layer * growth_rate
+        update_running_stats(norm1, stats.mean[:c_in], stats.var[:c_in], count)
+        update_running_stats(norm2, stats.mean2[layer], stats.var2[layer], count)
+
+
+def as_images(rows: Tensor, n: int, *spatial: int) -> Tensor:
+    """An ``M x C`` matrix (any row stride: a buffer's column slice too) seen as an ``(N, C, *spatial)``
+    channels-last tensor (``(N, C, H, W)`` or ``(N, C, D, H, W)``), without a copy."""
+    return rows.unflatten(0, (n, *spatial)).movedim(-1, 1)
 
 
 def as_rows(t: Tensor) -> Tensor:
-    """An ``(N, C, H, W)`` tensor as an ``M x C`` matrix with adjacent columns, as the kernels take it:
-    a view when it is channels_last (or a channel slice of such), else a copy."""
-    n, c, h, w = t.shape
-    rows = t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    """An ``(N, C, *spatial)`` tensor as an ``M x C`` matrix with adjacent columns, as the kernels take
+    it: a view when it is channels-last (or a channel slice of such), else a copy."""
+    c = t.shape[1]
+    rows = t.movedim(1, -1).reshape(-1, c)
     return rows if c <= 1 or rows.stride(1) == 1 else rows.contiguous()
+
+
+def _conv3x3(images: Tensor, weight: Tensor) -> Tensor:
+    """The layer's 3x3 (3x3x3, ...) convolution with padding 1, for 1 to 3 spatial dimensions."""
+    return _CONVS[images.dim() - 2](images, weight, padding=1)
+
+
+_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _bottleneck(x: Tensor, norm1: Affine, w1_t: Tensor) -> Tensor:
@@ -146,16 +196,16 @@ def _torch_bottleneck(x, norm1: Affine, w1: Tensor, stats: bool, epilogue: Affin
     return bottleneck, batch_stats(bottleneck, dim=0) if stats else None
 
 
-def conv3x3_into(bottleneck, norm2: Affine | None, w2, nhw, out, noise, stats: bool, column_stats=_column_stats):
+def conv3x3_into(bottleneck, norm2: Affine | None, w2, grid, out, noise, stats: bool, column_stats=_column_stats):
     """``Ops.new_features`` with a 3x3 convolution from PyTorch (cuDNN on CUDA): the activation is
-    materialised, convolved, multiplied by the dropout noise and copied into the buffer slice."""
-    n, h, w = nhw
+    materialised, convolved, multiplied by the dropout noise and copied into the buffer slice.
+    ``grid``: ``(N, *spatial)``, the shape the buffer's rows come from."""
     act2 = bottleneck if norm2 is None else norm2(bottleneck).relu_()
-    new = F.conv2d(as_images(act2.to(w2.dtype), n, h, w), w2, padding=1)  # (N, k, H, W)
+    new = _conv3x3(as_images(act2.to(w2.dtype), *grid), w2)  # (N, k, *spatial)
     del act2
     if noise is not None:
-        new = new * as_images(noise, n, h, w)
-    as_images(out, n, h, w).copy_(new)
+        new = new * as_images(noise, *grid)
+    as_images(out, *grid).copy_(new)
     del new
     return column_stats(out) if stats else None
 
@@ -172,16 +222,18 @@ def block_forward(
 ) -> tuple[Tensor, BlockState]:
     """Run the block; return the ``(N, C_total, H, W)`` channels_last buffer and the saved state.
 
-    ``buffer``: an ``(N, H, W, C_total)`` tensor whose first ``C0`` channels already hold ``x`` (written
-    there by the previous op), used as the block's buffer instead of a new one and a copy."""
-    n, c0, h, w = x.shape
-    k, num_layers = plan.growth_rate, len(plan.norms1)
-    c_total, m = c0 + num_layers * k, n * h * w
+    ``x`` is ``(N, C0, *spatial)`` with one to three spatial dimensions. ``buffer``: an
+    ``(N, *spatial, C_total)`` tensor whose first ``C0`` channels already hold ``x`` (written there by
+    the previous op), used as the block's buffer instead of a new one and a copy."""
+    n, c0, *spatial = x.shape
+    grid = (n, *spatial)
+    k, num_layers = plan.growth_rate, len(plan.drop_rates)
+    c_total, m = c0 + num_layers * k, math.prod(grid)
     acc, cdt, ops = accumulation_dtype(x.dtype), plan.compute_dtype, plan.ops or TORCH_OPS
 
     if buffer is None:
-        buf = torch.empty((n, h, w, c_total), dtype=x.dtype, device=x.device)
-        buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
+        buf = torch.empty((*grid, c_total), dtype=x.dtype, device=x.device)
+        buf[..., :c0].copy_(x.movedim(1, -1))
     else:
         buf = buffer
     rows = buf.view(m, c_total)
@@ -190,7 +242,6 @@ def block_forward(
         state.seg_mean = torch.empty(c_total, dtype=acc, device=x.device)
         state.seg_rstd = torch.empty(c_total, dtype=acc, device=x.device)
         seg_var = state.seg_var = torch.empty(c_total, dtype=acc, device=x.device)
-        plan.buffer_stats = (seg_var, state.seg_mean)
 
         def record_segment_stats(lo: int, hi: int, stats: tuple[Tensor, Tensor]) -> None:
             var, mean = stats
@@ -207,7 +258,6 @@ def block_forward(
         norm1, norm2, c_in = plan.norms1[layer], plan.norms2[layer], c0 + layer * k
         if plan.training:
             mean1, rstd1 = state.seg_mean[:c_in], state.seg_rstd[:c_in]
-            update_running_stats(norm1, mean1, seg_var[:c_in], m)
         else:
             mean1, rstd1 = running_stats(norm1, acc)
         norm1_map = affine(g1, b1, mean1, rstd1, training=plan.training)
@@ -221,47 +271,62 @@ def block_forward(
 
         if plan.training:
             var2, mean2 = (s.to(acc) for s in stats2)
-            update_running_stats(norm2, mean2, var2, m)
+            state.norm2_stats.append((var2, mean2))
             rstd2 = torch.rsqrt(var2 + norm2.eps)
         norm2_map = None if fuse_norm2 else affine(g2, b2, mean2, rstd2, training=plan.training)
 
         noise = None
         p = plan.drop_rates[layer]
         if plan.training and p > 0:
-            # Same distribution as F.dropout: keep with probability 1 - p, scale kept values by 1/(1-p).
-            noise = torch.empty((m, k), dtype=cdt, device=x.device).bernoulli_(1.0 - p)
-            noise.mul_(0.0 if p == 1.0 else 1.0 / (1.0 - p))
+            channelwise = bool(plan.channelwise_dropout) and plan.channelwise_dropout[layer]
+            noise = dropout_noise(grid, k, p, channelwise, cdt, x.device)
         with stage("conv", x.device):
             stats_new = ops.new_features(
-                bottleneck, norm2_map, w2.to(cdt), (n, h, w), rows[:, c_in : c_in + k], noise, plan.training
+                bottleneck, norm2_map, w2.to(cdt), grid, rows[:, c_in : c_in + k], noise, plan.training
             )
         if plan.training:
             record_segment_stats(c_in, c_in + k, stats_new)
         if save:
             kept = bottleneck if plan.keep_bottlenecks else None
-            state.layers.append(LayerState(mean1, rstd1, mean2, rstd2, kept, noise))
+            running1 = (None, None) if plan.training else (mean1, rstd1)
+            state.layers.append(LayerState(*running1, mean2, rstd2, kept, noise))
         del bottleneck
-    return buf.permute(0, 3, 1, 2), state
+    return buf.movedim(-1, 1), state
 
 
-def _conv2_norm2_backward(d_new, bottleneck, norm2: Affine, rstd2, w2c, nhw, training: bool, need_weight: bool):
+def dropout_noise(grid, k: int, p: float, channelwise: bool, dtype, device) -> Tensor:
+    """The ``M x k`` dropout multiplier of a layer's new features: 0 with probability ``p``, else
+    ``1 / (1 - p)``, the distribution of ``F.dropout``; ``channelwise``: one draw per sample and channel,
+    shared by all its positions, as ``F.dropout2d`` / ``F.dropout3d`` draw."""
+    n, *spatial = grid
+    draws = (n, *[1] * len(spatial), k) if channelwise else (*grid, k)
+    noise = torch.empty(draws, dtype=dtype, device=device).bernoulli_(1.0 - p)
+    noise.mul_(0.0 if p == 1.0 else 1.0 / (1.0 - p))
+    return noise.expand(*grid, k).reshape(-1, k)
+
+
+def _conv2_norm2_backward(d_new, bottleneck, norm2: Affine, rstd2, w2c, grid, training: bool, need_weight: bool):
     """From the gradient of a layer's new features (dropout already undone) back to its bottleneck:
     3x3 conv, ReLU and norm2 backward, with norm2-ReLU recomputed exactly as the forward did.
 
     Returns the bottleneck gradient (compute dtype) and the gradients of norm2's weight and bias and of
     conv2's weight (None when not needed)."""
-    n, h, w = nhw
+    ones, zeros = [1] * (len(grid) - 1), [0] * (len(grid) - 1)
     acc, cdt, m = rstd2.dtype, w2c.dtype, bottleneck.shape[0]
     pre2 = norm2(bottleneck)
     mask2 = pre2 > 0
     act2 = pre2.relu_().to(cdt)
     del pre2
     with stage("conv_backward", bottleneck.device):
+        images = (as_images(d_new.to(cdt), *grid), as_images(act2, *grid))
+        if len(grid) == 4 and act2.device.type == "cpu" and cdt in (torch.bfloat16, torch.float16):
+            # PyTorch's CPU 3-D weight gradient from channels_last_3d bf16 tensors is wrong on 2x2x2 maps
+            # (relative error ~1, seen with torch 2.14); from contiguous ones it is right.
+            images = tuple(t.contiguous() for t in images)
         d_act2, d_w2, _ = torch.ops.aten.convolution_backward(
-            as_images(d_new.to(cdt), n, h, w), as_images(act2, n, h, w), w2c, None,
-            [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, need_weight, False],
-        )  # fmt: skip
-    del act2
+            *images, w2c, None, ones, ones, ones, False, zeros, 1, [True, need_weight, False]
+        )
+    del act2, images
     with stage("norm_backward", bottleneck.device):
         d_pre2 = as_rows(d_act2).to(acc).mul_(mask2)  # through relu2
         del d_act2, mask2
@@ -320,28 +385,34 @@ def block_backward(
     grad_out: Tensor,
     out: Tensor,
     params: tuple[Tensor, ...],
-    plan: BlockPlan,
     state: BlockState,
     needs_input_grad: tuple[bool, ...],
+    *,
+    growth_rate: int,
+    training: bool,
+    compute_dtype: torch.dtype,
+    ops: Ops | None,
 ) -> tuple[Tensor | None, list[Tensor | None]]:
-    """Gradients of the input and of every parameter, per DESIGN.md section 4."""
-    n, c_total, h, w = out.shape
-    k, num_layers = plan.growth_rate, len(plan.norms1)
-    c0, m = c_total - num_layers * k, n * h * w
+    """Gradients of the input and of every parameter, per DESIGN.md section 4. ``ops``: the forward's
+    (None: the torch backend's)."""
+    n, c_total, *spatial = out.shape
+    grid = (n, *spatial)
+    k, num_layers = growth_rate, len(params) // PARAMS_PER_LAYER
+    c0, m = c_total - num_layers * k, math.prod(grid)
     rows = as_rows(out)
-    acc, cdt = accumulation_dtype(out.dtype), plan.compute_dtype
+    acc, cdt = accumulation_dtype(out.dtype), compute_dtype
     grad_sum = torch.zeros((m, c_total), dtype=acc, device=out.device)  # G: sum over consumers
-    if plan.training:
+    if training:
         # Per channel: sum_rows(G) and sum_rows(G * xhat), accumulated from each layer's dbeta, dgamma.
         sum_g = torch.zeros(c_total, dtype=acc, device=out.device)
         sum_gx = torch.zeros(c_total, dtype=acc, device=out.device)
 
-    norm1_backward = (plan.ops.norm1_backward if plan.ops else None) or _norm1_backward
-    finalize_segment = (plan.ops.finalize if plan.ops else None) or _finalize
+    norm1_backward = (ops.norm1_backward if ops else None) or _norm1_backward
+    finalize_segment = (ops.finalize if ops else None) or _finalize
 
     def finalize(lo: int, hi: int, noise: Tensor | None = None) -> Tensor:
         """Gradient of columns [lo, hi) once every consumer has been accumulated into G."""
-        stats = (state.seg_mean[lo:hi], state.seg_rstd[lo:hi], sum_g[lo:hi], sum_gx[lo:hi]) if plan.training else None
+        stats = (state.seg_mean[lo:hi], state.seg_rstd[lo:hi], sum_g[lo:hi], sum_gx[lo:hi]) if training else None
         return finalize_segment(grad_sum[:, lo:hi], rows[:, lo:hi], as_rows(grad_out[:, lo:hi]), stats, noise)
 
     grads: list[Tensor | None] = [None] * len(params)
@@ -350,8 +421,9 @@ def block_backward(
         saved, c_in = state.layers[layer], c0 + layer * k
         need = needs_input_grad[1 + layer * PARAMS_PER_LAYER : 1 + (layer + 1) * PARAMS_PER_LAYER]
         w1c = w1.to(cdt).view(-1, c_in)
-        norm1 = affine(g1, b1, saved.mean1, saved.rstd1, training=plan.training)
-        norm2 = affine(g2, b2, saved.mean2, saved.rstd2, training=plan.training)
+        mean1, rstd1 = (state.seg_mean[:c_in], state.seg_rstd[:c_in]) if training else (saved.mean1, saved.rstd1)
+        norm1 = affine(g1, b1, mean1, rstd1, training=training)
+        norm2 = affine(g2, b2, saved.mean2, saved.rstd2, training=training)
 
         with stage("finalize", out.device):
             d_new = finalize(c_in, c_in + k, saved.dropout_noise)  # every consumer of this layer's output is done
@@ -360,16 +432,16 @@ def block_backward(
             with stage("gemm", out.device):
                 bottleneck = _bottleneck(rows[:, :c_in], norm1, w1c.t())
         d_bottleneck, d_g2, d_b2, d_w2 = _conv2_norm2_backward(
-            d_new, bottleneck, norm2, saved.rstd2, w2.to(cdt), (n, h, w), plan.training, need_weight=need[5]
+            d_new, bottleneck, norm2, saved.rstd2, w2.to(cdt), grid, training, need_weight=need[5]
         )
         del d_new, bottleneck
-        coef = g1.to(acc) if plan.training else norm1.scale  # eval: norm1 is an affine map of slope scale
+        coef = g1.to(acc) if training else norm1.scale  # eval: norm1 is an affine map of slope scale
         with stage("gemm_backward", out.device):
             d_g1, d_b1, d_w1 = norm1_backward(
-                d_bottleneck, rows[:, :c_in], norm1, saved.rstd1, w1c, grad_sum, coef, need_weight=need[2]
+                d_bottleneck, rows[:, :c_in], norm1, rstd1, w1c, grad_sum, coef, need_weight=need[2]
             )
         del d_bottleneck
-        if plan.training:
+        if training:
             sum_g[:c_in].addcmul_(coef, d_b1)
             sum_gx[:c_in].addcmul_(coef, d_g1)
 
@@ -380,26 +452,5 @@ def block_backward(
 
     d_x = None
     if needs_input_grad[0]:
-        d_x = as_images(finalize(0, c0), n, h, w).to(out.dtype)
+        d_x = as_images(finalize(0, c0), *grid).to(out.dtype)
     return d_x, grads
-
-
-class DenseBlockFunction(torch.autograd.Function):
-    """A whole dense block as one autograd node, so layers can write into the shared buffer in place."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, plan: BlockPlan, *params: Tensor) -> Tensor:
-        out, state = block_forward(x, params, plan, save=True)
-        ctx.plan, ctx.num_params = plan, len(params)
-        ctx.save_for_backward(out, *params, *state.flatten())
-        return out
-
-    @staticmethod
-    @once_differentiable  # the hand-written backward is not itself differentiable: say so, loudly
-    def backward(ctx, grad_out: Tensor):
-        out, *rest = ctx.saved_tensors
-        params, state = tuple(rest[: ctx.num_params]), BlockState.unflatten(rest[ctx.num_params :])
-        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])
-        with torch.autocast(out.device.type, enabled=False):
-            d_x, grads = block_backward(grad_out, out, params, ctx.plan, state, needs)
-        return (d_x, None, *grads)

@@ -67,12 +67,12 @@ def _bottleneck(x, norm1, w1, stats, epilogue):
     return _kernels().gemm.bn_relu_gemm(x, _vectors(norm1), w1, epilogue=_vectors(epilogue), stats=stats)
 
 
-def _new_features_triton(bottleneck, norm2, w2, nhw, out, noise, stats):
-    return _kernels().conv.conv3x3(bottleneck, w2, nhw, out, prologue=_vectors(norm2), noise=noise, stats=stats)
+def _new_features_triton(bottleneck, norm2, w2, grid, out, noise, stats):
+    return _kernels().conv.conv3x3(bottleneck, w2, grid, out, prologue=_vectors(norm2), noise=noise, stats=stats)
 
 
-def _new_features_cudnn(bottleneck, norm2, w2, nhw, out, noise, stats):
-    return conv3x3_into(bottleneck, norm2, w2, nhw, out, noise, stats, column_stats=_column_stats)
+def _new_features_cudnn(bottleneck, norm2, w2, grid, out, noise, stats):
+    return conv3x3_into(bottleneck, norm2, w2, grid, out, noise, stats, column_stats=_column_stats)
 
 
 def _norm1_backward(d_bottleneck, x, norm1, rstd1, w1c, grad_sum, coef, need_weight):
@@ -88,9 +88,11 @@ def _finalize(g, x, d_out, stats, noise):
     return _kernels().finalize.finalize(g, x, d_out, out, stats, noise)
 
 
-def triton_ops() -> Ops:
-    """The Triton backend's kernels, with the 3x3 conv chosen by ``FASTDENSE_CONV3X3``."""
-    new_features = _new_features_triton if conv3x3_choice() == "triton" else _new_features_cudnn
+def triton_ops(spatial_dims: int = 2) -> Ops:
+    """The Triton backend's kernels, with the 3x3 conv chosen by ``FASTDENSE_CONV3X3``. The implicit-GEMM
+    conv kernel is 2-D; 1-D and 3-D blocks (3x3x3 conv) run the conv on PyTorch's (cuDNN's) kernels."""
+    use_kernel = spatial_dims == 2 and conv3x3_choice() == "triton"
+    new_features = _new_features_triton if use_kernel else _new_features_cudnn
     return Ops(
         _column_stats,
         _bottleneck,

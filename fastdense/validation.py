@@ -14,8 +14,17 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+_LAYOUTS = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
+
+
 def check_block_input(
-    x: Tensor, *, expected_channels: int, weight: Tensor, training: bool, name: str = "FastDenseBlock"
+    x: Tensor,
+    *,
+    expected_channels: int,
+    weight: Tensor,
+    training: bool,
+    name: str = "FastDenseBlock",
+    spatial_dims: int = 2,
 ) -> None:
     """Check a dense block's input against what its parameters can consume.
 
@@ -24,9 +33,10 @@ def check_block_input(
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
+    if x.dim() != spatial_dims + 2:
         raise ValueError(
-            f"{name}: input must be a 4-D (N, C, H, W) tensor, got {x.dim()}-D input of shape {tuple(x.shape)}"
+            f"{name}: input must be a {spatial_dims + 2}-D {_LAYOUTS[spatial_dims]} tensor "
+            f"(spatial_dims={spatial_dims}), got {x.dim()}-D input of shape {tuple(x.shape)}"
         )
     if not x.is_floating_point():
         raise TypeError(f"{name}: input must have a floating point dtype, got {x.dtype}")
@@ -42,8 +52,7 @@ def check_block_input(
             f"{name}: input dtype {x.dtype} does not match the parameters' dtype {weight.dtype} "
             "(convert one of them, or run under torch.autocast)"
         )
-    n, _, h, w = x.shape
-    if training and n * h * w == 1:
+    if training and x.numel() == x.shape[1]:
         raise ValueError(
             f"{name}: expected more than 1 value per channel when training (BatchNorm batch statistics), "
             f"got input size {tuple(x.shape)}; use a larger batch or call .eval()"

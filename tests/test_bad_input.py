@@ -21,7 +21,9 @@ def test_wrong_channel_count_names_both_numbers(block):
 
 @pytest.mark.parametrize("shape", [(4, 3, 3), (1, 2, 4, 3, 3), (4,)])
 def test_wrong_rank(block, shape):
-    with pytest.raises(ValueError, match=rf"must be a 4-D \(N, C, H, W\) tensor, got {len(shape)}-D"):
+    with pytest.raises(
+        ValueError, match=rf"must be a 4-D \(N, C, H, W\) tensor \(spatial_dims=2\), got {len(shape)}-D"
+    ):
         block(torch.randn(shape, dtype=torch.float64))
 
 

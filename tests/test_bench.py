@@ -62,18 +62,20 @@ def test_bench_plot_renders(bench_result):
     assert image[..., :3].std() > 0.05  # not a blank canvas
 
 
-def test_torch_compile_provider(tmp_path):
-    """torch.compile of torchvision, on a tiny model so that compiling stays quick on the CPU."""
+def test_torch_compile_providers(tmp_path):
+    """torch.compile of torchvision and of fastdense, on a tiny model so that compiling stays quick."""
     out = tmp_path / "compile.json"
     run_cli(
         "bench", "--device", "cpu", "--model", "densenet-tiny", "--batch", "2", "--resolution", "32",
-        "--mode", "infer", "--repeats", "2", "--providers", "torch-compile", "--json", str(out),
+        "--mode", "infer", "--repeats", "2", "--providers", "torch-compile", "fastdense-compile",
+        "--json", str(out),
     )  # fmt: skip
     rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"torchvision-eager", "torch-compile"}  # the baseline is always measured
-    compiled = rows["torch-compile"]
-    assert compiled["backend"] == "torchvision+inductor" and compiled["ms_median"] > 0
-    assert compiled["first_step_s"] > compiled["ms_median"] / 1e3  # compilation is reported apart
+    assert set(rows) == {"torchvision-eager", "torch-compile", "fastdense-compile"}  # baseline always measured
+    for name, backend in (("torch-compile", "torchvision+inductor"), ("fastdense-compile", "torch+inductor")):
+        compiled = rows[name]
+        assert compiled["backend"] == backend and compiled["ms_median"] > 0
+        assert compiled["first_step_s"] > compiled["ms_median"] / 1e3  # compilation is reported apart
 
 
 def test_profile_prints_tables_and_writes_a_trace(tmp_path):

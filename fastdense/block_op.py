@@ -1,0 +1,240 @@
+"""A dense block as two PyTorch custom operators, ``fastdense::dense_block`` and its backward.
+
+The block writes every layer into one buffer in place, which neither autograd nor ``torch.compile``
+can trace through. As registered operators (``torch.library``) with shape-only "fake" implementations
+and an autograd formula, the block is one opaque node to both: ``torch.compile(fullgraph=True)`` sees
+no graph break, and Inductor compiles the rest of the model around it.
+
+The forward is a pure function of its inputs: it returns the block's batch statistics, and the
+module updates the running statistics afterwards (``torch_backend.update_block_running_stats``). The
+tensors the backward needs come back as a list of extra outputs (``BlockState.flatten``, a zero-size
+tensor standing for each absent one) that the autograd formula saves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .batchnorm import accumulation_dtype
+from .torch_backend import (
+    PARAMS_PER_LAYER,
+    BatchStats,
+    BlockPlan,
+    BlockState,
+    RunningNorm,
+    batch_stats_of,
+    block_backward,
+    block_forward,
+)
+from .triton_backend import triton_ops
+
+RUNNING_PER_LAYER = 4  # norm1.running_mean, norm1.running_var, norm2.running_mean, norm2.running_var
+EPS_PER_LAYER = 2  # norm1.eps, norm2.eps
+
+
+def _ops(backend: str, spatial_dims: int):
+    return triton_ops(spatial_dims) if backend == "triton" else None
+
+
+def _present(t: Tensor) -> Tensor | None:
+    # Every saved tensor a forward really keeps has elements (channel vectors are never empty; an empty
+    # batch's bottleneck or noise recomputes to the same nothing), so a zero-size one means "absent".
+    return t if t.numel() else None
+
+
+def _without_aliases(tensors: list[Tensor], others: Sequence[Tensor]) -> list[Tensor]:
+    """``tensors`` with a copy in place of any that shares memory with ``others`` or an earlier one:
+    an operator's outputs may alias neither its inputs nor each other (the vectors are tiny)."""
+    seen = {t.untyped_storage().data_ptr() for t in others if t.numel()}
+    result = []
+    for t in tensors:
+        if t.numel() and t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        if t.numel():
+            seen.add(t.untyped_storage().data_ptr())
+        result.append(t)
+    return result
+
+
+@torch.library.custom_op("fastdense::dense_block", mutates_args=())
+def dense_block(
+    x: Tensor,
+    params: list[Tensor],
+    running: list[Tensor],
+    eps: list[float],
+    drop_rates: list[float],
+    channelwise_dropout: list[bool],
+    growth_rate: int,
+    training: bool,
+    keep_bottlenecks: bool,
+    compute_dtype: torch.dtype,
+    backend: str,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """The block forward: ``(out, var, mean, var2, mean2, saved)``; the statistics are a training
+    forward's ``BatchStats`` (zero-size in eval), ``saved`` what the backward reads (empty unless ``save``).
+
+    ``params``: six per layer (``torch_backend.PARAMS_PER_LAYER``); ``running``: norm1's then norm2's
+    running mean and variance per layer; ``eps``: norm1's and norm2's per layer (in training every norm1
+    uses the first: the batch statistics are shared)."""
+    norms = [
+        RunningNorm(*running[i : i + 2], eps[j])
+        for i, j in zip(range(0, len(running), 2), range(len(eps)), strict=True)
+    ]
+    plan = BlockPlan(
+        norms1=norms[0::2],
+        norms2=norms[1::2],
+        drop_rates=list(drop_rates),
+        growth_rate=growth_rate,
+        training=training,
+        keep_bottlenecks=keep_bottlenecks,
+        compute_dtype=compute_dtype,
+        eps1=eps[0],
+        ops=_ops(backend, x.dim() - 2),
+        channelwise_dropout=tuple(channelwise_dropout),
+    )
+    with torch.autocast(x.device.type, enabled=False):
+        out, state = block_forward(x, tuple(params), plan, save=save)
+    stats = list(batch_stats_of(state)) if training else [state_vector(x) for _ in range(4)]
+    saved = [state_vector(x) if t is None else t for t in state.flatten()] if save else []
+    outputs = _without_aliases([*stats, *saved], [x, out, *params, *running])
+    return out, *outputs[:4], outputs[4:]
+
+
+def state_vector(x: Tensor) -> Tensor:
+    """A zero-size tensor in the accumulation dtype of ``x``: stands for an absent output."""
+    return x.new_empty(0, dtype=accumulation_dtype(x.dtype))
+
+
+@dense_block.register_fake
+def _dense_block_fake(
+    x, params, running, eps, drop_rates, channelwise_dropout, growth_rate, training, keep_bottlenecks,
+    compute_dtype, backend, save,
+):  # fmt: skip
+    """Shapes and dtypes only, as ``dense_block`` produces them."""
+    n, c0, *spatial = x.shape
+    num_layers, width = len(drop_rates), params[2].shape[0]
+    c_total, m, acc = c0 + num_layers * growth_rate, n * math.prod(spatial), accumulation_dtype(x.dtype)
+
+    def vector(*shape, dtype=acc, present=True):
+        return x.new_empty(shape, dtype=dtype) if present else state_vector(x)
+
+    out = x.new_empty((n, *spatial, c_total)).movedim(-1, 1)
+    stats = [vector(c_total, present=training)] * 2 + [vector(num_layers, width, present=training)] * 2
+    saved = []
+    if save:
+        saved = [vector(c_total, present=training), vector(c_total, present=training)]
+        for layer, p in enumerate(drop_rates):
+            c_in = c0 + layer * growth_rate
+            saved += [vector(c_in, present=not training), vector(c_in, present=not training)]
+            saved += [vector(width), vector(width)]
+            saved.append(vector(m, width, dtype=compute_dtype, present=keep_bottlenecks))
+            saved.append(vector(m, growth_rate, dtype=compute_dtype, present=training and p > 0))
+    return out, *[t.clone() for t in stats], saved  # clones: outputs may not share memory
+
+
+@torch.library.custom_op("fastdense::dense_block_backward", mutates_args=())
+def dense_block_backward(
+    grad_out: Tensor,
+    out: Tensor,
+    params: list[Tensor],
+    saved: list[Tensor],
+    growth_rate: int,
+    training: bool,
+    compute_dtype: torch.dtype,
+    backend: str,
+    needs_input_grad: list[bool],
+) -> tuple[Tensor, list[Tensor]]:
+    """The input's and the parameters' gradients (zero-size where ``needs_input_grad`` says none:
+    ``[input, *params]``)."""
+    state = BlockState.unflatten([_present(t) for t in saved])
+    with torch.autocast(out.device.type, enabled=False):
+        d_x, grads = block_backward(
+            grad_out, out, tuple(params), state, tuple(needs_input_grad),
+            growth_rate=growth_rate, training=training, compute_dtype=compute_dtype, ops=_ops(backend, out.dim() - 2),
+        )  # fmt: skip
+    d_x = out.new_empty(0) if d_x is None else d_x
+    grads = [p.new_empty(0) if g is None else g.contiguous() for g, p in zip(grads, params, strict=True)]
+    d_x, *grads = _without_aliases([d_x, *grads], [grad_out, out, *params, *saved])  # kernels' sums share memory
+    return d_x, grads
+
+
+@dense_block_backward.register_fake
+def _dense_block_backward_fake(
+    grad_out, out, params, saved, growth_rate, training, compute_dtype, backend, needs_input_grad
+):
+    n, c_total, *spatial = out.shape
+    c0 = c_total - len(params) // PARAMS_PER_LAYER * growth_rate
+    d_x = out.new_empty((n, *spatial, c0)).movedim(-1, 1) if needs_input_grad[0] else out.new_empty(0)
+    grads = [
+        p.new_empty(p.shape) if need else p.new_empty(0) for p, need in zip(params, needs_input_grad[1:], strict=True)
+    ]
+    return d_x, grads
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _x, params, running, *_, growth_rate, training, _keep, compute_dtype, backend, _save = inputs
+    out, *stats, saved = output
+    ctx.mark_non_differentiable(*stats, *saved)
+    ctx.save_for_backward(out, *params, *saved)
+    ctx.num_params, ctx.num_running = len(params), len(running)
+    ctx.settings = (growth_rate, training, compute_dtype, backend)
+
+
+def _backward(ctx, grad_out, *_unused):
+    out, *rest = ctx.saved_tensors
+    params, saved = rest[: ctx.num_params], rest[ctx.num_params :]
+    needs_x, needs_params, *_ = ctx.needs_input_grad
+    needs = [bool(needs_x), *map(bool, needs_params)]
+    with torch.no_grad():
+        d_x, grads = dense_block_backward(grad_out, out, params, saved, *ctx.settings, needs)
+    wanted = [g if need else None for g, need in zip([d_x, *grads], needs, strict=True)]
+    if torch.is_grad_enabled() and grad_out.requires_grad:  # create_graph=True: as once_differentiable does
+        wanted = _fail_if_differentiated(wanted)
+    return wanted[0], wanted[1:], [None] * ctx.num_running, *[None] * 9
+
+
+def _fail_if_differentiated(grads: list[Tensor | None]) -> list[Tensor | None]:
+    """The gradients, made to raise if a second backward goes through them (the backward is
+    hand-written, not itself differentiable), as ``torch.autograd.function.once_differentiable`` does."""
+    present = [g.detach().requires_grad_() for g in grads if g is not None]
+    if not present:
+        return grads
+    flagged = iter(
+        torch._C._functions.DelayedError(
+            "trying to differentiate twice fastdense's dense block backward", len(present)
+        )(*present)
+    )
+    return [None if g is None else next(flagged) for g in grads]
+
+
+dense_block.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run_dense_block(
+    block, x: Tensor, *, backend: str, compute_dtype: torch.dtype, save: bool
+) -> tuple[Tensor, BatchStats | None]:
+    """Call the operator for a ``FastDenseBlock``: gather its parameters, running statistics and settings."""
+    layers = list(block.values())
+    params = list(block.layer_params())
+    norms = [norm for layer in layers for norm in (layer.norm1, layer.norm2)]
+    running = [t for norm in norms for t in (norm.running_mean, norm.running_var)]
+    out, *stats, _saved = dense_block(
+        x,
+        params,
+        running,
+        [float(norm.eps) for norm in norms],
+        [float(layer.drop_rate) for layer in layers],
+        [bool(getattr(layer, "channelwise_dropout", False)) for layer in layers],
+        block.growth_rate,
+        block.training,
+        not block.memory_efficient,
+        compute_dtype,
+        backend,
+        save,
+    )
+    return out, BatchStats(*stats) if block.training else None
