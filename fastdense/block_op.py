@@ -180,6 +180,7 @@ def _setup_context(ctx, inputs, output) -> None:
     _x, params, running, *_, growth_rate, training, _keep, compute_dtype, backend, _save = inputs
     out, *stats, saved = output
     ctx.mark_non_differentiable(*stats, *saved)
+    ctx.set_materialize_grads(False)  # else backward gets a zero tensor the size of every saved bottleneck
     ctx.save_for_backward(out, *params, *saved)
     ctx.num_params, ctx.num_running = len(params), len(running)
     ctx.settings = (growth_rate, training, compute_dtype, backend)
@@ -187,6 +188,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, *_unused):
     out, *rest = ctx.saved_tensors
+    if grad_out is None:  # the output took no part in the loss (only the statistics outputs did)
+        grad_out = torch.zeros_like(out)
     params, saved = rest[: ctx.num_params], rest[ctx.num_params :]
     needs_x, needs_params, *_ = ctx.needs_input_grad
     needs = [bool(needs_x), *map(bool, needs_params)]

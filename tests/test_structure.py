@@ -83,3 +83,30 @@ def test_block_keeps_only_the_buffer_and_per_channel_vectors(memory_efficient, b
     assert saved <= buffer_bytes + vectors + bottlenecks
     tv_saved, _ = saved_activation_bytes(ref.float().train(), x)
     assert tv_saved > 4 * saved
+
+
+def test_backward_allocates_nothing_for_the_operators_extra_outputs():
+    """The block operator returns its statistics and saved tensors as extra outputs; autograd must not
+    hand backward a zero-filled gradient for each of them (one per saved bottleneck: M x 4k each)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ZeroFills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes, self.ops = [], set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops.add(func)
+            if func in (torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    _, fast = block_pair(3, 4, 2, 3, dtype=torch.float32)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    out = fast.train()(x)
+    with ZeroFills() as zero_fills:
+        out.sum().backward()
+    assert torch.ops.fastdense.dense_block_backward.default in zero_fills.ops  # the mode saw the backward
+    bottleneck_shape = (2 * 5 * 5, 2 * 3)
+    assert bottleneck_shape not in zero_fills.shapes, zero_fills.shapes
