@@ -50,11 +50,12 @@ def batch_stats(x: Tensor, dim: int | tuple[int, ...]) -> tuple[Tensor, Tensor]:
     return var.flatten(), mean.add_(correction).flatten()
 
 
-def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int | Tensor) -> None:
     """The running-statistics update of ``nn.BatchNorm2d`` in training mode, from given batch stats:
-    momentum (or the cumulative average for ``momentum=None``), unbiased variance, num_batches_tracked."""
+    momentum (or the cumulative average for ``momentum=None``), unbiased variance, num_batches_tracked.
+    ``count``: the rows the statistics are over (a tensor when it comes from other processes too)."""
     bn.num_batches_tracked.add_(1)
-    if count == 0:  # an empty batch leaves the running statistics alone, as in PyTorch
+    if isinstance(count, int) and count == 0:  # an empty batch leaves the running statistics alone, as PyTorch
         return
     # momentum=None: the cumulative average, as a tensor (no host sync, and torch.compile traces it).
     cumulative = bn.momentum is None

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .backend import check_backend_name, resolve_backend
 from .batchnorm import share_batch_stats
 from .block_op import run_dense_block
+from .sync_batchnorm import StatsSync, sync_group_name
 from .torch_backend import BatchStats, BlockPlan, batch_stats_of, block_forward, update_block_running_stats
 from .triton_backend import check_dtypes, triton_ops
 from .validation import check_block_input, compute_dtype
@@ -164,8 +165,9 @@ class FastDenseBlock(nn.ModuleDict):
             )
         )
 
-    def _check(self, x: Tensor) -> tuple[str, torch.dtype]:
-        """Refuse what the block cannot run; the backend that runs ``x`` and the compute dtype."""
+    def _check(self, x: Tensor) -> tuple[str, torch.dtype, str]:
+        """Refuse what the block cannot run; the backend that runs ``x``, the compute dtype, and the
+        process group whose batch statistics the block shares (SyncBatchNorm; "" for none)."""
         layers = list(self.values())
         check_block_input(
             x,
@@ -186,10 +188,12 @@ class FastDenseBlock(nn.ModuleDict):
         backend, cdt = resolve_backend(self._backend, x.device), compute_dtype(x)
         if backend == "triton":
             check_dtypes(x, cdt)
+        norms = [norm for layer in layers for norm in (layer.norm1, layer.norm2)]
+        sync_group = sync_group_name(norms, self.training, "FastDenseBlock")
         self._active_backend = backend
-        return backend, cdt
+        return backend, cdt, sync_group
 
-    def _plan(self, backend: str, cdt: torch.dtype) -> BlockPlan:
+    def _plan(self, backend: str, cdt: torch.dtype, sync_group: str) -> BlockPlan:
         layers = list(self.values())
         return BlockPlan(
             norms1=[layer.norm1 for layer in layers],
@@ -202,6 +206,7 @@ class FastDenseBlock(nn.ModuleDict):
             compute_dtype=cdt,
             eps1=layers[0].norm1.eps,
             ops=triton_ops(self.spatial_dims) if backend == "triton" else None,
+            sync=StatsSync(sync_group) if sync_group else None,
         )
 
     def _update_running_stats(self, stats: BatchStats, count: int) -> None:
@@ -210,12 +215,16 @@ class FastDenseBlock(nn.ModuleDict):
         update_block_running_stats(norms1, norms2, stats, count, self.growth_rate)
 
     def forward(self, x: Tensor) -> Tensor:
-        backend, cdt = self._check(x)
+        backend, cdt, sync_group = self._check(x)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        out, stats = run_dense_block(self, x, backend=backend, compute_dtype=cdt, save=needs_grad)
-        if stats is not None:
-            self._update_running_stats(stats, math.prod((x.shape[0], *x.shape[2:])))
-            if not torch.compiler.is_compiling():  # the next BatchNorm reading `out` reuses them (eager only)
+        out, stats = run_dense_block(
+            self, x, backend=backend, compute_dtype=cdt, save=needs_grad, sync_group=sync_group
+        )
+        if stats is not None:  # the global row count with SyncBatchNorm, else this batch's (no host sync)
+            self._update_running_stats(stats, stats.count if sync_group else math.prod((x.shape[0], *x.shape[2:])))
+            # The next BatchNorm reading `out` reuses them (eager only; and not global SyncBatchNorm ones,
+            # which a plain BatchNorm after the block must not use).
+            if not (torch.compiler.is_compiling() or sync_group):
                 share_batch_stats(out, stats.var, stats.mean)
         return out
 
@@ -225,13 +234,14 @@ class FastDenseBlock(nn.ModuleDict):
         previous transition). Returns the output (the buffer as ``(N, C_total, *spatial)``) and, in
         training mode, its batch statistics ``(var, mean)``."""
         x = buffer[..., : self.num_input_features].movedim(-1, 1)
-        backend, cdt = self._check(x)
+        backend, cdt, sync_group = self._check(x)
+        plan = self._plan(backend, cdt, sync_group)
         with torch.autocast(x.device.type, enabled=False), torch.no_grad():
-            out, state = block_forward(x, self.layer_params(), self._plan(backend, cdt), save=False, buffer=buffer)
+            out, state = block_forward(x, self.layer_params(), plan, save=False, buffer=buffer)
         if not self.training:
             return out, None
         stats = batch_stats_of(state)
-        self._update_running_stats(stats, math.prod(buffer.shape[:-1]))
+        self._update_running_stats(stats, state.count)
         return out, (stats.var, stats.mean)
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .batchnorm import accumulation_dtype
+from .sync_batchnorm import StatsSync
 from .torch_backend import (
     PARAMS_PER_LAYER,
     BatchStats,
@@ -74,9 +75,11 @@ def dense_block(
     compute_dtype: torch.dtype,
     backend: str,
     save: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    """The block forward: ``(out, var, mean, var2, mean2, saved)``; the statistics are a training
-    forward's ``BatchStats`` (zero-size in eval), ``saved`` what the backward reads (empty unless ``save``).
+    sync_group: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """The block forward: ``(out, var, mean, var2, mean2, count, saved)``; the statistics are a training
+    forward's ``BatchStats`` (zero-size in eval), ``saved`` what the backward reads (empty unless ``save``);
+    ``sync_group``: the process group of SyncBatchNorm statistics, "" for none.
 
     ``params``: six per layer (``torch_backend.PARAMS_PER_LAYER``); ``running``: norm1's then norm2's
     running mean and variance per layer; ``eps``: norm1's and norm2's per layer (in training every norm1
@@ -96,13 +99,18 @@ def dense_block(
         eps1=eps[0],
         ops=_ops(backend, x.dim() - 2),
         channelwise_dropout=tuple(channelwise_dropout),
+        sync=StatsSync(sync_group) if sync_group else None,
     )
     with torch.autocast(x.device.type, enabled=False):
         out, state = block_forward(x, tuple(params), plan, save=save)
-    stats = list(batch_stats_of(state)) if training else [state_vector(x) for _ in range(4)]
+    stats = list(batch_stats_of(state)) if training else [*(state_vector(x) for _ in range(4)), _count(x, 0)]
     saved = [state_vector(x) if t is None else t for t in state.flatten()] if save else []
     outputs = _without_aliases([*stats, *saved], [x, out, *params, *running])
-    return out, *outputs[:4], outputs[4:]
+    return out, *outputs[:5], outputs[5:]
+
+
+def _count(x: Tensor, value: int) -> Tensor:
+    return torch.full((), value, dtype=torch.float64, device=x.device)
 
 
 def state_vector(x: Tensor) -> Tensor:
@@ -113,7 +121,7 @@ def state_vector(x: Tensor) -> Tensor:
 @dense_block.register_fake
 def _dense_block_fake(
     x, params, running, eps, drop_rates, channelwise_dropout, growth_rate, training, keep_bottlenecks,
-    compute_dtype, backend, save,
+    compute_dtype, backend, save, sync_group,
 ):  # fmt: skip
     """Shapes and dtypes only, as ``dense_block`` produces them."""
     n, c0, *spatial = x.shape
@@ -134,7 +142,7 @@ def _dense_block_fake(
             saved += [vector(width), vector(width)]
             saved.append(vector(m, width, dtype=compute_dtype, present=keep_bottlenecks))
             saved.append(vector(m, growth_rate, dtype=compute_dtype, present=training and p > 0))
-    return out, *[t.clone() for t in stats], saved  # clones: outputs may not share memory
+    return out, *[t.clone() for t in stats], _count(x, 0), saved  # clones: outputs may not share memory
 
 
 @torch.library.custom_op("fastdense::dense_block_backward", mutates_args=())
@@ -147,6 +155,7 @@ def dense_block_backward(
     training: bool,
     compute_dtype: torch.dtype,
     backend: str,
+    sync_group: str,
     needs_input_grad: list[bool],
 ) -> tuple[Tensor, list[Tensor]]:
     """The input's and the parameters' gradients (zero-size where ``needs_input_grad`` says none:
@@ -156,6 +165,7 @@ def dense_block_backward(
         d_x, grads = block_backward(
             grad_out, out, tuple(params), state, tuple(needs_input_grad),
             growth_rate=growth_rate, training=training, compute_dtype=compute_dtype, ops=_ops(backend, out.dim() - 2),
+            sync=StatsSync(sync_group) if sync_group else None,
         )  # fmt: skip
     d_x = out.new_empty(0) if d_x is None else d_x
     grads = [p.new_empty(0) if g is None else g.contiguous() for g, p in zip(grads, params, strict=True)]
@@ -165,7 +175,7 @@ def dense_block_backward(
 
 @dense_block_backward.register_fake
 def _dense_block_backward_fake(
-    grad_out, out, params, saved, growth_rate, training, compute_dtype, backend, needs_input_grad
+    grad_out, out, params, saved, growth_rate, training, compute_dtype, backend, sync_group, needs_input_grad
 ):
     n, c_total, *spatial = out.shape
     c0 = c_total - len(params) // PARAMS_PER_LAYER * growth_rate
@@ -177,13 +187,13 @@ def _dense_block_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _x, params, running, *_, growth_rate, training, _keep, compute_dtype, backend, _save = inputs
+    _x, params, running, *_, growth_rate, training, _keep, compute_dtype, backend, _save, sync_group = inputs
     out, *stats, saved = output
     ctx.mark_non_differentiable(*stats, *saved)
     ctx.set_materialize_grads(False)  # else backward gets a zero tensor the size of every saved bottleneck
     ctx.save_for_backward(out, *params, *saved)
     ctx.num_params, ctx.num_running = len(params), len(running)
-    ctx.settings = (growth_rate, training, compute_dtype, backend)
+    ctx.settings = (growth_rate, training, compute_dtype, backend, sync_group)
 
 
 def _backward(ctx, grad_out, *_unused):
@@ -198,7 +208,7 @@ def _backward(ctx, grad_out, *_unused):
     wanted = [g if need else None for g, need in zip([d_x, *grads], needs, strict=True)]
     if torch.is_grad_enabled() and grad_out.requires_grad:  # create_graph=True: as once_differentiable does
         wanted = _fail_if_differentiated(wanted)
-    return wanted[0], wanted[1:], [None] * ctx.num_running, *[None] * 9
+    return wanted[0], wanted[1:], [None] * ctx.num_running, *[None] * 10
 
 
 def _fail_if_differentiated(grads: list[Tensor | None]) -> list[Tensor | None]:
@@ -219,7 +229,7 @@ dense_block.register_autograd(_backward, setup_context=_setup_context)
 
 
 def run_dense_block(
-    block, x: Tensor, *, backend: str, compute_dtype: torch.dtype, save: bool
+    block, x: Tensor, *, backend: str, compute_dtype: torch.dtype, save: bool, sync_group: str = ""
 ) -> tuple[Tensor, BatchStats | None]:
     """Call the operator for a ``FastDenseBlock``: gather its parameters, running statistics and settings."""
     layers = list(block.values())
@@ -239,5 +249,6 @@ def run_dense_block(
         compute_dtype,
         backend,
         save,
+        sync_group,
     )
     return out, BatchStats(*stats) if block.training else None

@@ -5,7 +5,8 @@ conversion keeps working) under the same names, so ``state_dict()`` keys and ord
 timm's layers normalise with ``BatchNormAct2d`` (BatchNorm and activation in one module); a block is
 converted when that activation is a ReLU. MONAI's blocks (1-D, 2-D and 3-D) keep their layers'
 ``layers`` Sequential (``fastdense.sequential_layer``); their dropout is channel-wise (Dropout2d/3d)
-and so is the fast block's. timm and MONAI are never imported: their classes are recognised by name.
+and so is the fast block's. SyncBatchNorm layers stay SyncBatchNorm (``fastdense.sync_batchnorm``).
+timm and MONAI are never imported: their classes are recognised by name.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def _timm_norm_act(norm: nn.Module) -> bool:
 
 
 def _batch_norm(norm: nn.Module, spatial_dims: int) -> bool:
-    return type(norm) is _BATCH_NORMS[spatial_dims] and norm.affine and norm.track_running_stats
+    kind_ok = type(norm) in (_BATCH_NORMS[spatial_dims], nn.SyncBatchNorm)
+    return kind_ok and norm.affine and norm.track_running_stats
 
 
 _BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -121,8 +123,6 @@ def _why_not_exact(block: nn.Module) -> str | None:
     c0, growth = layers[0].norm1.num_features, layers[0].conv2.out_channels
     for i, layer in enumerate(layers):
         name = f"denselayer{i + 1}"
-        if any(isinstance(norm, nn.SyncBatchNorm) for norm in (layer.norm1, layer.norm2)):
-            return f"{name} uses SyncBatchNorm (statistics across processes), which fastdense does not support yet"
         if kind == "timm":
             standard = _timm_norm_act(layer.norm1) and _timm_norm_act(layer.norm2)
         else:
@@ -149,6 +149,10 @@ def _why_not_exact(block: nn.Module) -> str | None:
             return f"{name}'s norms do not match its convolutions' channels"
         if layer.norm1.eps != layers[0].norm1.eps:
             return "its norm1 layers use different eps (batch statistics are shared)"
+    norms = [norm for layer in layers for norm in (layer.norm1, layer.norm2)]
+    synced = {isinstance(norm, nn.SyncBatchNorm) for norm in norms}
+    if len(synced) > 1 or (synced == {True} and len({id(norm.process_group) for norm in norms}) > 1):
+        return "it mixes SyncBatchNorm with other BatchNorms or process groups (statistics are shared)"
     if _has_hooks(block):
         return "it or one of its layers has hooks registered (the fast block does not call its layers)"
     return None

@@ -35,6 +35,7 @@ from .batchnorm import (
     update_running_stats,
 )
 from .stages import stage
+from .sync_batchnorm import StatsSync
 
 # Per-layer parameters in the order they are passed to the block operator (fastdense.block_op).
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
@@ -64,6 +65,7 @@ class BlockPlan:
     ops: Ops | None = None  # the forward's kernels: None means TORCH_OPS; fastdense.triton_backend has the others
     # Per layer: dropout zeroes whole channels of a sample (MONAI's Dropout2d/3d) instead of single values.
     channelwise_dropout: tuple[bool, ...] = ()
+    sync: StatsSync | None = None  # SyncBatchNorm: batch statistics over the processes of a group
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class BlockState:
     # and the next BatchNorm) and each layer's norm2 batch statistics (for its running statistics).
     seg_var: Tensor | None = None
     norm2_stats: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (var, mean) per layer
+    count: int = 0  # training: the rows the statistics are over (every process's, with SyncBatchNorm)
 
     # The state goes through ctx.save_for_backward (not ctx attributes), so that autograd frees it
     # after backward like any saved tensor instead of keeping it as long as the graph is referenced.
@@ -132,20 +135,23 @@ class BlockState:
 
 class BatchStats(NamedTuple):
     """A training forward's batch statistics, biased, in the accumulation dtype: of the buffer's channels
-    (every norm1 reads a prefix of them) and of each layer's bottleneck (``L x 4k``, its norm2)."""
+    (every norm1 reads a prefix of them) and of each layer's bottleneck (``L x 4k``, its norm2), and the
+    number of rows they are over (a 0-dim float64 tensor: every process's rows with SyncBatchNorm)."""
 
     var: Tensor
     mean: Tensor
     var2: Tensor
     mean2: Tensor
+    count: Tensor
 
 
 def batch_stats_of(state: BlockState) -> BatchStats:
     var2, mean2 = (torch.stack(s) for s in zip(*state.norm2_stats, strict=True))
-    return BatchStats(state.seg_var, state.seg_mean, var2, mean2)
+    count = torch.full((), state.count, dtype=torch.float64, device=var2.device)
+    return BatchStats(state.seg_var, state.seg_mean, var2, mean2, count)
 
 
-def update_block_running_stats(norms1, norms2, stats: BatchStats, count: int, growth_rate: int) -> None:
+def update_block_running_stats(norms1, norms2, stats: BatchStats, count: int | Tensor, growth_rate: int) -> None:
     """The running-statistics updates of every BatchNorm of a block after a training forward (outside the
     forward itself, so that the forward is a pure function of its inputs for ``torch.compile``)."""
     c0 = stats.mean.shape[0] - len(norms1) * growth_rate
@@ -230,6 +236,10 @@ def block_forward(
     k, num_layers = plan.growth_rate, len(plan.drop_rates)
     c_total, m = c0 + num_layers * k, math.prod(grid)
     acc, cdt, ops = accumulation_dtype(x.dtype), plan.compute_dtype, plan.ops or TORCH_OPS
+    sync = plan.sync if plan.training else None
+
+    def synced(stats: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return stats if sync is None else sync.stats(stats, m)
 
     if buffer is None:
         buf = torch.empty((*grid, c_total), dtype=x.dtype, device=x.device)
@@ -242,6 +252,7 @@ def block_forward(
         state.seg_mean = torch.empty(c_total, dtype=acc, device=x.device)
         state.seg_rstd = torch.empty(c_total, dtype=acc, device=x.device)
         seg_var = state.seg_var = torch.empty(c_total, dtype=acc, device=x.device)
+        state.count = m if sync is None else sync.total(m, x.device)
 
         def record_segment_stats(lo: int, hi: int, stats: tuple[Tensor, Tensor]) -> None:
             var, mean = stats
@@ -249,7 +260,7 @@ def block_forward(
             state.seg_rstd[lo:hi] = torch.rsqrt(var.to(acc) + plan.eps1)
 
         with stage("stats", x.device):
-            record_segment_stats(0, c0, ops.column_stats(rows[:, :c0]))
+            record_segment_stats(0, c0, synced(ops.column_stats(rows[:, :c0])))
 
     # Eval mode folds norm2 and relu2 into the GEMM's epilogue when the raw bottleneck is not kept.
     fuse_norm2 = ops.fuses_eval_norm2 and not plan.training and not (save and plan.keep_bottlenecks)
@@ -270,7 +281,7 @@ def block_forward(
             )  # M x 4k
 
         if plan.training:
-            var2, mean2 = (s.to(acc) for s in stats2)
+            var2, mean2 = (s.to(acc) for s in synced(stats2))
             state.norm2_stats.append((var2, mean2))
             rstd2 = torch.rsqrt(var2 + norm2.eps)
         norm2_map = None if fuse_norm2 else affine(g2, b2, mean2, rstd2, training=plan.training)
@@ -285,7 +296,7 @@ def block_forward(
                 bottleneck, norm2_map, w2.to(cdt), grid, rows[:, c_in : c_in + k], noise, plan.training
             )
         if plan.training:
-            record_segment_stats(c_in, c_in + k, stats_new)
+            record_segment_stats(c_in, c_in + k, synced(stats_new))
         if save:
             kept = bottleneck if plan.keep_bottlenecks else None
             running1 = (None, None) if plan.training else (mean1, rstd1)
@@ -305,14 +316,17 @@ def dropout_noise(grid, k: int, p: float, channelwise: bool, dtype, device) -> T
     return noise.expand(*grid, k).reshape(-1, k)
 
 
-def _conv2_norm2_backward(d_new, bottleneck, norm2: Affine, rstd2, w2c, grid, training: bool, need_weight: bool):
+def _conv2_norm2_backward(
+    d_new, bottleneck, norm2: Affine, rstd2, w2c, grid, training: bool, need_weight: bool, sync, count: int
+):
     """From the gradient of a layer's new features (dropout already undone) back to its bottleneck:
-    3x3 conv, ReLU and norm2 backward, with norm2-ReLU recomputed exactly as the forward did.
+    3x3 conv, ReLU and norm2 backward, with norm2-ReLU recomputed exactly as the forward did. ``sync``
+    (SyncBatchNorm): the input gradient takes the sums over all ``count`` rows of every process.
 
     Returns the bottleneck gradient (compute dtype) and the gradients of norm2's weight and bias and of
     conv2's weight (None when not needed)."""
     ones, zeros = [1] * (len(grid) - 1), [0] * (len(grid) - 1)
-    acc, cdt, m = rstd2.dtype, w2c.dtype, bottleneck.shape[0]
+    acc, cdt = rstd2.dtype, w2c.dtype
     pre2 = norm2(bottleneck)
     mask2 = pre2 > 0
     act2 = pre2.relu_().to(cdt)
@@ -333,7 +347,8 @@ def _conv2_norm2_backward(d_new, bottleneck, norm2: Affine, rstd2, w2c, grid, tr
         yhat = (bottleneck.to(acc) - norm2.mean).mul_(rstd2)
         d_b2 = d_pre2.sum(0)
         d_g2 = (d_pre2 * yhat).sum(0)
-        d_bottleneck = input_grad_from_sums(d_pre2, yhat, d_b2, d_g2, norm2.scale, m, training).to(cdt)
+        sums = (d_b2, d_g2) if sync is None else sync.sum(d_b2, d_g2)  # the parameters' gradients stay local
+        d_bottleneck = input_grad_from_sums(d_pre2, yhat, *sums, norm2.scale, count, training).to(cdt)
     return d_bottleneck, d_g2, d_b2, d_w2
 
 
@@ -392,9 +407,10 @@ def block_backward(
     training: bool,
     compute_dtype: torch.dtype,
     ops: Ops | None,
+    sync: StatsSync | None = None,
 ) -> tuple[Tensor | None, list[Tensor | None]]:
     """Gradients of the input and of every parameter, per DESIGN.md section 4. ``ops``: the forward's
-    (None: the torch backend's)."""
+    (None: the torch backend's); ``sync``: the forward's SyncBatchNorm group, if any."""
     n, c_total, *spatial = out.shape
     grid = (n, *spatial)
     k, num_layers = growth_rate, len(params) // PARAMS_PER_LAYER
@@ -402,6 +418,8 @@ def block_backward(
     rows = as_rows(out)
     acc, cdt = accumulation_dtype(out.dtype), compute_dtype
     grad_sum = torch.zeros((m, c_total), dtype=acc, device=out.device)  # G: sum over consumers
+    sync = sync if training else None
+    count = m if sync is None else sync.total(m, out.device)
     if training:
         # Per channel: sum_rows(G) and sum_rows(G * xhat), accumulated from each layer's dbeta, dgamma.
         sum_g = torch.zeros(c_total, dtype=acc, device=out.device)
@@ -412,7 +430,12 @@ def block_backward(
 
     def finalize(lo: int, hi: int, noise: Tensor | None = None) -> Tensor:
         """Gradient of columns [lo, hi) once every consumer has been accumulated into G."""
-        stats = (state.seg_mean[lo:hi], state.seg_rstd[lo:hi], sum_g[lo:hi], sum_gx[lo:hi]) if training else None
+        stats = None
+        if training:
+            sums = (sum_g[lo:hi], sum_gx[lo:hi])
+            if sync is not None:  # over every process's rows; finalize divides by this process's m
+                sums = tuple(t.mul_(m / count) for t in sync.sum(*sums))
+            stats = (state.seg_mean[lo:hi], state.seg_rstd[lo:hi], *sums)
         return finalize_segment(grad_sum[:, lo:hi], rows[:, lo:hi], as_rows(grad_out[:, lo:hi]), stats, noise)
 
     grads: list[Tensor | None] = [None] * len(params)
@@ -432,7 +455,7 @@ def block_backward(
             with stage("gemm", out.device):
                 bottleneck = _bottleneck(rows[:, :c_in], norm1, w1c.t())
         d_bottleneck, d_g2, d_b2, d_w2 = _conv2_norm2_backward(
-            d_new, bottleneck, norm2, saved.rstd2, w2.to(cdt), grid, training, need_weight=need[5]
+            d_new, bottleneck, norm2, saved.rstd2, w2.to(cdt), grid, training, need[5], sync, count
         )
         del d_new, bottleneck
         coef = g1.to(acc) if training else norm1.scale  # eval: norm1 is an affine map of slope scale

@@ -1,5 +1,5 @@
-"""Working inside the frameworks DenseNets live in (issue 6, in part): timm models converted, feature
-maps for detectors and segmenters, DistributedDataParallel training on two CPU processes (gloo)."""
+"""Working inside the frameworks DenseNets live in (issue 6): timm models converted, feature maps for
+detectors and segmenters, DistributedDataParallel training on two CPU processes (gloo), SyncBatchNorm."""
 
 from __future__ import annotations
 
@@ -86,13 +86,98 @@ def test_distributed_data_parallel_matches_torchvision():
         manager.shutdown()
 
 
-def test_converting_a_model_with_sync_batchnorm_refuses_clearly():
-    """SyncBatchNorm shares statistics across processes; fastdense's blocks cannot yet, so convert
-    leaves such blocks as they are and says why."""
-    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.DenseNet(**SMALL))
-    with pytest.warns(UserWarning, match="SyncBatchNorm"):
-        converted = fastdense.convert(model)
-    assert not any(isinstance(m, fastdense.FastDenseBlock) for m in converted.modules())
+def sync_model(dtype=torch.float64) -> torch.nn.Module:
+    """A stem conv, a torchvision dense block, pooling and a classifier: every BatchNorm is in the block."""
+    from torchvision.models.densenet import _DenseBlock
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1, bias=False),
+        _DenseBlock(3, 6, 2, 4, drop_rate=0.0),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(18, 5),
+    )
+    return randomize_batchnorm(model, torch.Generator().manual_seed(1)).to(dtype)
+
+
+SYNC_STEPS, SYNC_BATCH, WORLD = 3, 8, 2
+
+
+def sync_data(step: int):
+    generator = torch.Generator().manual_seed(200 + step)
+    x = torch.randn(SYNC_BATCH, 3, 7, 6, generator=generator, dtype=torch.float64)
+    return x, torch.randn(SYNC_BATCH, 5, generator=generator, dtype=torch.float64)
+
+
+def _sync_worker(rank: int, world: int, init_file: str, backend: str, compiled: bool, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dtype = torch.float64 if backend == "torch" else torch.float32  # triton: float32 at most
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(sync_model(dtype))
+    model = fastdense.convert(model, strict=True, backend=backend)
+    assert isinstance(model[1], fastdense.FastDenseBlock)
+    run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    shard = slice(rank * SYNC_BATCH // world, (rank + 1) * SYNC_BATCH // world)
+    for step in range(SYNC_STEPS):
+        x, weights = sync_data(step)
+        optimizer.zero_grad()
+        (run(x[shard].to(dtype)) * weights[shard].to(dtype)).sum().backward()
+        # DDP's gradient average, by hand: DistributedDataParallel refuses SyncBatchNorm on CPU modules.
+        for param in model.parameters():
+            dist.all_reduce(param.grad)
+            param.grad /= world
+        optimizer.step()
+    results[rank] = {k: v.clone() for k, v in model.state_dict().items()}
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("backend", "compiled"), [("torch", False), ("triton", False), ("torch", True)], ids=["torch", "triton", "compiled"]
+)
+def test_sync_batchnorm_over_two_processes_matches_one_process_on_the_global_batch(backend, compiled):
+    """SyncBatchNorm in converted blocks, two gloo processes each with half of every batch, gradients
+    averaged as DDP does: the parameters and running statistics after three SGD steps are those of
+    torchvision's block trained in one process on the whole batch (the loss divided by the world size).
+    Also compiled with fullgraph=True: the collectives run inside the block operator."""
+    reference = sync_model()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step in range(SYNC_STEPS):
+        x, weights = sync_data(step)
+        optimizer.zero_grad()
+        ((reference(x) * weights).sum() / WORLD).backward()
+        optimizer.step()
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = mp.Manager()
+        results = manager.dict()
+        init_file = os.path.join(tmp, "init")
+        mp.spawn(_sync_worker, args=(WORLD, init_file, backend, compiled, results), nprocs=WORLD, join=True)
+        tolerance = 1e-9 if backend == "torch" else 1e-5
+        for rank in range(WORLD):
+            for key, expected in reference.state_dict().items():
+                got = results[rank][key]
+                if expected.is_floating_point():
+                    assert relative_error(got, expected) <= tolerance, (rank, key)
+                else:
+                    assert torch.equal(got, expected), (rank, key)
+        manager.shutdown()
+
+
+def test_sync_batchnorm_outside_a_process_group_is_batchnorm():
+    """Without an initialised process group (or in eval) SyncBatchNorm normalises like BatchNorm2d."""
+    converted = fastdense.convert(torch.nn.SyncBatchNorm.convert_sync_batchnorm(sync_model()), strict=True)
+    reference = sync_model()
+    x = torch.randn(4, 3, 7, 6, dtype=torch.float64)
+    assert relative_error(converted(x), reference(x)) <= 1e-12
+
+
+def test_a_block_mixing_sync_batchnorm_with_batchnorm_stays_with_a_warning():
+    model = sync_model()
+    layer = model[1].denselayer2
+    layer.norm1 = torch.nn.SyncBatchNorm.convert_sync_batchnorm(layer.norm1)
+    with pytest.warns(UserWarning, match="mixes SyncBatchNorm with other BatchNorms"):
+        fastdense.convert(model)
+    assert not isinstance(model[1], fastdense.FastDenseBlock)
 
 
 def timm_pair(**kwargs):

@@ -40,6 +40,7 @@ def block_op_args(spatial_dims: int, training: bool, save: bool, memory_efficien
         dtype,
         backend,
         save,
+        "",  # no SyncBatchNorm group
     )
 
 
