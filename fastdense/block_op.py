@@ -33,9 +33,6 @@ from .torch_backend import (
 )
 from .triton_backend import triton_ops
 
-RUNNING_PER_LAYER = 4  # norm1.running_mean, norm1.running_var, norm2.running_mean, norm2.running_var
-EPS_PER_LAYER = 2  # norm1.eps, norm2.eps
-
 
 def _ops(backend: str, spatial_dims: int):
     return triton_ops(spatial_dims) if backend == "triton" else None
@@ -84,10 +81,7 @@ def dense_block(
     ``params``: six per layer (``torch_backend.PARAMS_PER_LAYER``); ``running``: norm1's then norm2's
     running mean and variance per layer; ``eps``: norm1's and norm2's per layer (in training every norm1
     uses the first: the batch statistics are shared)."""
-    norms = [
-        RunningNorm(*running[i : i + 2], eps[j])
-        for i, j in zip(range(0, len(running), 2), range(len(eps)), strict=True)
-    ]
+    norms = [RunningNorm(running[2 * i], running[2 * i + 1], eps[i]) for i in range(len(eps))]  # norm1, norm2, ...
     plan = BlockPlan(
         norms1=norms[0::2],
         norms2=norms[1::2],
@@ -103,13 +97,13 @@ def dense_block(
     )
     with torch.autocast(x.device.type, enabled=False):
         out, state = block_forward(x, tuple(params), plan, save=save)
-    stats = list(batch_stats_of(state)) if training else [*(state_vector(x) for _ in range(4)), _count(x, 0)]
+    stats = list(batch_stats_of(state)) if training else [*(state_vector(x) for _ in range(4)), _row_count(x, 0)]
     saved = [state_vector(x) if t is None else t for t in state.flatten()] if save else []
     outputs = _without_aliases([*stats, *saved], [x, out, *params, *running])
     return out, *outputs[:5], outputs[5:]
 
 
-def _count(x: Tensor, value: int) -> Tensor:
+def _row_count(x: Tensor, value: int) -> Tensor:
     return torch.full((), value, dtype=torch.float64, device=x.device)
 
 
@@ -142,7 +136,7 @@ def _dense_block_fake(
             saved += [vector(width), vector(width)]
             saved.append(vector(m, width, dtype=compute_dtype, present=keep_bottlenecks))
             saved.append(vector(m, growth_rate, dtype=compute_dtype, present=training and p > 0))
-    return out, *[t.clone() for t in stats], _count(x, 0), saved  # clones: outputs may not share memory
+    return out, *[t.clone() for t in stats], _row_count(x, 0), saved  # clones: outputs may not share memory
 
 
 @torch.library.custom_op("fastdense::dense_block_backward", mutates_args=())
@@ -192,7 +186,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(*stats, *saved)
     ctx.set_materialize_grads(False)  # else backward gets a zero tensor the size of every saved bottleneck
     ctx.save_for_backward(out, *params, *saved)
-    ctx.num_params, ctx.num_running = len(params), len(running)
+    ctx.num_params, ctx.num_running, ctx.num_settings = len(params), len(running), len(inputs) - 3
     ctx.settings = (growth_rate, training, compute_dtype, backend, sync_group)
 
 
@@ -208,7 +202,7 @@ def _backward(ctx, grad_out, *_unused):
     wanted = [g if need else None for g, need in zip([d_x, *grads], needs, strict=True)]
     if torch.is_grad_enabled() and grad_out.requires_grad:  # create_graph=True: as once_differentiable does
         wanted = _fail_if_differentiated(wanted)
-    return wanted[0], wanted[1:], [None] * ctx.num_running, *[None] * 10
+    return wanted[0], wanted[1:], [None] * ctx.num_running, *[None] * ctx.num_settings
 
 
 def _fail_if_differentiated(grads: list[Tensor | None]) -> list[Tensor | None]:
