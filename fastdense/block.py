@@ -23,8 +23,9 @@ from .triton_backend import check_dtypes, triton_ops
 from .validation import check_block_input, compute_dtype
 
 SPATIAL_DIMS = (1, 2, 3)
-_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+# The layer modules per number of spatial dimensions (convert checks foreign layers against them too).
+BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CHANNEL_DROPOUTS = {1: F.dropout1d, 2: F.dropout2d, 3: F.dropout3d}
 
 
@@ -43,6 +44,8 @@ class FastDenseLayer(nn.Module):
     drops whole channels of a sample (``F.dropout2d``/``dropout3d``, MONAI's choice) instead of values.
     """
 
+    channelwise_dropout = False  # the class default: layers pickled before the attribute existed
+
     def __init__(
         self,
         num_input_features: int,
@@ -55,7 +58,7 @@ class FastDenseLayer(nn.Module):
         channelwise_dropout: bool = False,
     ) -> None:
         super().__init__()
-        norm, conv = _NORMS[check_spatial_dims(spatial_dims)], _CONVS[spatial_dims]
+        norm, conv = BATCH_NORMS[check_spatial_dims(spatial_dims)], CONVS[spatial_dims]
         self.norm1 = norm(num_input_features)
         self.relu1 = nn.ReLU(inplace=True)
         self.conv1 = conv(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
@@ -199,7 +202,7 @@ class FastDenseBlock(nn.ModuleDict):
             norms1=[layer.norm1 for layer in layers],
             norms2=[layer.norm2 for layer in layers],
             drop_rates=[layer.drop_rate for layer in layers],
-            channelwise_dropout=tuple(_channelwise(layer) for layer in layers),
+            channelwise_dropout=tuple(layer.channelwise_dropout for layer in layers),
             growth_rate=self.growth_rate,
             training=self.training,
             keep_bottlenecks=not self.memory_efficient,
@@ -243,10 +246,6 @@ class FastDenseBlock(nn.ModuleDict):
         stats = batch_stats_of(state)
         self._update_running_stats(stats, state.count)
         return out, (stats.var, stats.mean)
-
-
-def _channelwise(layer: nn.Module) -> bool:
-    return bool(getattr(layer, "channelwise_dropout", False))
 
 
 class FastDenseBlock3d(FastDenseBlock):

@@ -236,7 +236,7 @@ def run_dense_block(
         running,
         [float(norm.eps) for norm in norms],
         [float(layer.drop_rate) for layer in layers],
-        [bool(getattr(layer, "channelwise_dropout", False)) for layer in layers],
+        [layer.channelwise_dropout for layer in layers],
         block.growth_rate,
         block.training,
         not block.memory_efficient,

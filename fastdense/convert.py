@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models.densenet import _DenseBlock, _DenseLayer
 
 from .backend import check_backend_name
-from .block import FastDenseBlock
+from .block import BATCH_NORMS, CONVS, FastDenseBlock
 from .sequential_layer import CHANNELWISE_DROPOUTS, SequentialDenseLayer
 
 
@@ -62,12 +62,11 @@ def _timm_norm_act(norm: nn.Module) -> bool:
 
 
 def _batch_norm(norm: nn.Module, spatial_dims: int) -> bool:
-    kind_ok = type(norm) in (_BATCH_NORMS[spatial_dims], nn.SyncBatchNorm)
+    kind_ok = type(norm) in (BATCH_NORMS[spatial_dims], nn.SyncBatchNorm)
     return kind_ok and norm.affine and norm.track_running_stats
 
 
-_BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_CONV_DIMS = {conv: spatial_dims for spatial_dims, conv in CONVS.items()}
 _MONAI_MODULES = ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"]
 
 
@@ -92,7 +91,7 @@ def _why_not_exact_layer(kind: str, layer: nn.Module, name: str) -> str | None:
         return f"{name} is a {type(layer).__name__}, not torchvision's _DenseLayer"
     elif type(layer).bn_function is not _DenseLayer.bn_function:
         return f"{name} overrides bn_function"
-    parts = SequentialDenseLayer(layer.layers) if kind == "monai" else layer
+    parts = _as_fast_layer(kind, layer)
     if not (type(parts.relu1) is nn.ReLU and type(parts.relu2) is nn.ReLU):
         return f"{name} uses an activation other than ReLU"
     return None

@@ -177,10 +177,10 @@ def as_rows(t: Tensor) -> Tensor:
 
 def _conv3x3(images: Tensor, weight: Tensor) -> Tensor:
     """The layer's 3x3 (3x3x3, ...) convolution with padding 1, for 1 to 3 spatial dimensions."""
-    return _CONVS[images.dim() - 2](images, weight, padding=1)
+    return _CONV_FUNCTIONS[images.dim() - 2](images, weight, padding=1)
 
 
-_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _bottleneck(x: Tensor, norm1: Affine, w1_t: Tensor) -> Tensor:
