@@ -14,7 +14,7 @@ setup(
     description="Fused DenseNet blocks for PyTorch: one shared buffer per block, exact against torchvision",
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
-    packages=["fastdense", "kernels"],
+    packages=["fastdense", "fastdense.tools", "kernels"],
     python_requires=">=3.10",
     # Loose here so the library installs beside the user's PyTorch; requirements.txt pins the exact
     # CPU environment that CI and the README's commands use.
@@ -24,7 +24,7 @@ setup(
         "bench": ["pytest-benchmark>=4", "rich>=13", "matplotlib>=3.7"],
         "dev": ["ruff>=0.6"],
     },
-    entry_points={"console_scripts": ["fastdense=fastdense.report:main"]},
+    entry_points={"console_scripts": ["fastdense=fastdense.tools:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

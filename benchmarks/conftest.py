@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fastdense.providers import PROVIDERS
-from fastdense.timing import device_defaults
+from fastdense.tools.providers import PROVIDERS
+from fastdense.tools.timing import device_defaults
 
 
 def pytest_addoption(parser):

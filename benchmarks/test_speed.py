@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from fastdense.measure import PeakMemory, Setting, prepare
-from fastdense.providers import PROVIDERS
+from fastdense.tools.measure import PeakMemory, Setting, prepare
+from fastdense.tools.providers import PROVIDERS
 
 from .conftest import bench_config
 

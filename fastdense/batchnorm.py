@@ -1,4 +1,4 @@
-"""BatchNorm pieces shared by the torch-backend ops: statistics, running updates, the normalising map.
+"""BatchNorm pieces shared by the block algorithm, the torch ops and the stem, transitions and head.
 
 Everything here reproduces ``nn.BatchNorm2d`` in training and eval mode from explicitly given
 statistics, so that one set of batch statistics can serve several consumers and the backward can

@@ -16,10 +16,10 @@ from torch import Tensor, nn
 
 from .backend import check_backend_name, resolve_backend
 from .batchnorm import share_batch_stats
-from .block_op import run_dense_block
+from .block_algorithm import BatchStats, BlockPlan, batch_stats_of, block_forward, update_block_running_stats
+from .block_op import backend_ops, run_dense_block
 from .sync_batchnorm import StatsSync, sync_group_name
-from .torch_backend import BatchStats, BlockPlan, batch_stats_of, block_forward, update_block_running_stats
-from .triton_backend import check_dtypes, triton_ops
+from .triton_ops import check_dtypes
 from .validation import check_block_input, compute_dtype
 
 SPATIAL_DIMS = (1, 2, 3)
@@ -208,7 +208,7 @@ class FastDenseBlock(nn.ModuleDict):
             keep_bottlenecks=not self.memory_efficient,
             compute_dtype=cdt,
             eps1=layers[0].norm1.eps,
-            ops=triton_ops(self.spatial_dims) if backend == "triton" else None,
+            ops=backend_ops(backend, self.spatial_dims),
             sync=StatsSync(sync_group) if sync_group else None,
         )
 

@@ -6,7 +6,7 @@ and an autograd formula, the block is one opaque node to both: ``torch.compile(f
 no graph break, and Inductor compiles the rest of the model around it.
 
 The forward is a pure function of its inputs: it returns the block's batch statistics, and the
-module updates the running statistics afterwards (``torch_backend.update_block_running_stats``). The
+module updates the running statistics afterwards (``block_algorithm.update_block_running_stats``). The
 tensors the backward needs come back as a list of extra outputs (``BlockState.flatten``, a zero-size
 tensor standing for each absent one) that the autograd formula saves.
 """
@@ -20,22 +20,25 @@ import torch
 from torch import Tensor
 
 from .batchnorm import accumulation_dtype
-from .sync_batchnorm import StatsSync
-from .torch_backend import (
+from .block_algorithm import (
     PARAMS_PER_LAYER,
     BatchStats,
     BlockPlan,
     BlockState,
+    Ops,
     RunningNorm,
     batch_stats_of,
     block_backward,
     block_forward,
 )
-from .triton_backend import triton_ops
+from .sync_batchnorm import StatsSync
+from .torch_ops import TORCH_OPS
+from .triton_ops import triton_ops
 
 
-def _ops(backend: str, spatial_dims: int):
-    return triton_ops(spatial_dims) if backend == "triton" else None
+def backend_ops(backend: str, spatial_dims: int) -> Ops:
+    """The operations a resolved backend ("torch" or "triton") runs inside the block's loops."""
+    return triton_ops(spatial_dims) if backend == "triton" else TORCH_OPS
 
 
 def _present(t: Tensor) -> Tensor | None:
@@ -78,7 +81,7 @@ def dense_block(
     forward's ``BatchStats`` (zero-size in eval), ``saved`` what the backward reads (empty unless ``save``);
     ``sync_group``: the process group of SyncBatchNorm statistics, "" for none.
 
-    ``params``: six per layer (``torch_backend.PARAMS_PER_LAYER``); ``running``: norm1's then norm2's
+    ``params``: six per layer (``block_algorithm.PARAMS_PER_LAYER``); ``running``: norm1's then norm2's
     running mean and variance per layer; ``eps``: norm1's and norm2's per layer (in training every norm1
     uses the first: the batch statistics are shared)."""
     norms = [RunningNorm(running[2 * i], running[2 * i + 1], eps[i]) for i in range(len(eps))]  # norm1, norm2, ...
@@ -91,7 +94,7 @@ def dense_block(
         keep_bottlenecks=keep_bottlenecks,
         compute_dtype=compute_dtype,
         eps1=eps[0],
-        ops=_ops(backend, x.dim() - 2),
+        ops=backend_ops(backend, x.dim() - 2),
         channelwise_dropout=tuple(channelwise_dropout),
         sync=StatsSync(sync_group) if sync_group else None,
     )
@@ -158,7 +161,8 @@ def dense_block_backward(
     with torch.autocast(out.device.type, enabled=False):
         d_x, grads = block_backward(
             grad_out, out, tuple(params), state, tuple(needs_input_grad),
-            growth_rate=growth_rate, training=training, compute_dtype=compute_dtype, ops=_ops(backend, out.dim() - 2),
+            growth_rate=growth_rate, training=training, compute_dtype=compute_dtype,
+            ops=backend_ops(backend, out.dim() - 2),
             sync=StatsSync(sync_group) if sync_group else None,
         )  # fmt: skip
     d_x = out.new_empty(0) if d_x is None else d_x

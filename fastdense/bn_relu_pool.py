@@ -25,9 +25,9 @@ from .batchnorm import (
     shared_batch_stats,
     update_running_stats,
 )
+from .layout import as_images, as_rows
 from .stages import stage
-from .torch_backend import as_images, as_rows
-from .triton_backend import check_dtypes
+from .triton_ops import check_dtypes
 
 POOLS = (nn.AvgPool2d, nn.MaxPool2d)
 

@@ -6,7 +6,7 @@ import torch
 from torchvision.models.densenet import _DenseBlock
 
 import fastdense
-from fastdense.verify import randomize_batchnorm, relative_error
+from fastdense.tools.verify import randomize_batchnorm, relative_error
 
 # Largest relative error (vector norm) accepted against torchvision, per dtype.
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastdense.measure import Setting, measure_max_batch
-from fastdense.providers import MODELS, PROVIDERS
-from fastdense.roofline import inference_work
+from fastdense.tools.measure import Setting, measure_max_batch
+from fastdense.tools.providers import MODELS, PROVIDERS
+from fastdense.tools.roofline import inference_work
 
 
 def run_cli(*args: str, timeout: int = 900) -> str:

@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.models.densenet import _DenseBlock
 
 import fastdense
-from fastdense.verify import compare, randomize_batchnorm
+from fastdense.tools.verify import compare, randomize_batchnorm
 
 from .helpers import TOLERANCE, block_pair
 

@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 import fastdense
-from fastdense.verify import compare, randomize_batchnorm
+from fastdense.tools.verify import compare, randomize_batchnorm
 
 from .test_densenet import network_pair
 from .test_dtypes import check_precision

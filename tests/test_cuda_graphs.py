@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 import fastdense
-from fastdense.verify import randomize_batchnorm, relative_error
+from fastdense.tools.verify import randomize_batchnorm, relative_error
 
 from .test_densenet import SMALL
 

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import fastdense
-from fastdense.verify import compare, randomize_batchnorm
+from fastdense.tools.verify import compare, randomize_batchnorm
 
 from .helpers import TOLERANCE, assert_rel_close
 

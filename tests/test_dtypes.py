@@ -20,7 +20,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from fastdense.verify import relative_error
+from fastdense.tools.verify import relative_error
 
 from .helpers import block_pair
 from .test_densenet import network_pair

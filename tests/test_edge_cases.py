@@ -11,7 +11,7 @@ import pickle
 import pytest
 import torch
 
-from fastdense.verify import relative_error
+from fastdense.tools.verify import relative_error
 
 from .helpers import TOLERANCE, assert_rel_close, assert_same_grads_and_buffers, block_pair
 from .test_densenet import network_pair

@@ -14,7 +14,7 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
 import fastdense
-from fastdense.verify import randomize_batchnorm, relative_error
+from fastdense.tools.verify import randomize_batchnorm, relative_error
 
 from .test_densenet import SMALL, network_pair
 
@@ -194,7 +194,7 @@ def timm_pair(**kwargs):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_timm_densenet_converts_exactly(training):
-    from fastdense.verify import compare
+    from fastdense.tools.verify import compare
 
     original, converted = timm_pair()
     assert sum(isinstance(m, fastdense.FastDenseBlock) for m in converted.modules()) == 2

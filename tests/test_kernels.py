@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdense.verify import relative_error
+from fastdense.tools.verify import relative_error
 from kernels.bn_relu_gemm import bn_relu_gemm, bn_relu_gemm_reference
 from kernels.bn_relu_pool import bn_relu_pool, bn_relu_pool_reference
 from kernels.conv3x3 import conv3x3, conv3x3_reference
@@ -152,7 +152,7 @@ def test_kernel_microbenchmark_runs_and_writes_json(tmp_path, capsys):
     CPU a toy-size smoke run in the interpreter; the GPU figures come from benchmarks/gpu_check.sh)."""
     import json
 
-    from fastdense import kernel_bench
+    from fastdense.tools import kernel_bench
 
     kernel_bench.main(["--json", str(tmp_path / "k.json"), "--repeats", "1"])
     result = json.loads((tmp_path / "k.json").read_text())

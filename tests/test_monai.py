@@ -12,7 +12,7 @@ from monai.networks.nets.densenet import _DenseBlock
 
 import fastdense
 from fastdense.sequential_layer import SequentialDenseLayer
-from fastdense.verify import compare, randomize_batchnorm, relative_error
+from fastdense.tools.verify import compare, randomize_batchnorm, relative_error
 
 from .test_dtypes import check_precision
 

@@ -11,7 +11,7 @@ from torch import nn
 import fastdense
 from fastdense import batchnorm, bn_relu_pool
 from fastdense.bn_relu_pool import bn_relu_pool as bn_relu_pool_op
-from fastdense.verify import relative_error
+from fastdense.tools.verify import relative_error
 
 from .test_densenet import network_pair
 

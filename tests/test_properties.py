@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torchvision.models.densenet import _DenseBlock
 
 import fastdense
-from fastdense.verify import randomize_batchnorm, relative_error
+from fastdense.tools.verify import randomize_batchnorm, relative_error
 
 from .test_triton_backend import DEVICE
 

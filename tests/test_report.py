@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from fastdense.report import REPORT_PROVIDERS
-from fastdense.tables import format_table
+from fastdense.tools.report import REPORT_PROVIDERS
+from fastdense.tools.tables import format_table
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_format_table_aligns_columns():
 
 def test_tables_and_progress_without_rich(monkeypatch, capsys):
     """The GPU machine has no rich: tables fall back to plain text and progress to lines on stderr."""
-    from fastdense import tables
+    from fastdense.tools import tables
 
     monkeypatch.setattr(tables, "HAVE_RICH", False)
     tables.print_table("title", ["name", "value"], [["a", "1.0"]], text_columns=1)
@@ -67,5 +67,19 @@ def test_tables_and_progress_without_rich(monkeypatch, capsys):
 
 
 def test_command_line_tools_import_without_rich():
-    code = "import sys; sys.modules['rich'] = None; import fastdense.bench, fastdense.profile, fastdense.report"
+    code = (
+        "import sys; sys.modules['rich'] = None; "
+        "import fastdense.tools.bench, fastdense.tools.profile, fastdense.tools.report"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_importing_the_library_loads_none_of_the_tools():
+    code = (
+        "import sys, fastdense; "
+        "tools = ('fastdense.tools', 'rich', 'matplotlib'); "
+        "loaded = [m for m in sys.modules if m.startswith(tools)]; "
+        "print(loaded); sys.exit(1 if loaded else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

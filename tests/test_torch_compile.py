@@ -14,7 +14,7 @@ import torchvision
 
 import fastdense
 from fastdense.block_op import dense_block
-from fastdense.verify import compare, randomize_batchnorm, relative_error
+from fastdense.tools.verify import compare, randomize_batchnorm, relative_error
 
 from .test_densenet import SMALL
 

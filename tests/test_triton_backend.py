@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdense.triton_backend import CONV3X3_ENV_VAR
-from fastdense.verify import compare
+from fastdense.tools.verify import compare
+from fastdense.triton_ops import CONV3X3_ENV_VAR
 from kernels.launch import INTERPRET
 
 from .helpers import block_pair

@@ -16,7 +16,7 @@ import torchvision
 from torchvision.models import DenseNet121_Weights
 
 import fastdense
-from fastdense.verify import randomize_batchnorm
+from fastdense.tools.verify import randomize_batchnorm
 
 
 def legacy_key(key: str) -> str:

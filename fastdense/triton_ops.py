@@ -1,7 +1,8 @@
-"""The ``triton`` backend: the block's kernels from ``kernels/`` (DESIGN.md sections 3 and 4).
+"""The ``triton`` backend: a dense block's operations (``block_algorithm.Ops``) as the kernels of
+``kernels/`` (DESIGN.md sections 3 and 4).
 
-The layer loops, running-statistics updates and the saved state are the torch backend's
-(``torch_backend.block_forward`` / ``block_backward``); only the operations inside differ. Forward:
+The layer loops, running-statistics updates and the saved state are ``block_algorithm``'s, shared with
+the torch backend (``torch_ops``); only the operations inside differ. Forward:
 segment statistics by a reduction kernel, BN-ReLU-1x1 conv as one GEMM with norm2's statistics
 (training) or norm2-ReLU (eval) in its epilogue, and the 3x3 conv as an implicit GEMM with the
 norm2-ReLU prologue that writes straight into the buffer slice and emits the new segment's statistics.
@@ -20,7 +21,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .torch_backend import Ops, conv3x3_into
+from .block_algorithm import Ops
+from .torch_ops import conv3x3_into, conv3x3_norm2_backward
 
 # How the triton backend runs the 3x3 conv: "triton" (implicit GEMM with the norm2-ReLU prologue,
 # writing into the buffer) or "cudnn" (PyTorch's conv2d on the materialised activation, then a copy).
@@ -94,10 +96,11 @@ def triton_ops(spatial_dims: int = 2) -> Ops:
     use_kernel = spatial_dims == 2 and conv3x3_choice() == "triton"
     new_features = _new_features_triton if use_kernel else _new_features_cudnn
     return Ops(
-        _column_stats,
-        _bottleneck,
-        new_features,
-        fuses_eval_norm2=True,
+        column_stats=_column_stats,
+        bottleneck=_bottleneck,
+        new_features=new_features,
+        new_features_backward=conv3x3_norm2_backward,  # PyTorch's (cuDNN's) conv backward for now
         norm1_backward=_norm1_backward,
         finalize=_finalize,
+        fuses_eval_norm2=True,
     )

@@ -5,7 +5,7 @@ Runs torch.profiler over ``--steps`` warmed-up steps of one provider and prints:
 * ATen operators: calls, self time and share of the total; achieved TFLOP/s where the profiler counts
   FLOPs (matmuls, convolutions) and GB/s of their inputs (the bytes of the input tensors: a lower
   bound on traffic), both over the calls' inclusive time and as fractions of the device's measured
-  matmul rate and copy bandwidth (``fastdense.roofline.measure_peaks``);
+  matmul rate and copy bandwidth (``fastdense.tools.roofline.measure_peaks``);
 * on CUDA, the GPU kernels by device time;
 * fastdense's stages (``fastdense.stats``, ``.gemm``, ``.conv``, ``.finalize``, ...; the same names are
   NVTX ranges in an Nsight trace), inclusive time.

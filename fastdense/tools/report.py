@@ -4,7 +4,7 @@
    statistics, fastdense against torchvision on the same weights and inputs, train and eval mode,
    ``memory_efficient`` both ways: largest relative error of the output, the input gradient, every
    parameter gradient and the running statistics.
-2. Benchmark (``fastdense.bench`` with the report's providers): inference and one training step for
+2. Benchmark (``fastdense.tools.bench`` with the report's providers): inference and one training step for
    torchvision eager, torchvision ``memory_efficient=True`` and fastdense, time, images/s and extra
    peak memory. ``python -m fastdense bench`` has every provider and option.
 """

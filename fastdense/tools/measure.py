@@ -1,6 +1,6 @@
 """Time, peak memory, accuracy and the largest trainable batch of DenseNet steps, one process each.
 
-``python -m fastdense.measure --metric time --provider A B ... --mode train ...`` prints one JSON line: a
+``python -m fastdense.tools.measure --metric time --provider A B ... --mode train ...`` prints one JSON line: a
 list with a row per provider. Every measurement runs in a fresh process:
 
 * time: all requested providers in one process, their steps interleaved (every round runs each
@@ -18,7 +18,7 @@ list with a row per provider. Every measurement runs in a fresh process:
   hands freed blocks back at once and the resident set follows live memory. Memory in use before the
   step (weights, gradients, optimizer state) is not counted.
 * max-batch (CUDA, training): the largest batch one training step fits in, by doubling then bisection.
-* peaks: the device's matmul rate in the benchmark dtype and its copy bandwidth (``fastdense.roofline``).
+* peaks: the device's matmul rate in the benchmark dtype and its copy bandwidth (``fastdense.tools.roofline``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``torch`` backend of a dense block: DESIGN.md sections 2 and 4 written with plain PyTorch ops.
+"""A dense block's algorithm, shared by both backends: DESIGN.md sections 2 and 4.
 
 One channels_last buffer per block holds every feature map; seen as a row-major ``M x C_total``
 matrix (``M = N*H*W``), layer ``l`` reads the column prefix ``[0, C_l)`` and writes its ``k`` new
@@ -7,10 +7,10 @@ and shared by every BatchNorm that reads it. The backward recomputes the normali
 the buffer and sums every consumer's BatchNorm gradient into one gradient buffer ``G``, finalising each
 segment once (the derivation is in DESIGN.md section 4).
 
-Precision: the buffer keeps the input's dtype (as ``torch.cat`` would); GEMMs and convolutions run
-in the compute dtype (the autocast dtype under autocast, else the input's dtype); statistics,
-normalisation and gradient sums run in the accumulation dtype (float64 for float64 inputs, float32
-otherwise).
+This module holds the loops over layers, the saved state and the forward/backward contract; the
+operations inside them come as an ``Ops`` record: plain PyTorch in ``torch_ops``, Triton kernels in
+``triton_ops``. The buffer keeps the input's dtype (as ``torch.cat`` would); statistics and gradient
+sums run in the accumulation dtype (float64 for float64 inputs, float32 otherwise).
 """
 
 from __future__ import annotations
@@ -21,19 +21,10 @@ from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batchnorm import (
-    Affine,
-    accumulation_dtype,
-    affine,
-    batch_stats,
-    chunks,
-    input_grad_from_sums,
-    running_stats,
-    update_running_stats,
-)
+from .batchnorm import accumulation_dtype, affine, running_stats, update_running_stats
+from .layout import as_images, as_rows
 from .stages import stage
 from .sync_batchnorm import StatsSync
 
@@ -62,7 +53,7 @@ class BlockPlan:
     keep_bottlenecks: bool  # memory_efficient=False keeps each layer's 1x1 conv output for backward
     compute_dtype: torch.dtype
     eps1: float  # shared by every norm1 of the block (checked by the module)
-    ops: Ops | None = None  # the forward's kernels: None means TORCH_OPS; fastdense.triton_backend has the others
+    ops: Ops  # the operations inside the loop: torch_ops.TORCH_OPS or triton_ops.triton_ops(...)
     # Per layer: dropout zeroes whole channels of a sample (MONAI's Dropout2d/3d) instead of single values.
     channelwise_dropout: tuple[bool, ...] = ()
     sync: StatsSync | None = None  # SyncBatchNorm: batch statistics over the processes of a group
@@ -70,9 +61,9 @@ class BlockPlan:
 
 @dataclass(frozen=True)
 class Ops:
-    """The three forward kernels of a dense block. The torch backend's are plain PyTorch ops; the
-    Triton backend's fuse them (``fastdense.triton_backend``). Both keep the same buffer layout and
-    return the same statistics, so one backward serves both.
+    """The operations of a dense block's forward and backward. The torch backend's are plain PyTorch ops
+    (``torch_ops``); the triton backend's fuse them into kernels (``triton_ops``). Both keep the same
+    buffer layout and return the same statistics, so one loop and one saved state serve both.
 
     column_stats(cols) -> (var, mean): biased batch statistics of an ``M x c`` buffer slice.
     bottleneck(x, norm1, w1, stats, epilogue) -> (Y, (var, mean) or None): ``relu(norm1(x)) @ w1^T`` for
@@ -82,17 +73,23 @@ class Ops:
         ``conv3x3(relu(norm2(Y))) * noise`` into the ``M x k`` buffer slice ``out`` (``norm2`` None: Y is
         already activated; ``noise`` None: no dropout) and returns the slice's statistics with ``stats``;
         ``grid`` is ``(N, *spatial)``.
-    fuses_eval_norm2: whether ``bottleneck`` takes an ``epilogue``.
-    norm1_backward: the backward of ``bottleneck`` (``_norm1_backward``'s contract); None: PyTorch's.
-    finalize: a segment's input gradient (``_finalize``'s contract); None: PyTorch's.
+    new_features_backward(d_new, Y, norm2, rstd2, w2, grid, training, need_weight, sync, count) ->
+        (dY, d_gamma2, d_beta2, d_w2): the backward of ``new_features`` from the new features' gradient
+        (dropout undone) to the bottleneck's (``torch_ops.conv3x3_norm2_backward``).
+    norm1_backward(dY, x, norm1, rstd1, w1, G, coef, need_weight) -> (d_gamma1, d_beta1, d_w1): the
+        backward of ``bottleneck``, adding ``coef * P`` into G's first ``C_l`` columns
+        (``torch_ops.norm1_backward``).
+    finalize(g, x, d_out, stats, noise) -> dx: a segment's input gradient (``torch_ops.finalize``).
+    fuses_eval_norm2: whether ``bottleneck`` applies an ``epilogue``.
     """
 
     column_stats: Callable
     bottleneck: Callable
     new_features: Callable
+    new_features_backward: Callable
+    norm1_backward: Callable
+    finalize: Callable
     fuses_eval_norm2: bool = False
-    norm1_backward: Callable | None = None
-    finalize: Callable | None = None
 
 
 @dataclass
@@ -161,64 +158,6 @@ def update_block_running_stats(norms1, norms2, stats: BatchStats, count: int | T
         update_running_stats(norm2, stats.mean2[layer], stats.var2[layer], count)
 
 
-def as_images(rows: Tensor, n: int, *spatial: int) -> Tensor:
-    """An ``M x C`` matrix (any row stride: a buffer's column slice too) seen as an ``(N, C, *spatial)``
-    channels-last tensor (``(N, C, H, W)`` or ``(N, C, D, H, W)``), without a copy."""
-    return rows.unflatten(0, (n, *spatial)).movedim(-1, 1)
-
-
-def as_rows(t: Tensor) -> Tensor:
-    """An ``(N, C, *spatial)`` tensor as an ``M x C`` matrix with adjacent columns, as the kernels take
-    it: a view when it is channels-last (or a channel slice of such), else a copy."""
-    c = t.shape[1]
-    rows = t.movedim(1, -1).reshape(-1, c)
-    return rows if c <= 1 or rows.stride(1) == 1 else rows.contiguous()
-
-
-def _conv3x3(images: Tensor, weight: Tensor) -> Tensor:
-    """The layer's 3x3 (3x3x3, ...) convolution with padding 1, for 1 to 3 spatial dimensions."""
-    return _CONV_FUNCTIONS[images.dim() - 2](images, weight, padding=1)
-
-
-_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def _bottleneck(x: Tensor, norm1: Affine, w1_t: Tensor) -> Tensor:
-    """``relu(norm1(x)) @ W1^T`` for an ``M x C_l`` prefix of the buffer: the GEMM prologue of
-    DESIGN.md in row chunks, so the normalised activations never exist for all rows at once."""
-    out = torch.empty((x.shape[0], w1_t.shape[1]), dtype=w1_t.dtype, device=x.device)
-    for lo, hi in chunks(x.shape[0], x.shape[1]):
-        act = norm1(x[lo:hi]).relu_().to(w1_t.dtype)
-        torch.mm(act, w1_t, out=out[lo:hi])
-    return out
-
-
-def _column_stats(cols: Tensor) -> tuple[Tensor, Tensor]:
-    return batch_stats(cols, dim=0)
-
-
-def _torch_bottleneck(x, norm1: Affine, w1: Tensor, stats: bool, epilogue: Affine | None):
-    bottleneck = _bottleneck(x, norm1, w1.t())
-    return bottleneck, batch_stats(bottleneck, dim=0) if stats else None
-
-
-def conv3x3_into(bottleneck, norm2: Affine | None, w2, grid, out, noise, stats: bool, column_stats=_column_stats):
-    """``Ops.new_features`` with a 3x3 convolution from PyTorch (cuDNN on CUDA): the activation is
-    materialised, convolved, multiplied by the dropout noise and copied into the buffer slice.
-    ``grid``: ``(N, *spatial)``, the shape the buffer's rows come from."""
-    act2 = bottleneck if norm2 is None else norm2(bottleneck).relu_()
-    new = _conv3x3(as_images(act2.to(w2.dtype), *grid), w2)  # (N, k, *spatial)
-    del act2
-    if noise is not None:
-        new = new * as_images(noise, *grid)
-    as_images(out, *grid).copy_(new)
-    del new
-    return column_stats(out) if stats else None
-
-
-TORCH_OPS = Ops(column_stats=_column_stats, bottleneck=_torch_bottleneck, new_features=conv3x3_into)
-
-
 def _layer_params(params: tuple[Tensor, ...], layer: int) -> tuple[Tensor, ...]:
     return params[layer * PARAMS_PER_LAYER : (layer + 1) * PARAMS_PER_LAYER]
 
@@ -235,7 +174,7 @@ def block_forward(
     grid = (n, *spatial)
     k, num_layers = plan.growth_rate, len(plan.drop_rates)
     c_total, m = c0 + num_layers * k, math.prod(grid)
-    acc, cdt, ops = accumulation_dtype(x.dtype), plan.compute_dtype, plan.ops or TORCH_OPS
+    acc, cdt, ops = accumulation_dtype(x.dtype), plan.compute_dtype, plan.ops
     sync = plan.sync if plan.training else None
 
     def synced(stats: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -316,86 +255,6 @@ def dropout_noise(grid, k: int, p: float, channelwise: bool, dtype, device) -> T
     return noise.expand(*grid, k).reshape(-1, k)
 
 
-def _conv2_norm2_backward(
-    d_new, bottleneck, norm2: Affine, rstd2, w2c, grid, training: bool, need_weight: bool, sync, count: int
-):
-    """From the gradient of a layer's new features (dropout already undone) back to its bottleneck:
-    3x3 conv, ReLU and norm2 backward, with norm2-ReLU recomputed exactly as the forward did. ``sync``
-    (SyncBatchNorm): the input gradient takes the sums over all ``count`` rows of every process.
-
-    Returns the bottleneck gradient (compute dtype) and the gradients of norm2's weight and bias and of
-    conv2's weight (None when not needed)."""
-    ones, zeros = [1] * (len(grid) - 1), [0] * (len(grid) - 1)
-    acc, cdt = rstd2.dtype, w2c.dtype
-    pre2 = norm2(bottleneck)
-    mask2 = pre2 > 0
-    act2 = pre2.relu_().to(cdt)
-    del pre2
-    with stage("conv_backward", bottleneck.device):
-        images = (as_images(d_new.to(cdt), *grid), as_images(act2, *grid))
-        if len(grid) == 4 and act2.device.type == "cpu" and cdt in (torch.bfloat16, torch.float16):
-            # PyTorch's CPU 3-D weight gradient from channels_last_3d bf16 tensors is wrong on 2x2x2 maps
-            # (relative error ~1, seen with torch 2.14); from contiguous ones it is right.
-            images = tuple(t.contiguous() for t in images)
-        d_act2, d_w2, _ = torch.ops.aten.convolution_backward(
-            *images, w2c, None, ones, ones, ones, False, zeros, 1, [True, need_weight, False]
-        )
-    del act2, images
-    with stage("norm_backward", bottleneck.device):
-        d_pre2 = as_rows(d_act2).to(acc).mul_(mask2)  # through relu2
-        del d_act2, mask2
-        yhat = (bottleneck.to(acc) - norm2.mean).mul_(rstd2)
-        d_b2 = d_pre2.sum(0)
-        d_g2 = (d_pre2 * yhat).sum(0)
-        sums = (d_b2, d_g2) if sync is None else sync.sum(d_b2, d_g2)  # the parameters' gradients stay local
-        d_bottleneck = input_grad_from_sums(d_pre2, yhat, *sums, norm2.scale, count, training).to(cdt)
-    return d_bottleneck, d_g2, d_b2, d_w2
-
-
-def _norm1_backward(d_bottleneck, x, norm1: Affine, rstd1, w1c, grad_sum, coef, need_weight: bool):
-    """norm1 backward over an ``M x C_l`` buffer prefix, in row chunks. With ``u = norm1(x)`` recomputed,
-    ``P = (dY @ W1) * [u > 0]`` is norm1's output gradient and ``dW1 = dY^T @ relu(u)``; ``P * coef``
-    (gamma in training, the eval map's slope otherwise) is added to G's first ``C_l`` columns.
-
-    Returns norm1's weight and bias gradients and conv1's weight gradient (None when not needed)."""
-    m, c_in = x.shape
-    acc, cdt = rstd1.dtype, w1c.dtype
-    d_w1 = torch.zeros((w1c.shape[0], c_in), dtype=acc, device=x.device) if need_weight else None
-    d_b1 = torch.zeros(c_in, dtype=acc, device=x.device)
-    d_g1 = torch.zeros(c_in, dtype=acc, device=x.device)  # sum(P * (x - mean)); times rstd at the end
-    for lo, hi in chunks(m, c_in):
-        x_chunk, d_y = x[lo:hi], d_bottleneck[lo:hi]
-        centered, pre1 = norm1.centered_and_normalized(x_chunk)
-        mask1 = pre1 > 0
-        if d_w1 is not None:
-            d_w1 += (d_y.t() @ pre1.relu_().to(cdt)).to(acc)
-        del pre1
-        p_grad = (d_y @ w1c).to(acc).mul_(mask1)
-        del mask1
-        d_b1 += p_grad.sum(0)
-        d_g1 += centered.mul_(p_grad).sum(0)
-        del centered
-        grad_sum[lo:hi, :c_in].addcmul_(p_grad, coef)
-        del p_grad
-    return d_g1.mul_(rstd1), d_b1, d_w1
-
-
-def _finalize(g: Tensor, x: Tensor, d_out: Tensor, stats, noise: Tensor | None) -> Tensor:
-    """``Ops.finalize`` in PyTorch: a segment's input gradient from its column range of G (accumulation
-    dtype), of the buffer and of the output gradient. ``stats``: ``(mean, rstd, sum_g, sum_gx)`` per
-    channel in training, None in eval (frozen statistics: each norm1 is an affine map, already in G).
-    ``noise``: the layer's dropout multiplier, applied last (dropout backward)."""
-    d_out = d_out.to(g.dtype)
-    if stats is None:
-        d_x = g + d_out
-    else:
-        mean, rstd, sum_g, sum_gx = stats
-        m = g.shape[0]
-        d_x = (x.to(g.dtype) - mean).mul_(rstd)  # xhat
-        d_x.mul_(sum_gx / m).neg_().add_(g).sub_(sum_g / m).mul_(rstd).add_(d_out)
-    return d_x.mul_(noise) if noise is not None else d_x
-
-
 def block_backward(
     grad_out: Tensor,
     out: Tensor,
@@ -406,11 +265,11 @@ def block_backward(
     growth_rate: int,
     training: bool,
     compute_dtype: torch.dtype,
-    ops: Ops | None,
+    ops: Ops,
     sync: StatsSync | None = None,
 ) -> tuple[Tensor | None, list[Tensor | None]]:
-    """Gradients of the input and of every parameter, per DESIGN.md section 4. ``ops``: the forward's
-    (None: the torch backend's); ``sync``: the forward's SyncBatchNorm group, if any."""
+    """Gradients of the input and of every parameter, per DESIGN.md section 4. ``ops``: the forward's;
+    ``sync``: the forward's SyncBatchNorm group, if any."""
     n, c_total, *spatial = out.shape
     grid = (n, *spatial)
     k, num_layers = growth_rate, len(params) // PARAMS_PER_LAYER
@@ -425,9 +284,6 @@ def block_backward(
         sum_g = torch.zeros(c_total, dtype=acc, device=out.device)
         sum_gx = torch.zeros(c_total, dtype=acc, device=out.device)
 
-    norm1_backward = (ops.norm1_backward if ops else None) or _norm1_backward
-    finalize_segment = (ops.finalize if ops else None) or _finalize
-
     def finalize(lo: int, hi: int, noise: Tensor | None = None) -> Tensor:
         """Gradient of columns [lo, hi) once every consumer has been accumulated into G."""
         stats = None
@@ -436,7 +292,7 @@ def block_backward(
             if sync is not None:  # over every process's rows; finalize divides by this process's m
                 sums = tuple(t.mul_(m / count) for t in sync.sum(*sums))
             stats = (state.seg_mean[lo:hi], state.seg_rstd[lo:hi], *sums)
-        return finalize_segment(grad_sum[:, lo:hi], rows[:, lo:hi], as_rows(grad_out[:, lo:hi]), stats, noise)
+        return ops.finalize(grad_sum[:, lo:hi], rows[:, lo:hi], as_rows(grad_out[:, lo:hi]), stats, noise)
 
     grads: list[Tensor | None] = [None] * len(params)
     for layer in reversed(range(num_layers)):
@@ -453,14 +309,14 @@ def block_backward(
         bottleneck = saved.bottleneck
         if bottleneck is None:
             with stage("gemm", out.device):
-                bottleneck = _bottleneck(rows[:, :c_in], norm1, w1c.t())
-        d_bottleneck, d_g2, d_b2, d_w2 = _conv2_norm2_backward(
+                bottleneck, _ = ops.bottleneck(rows[:, :c_in], norm1, w1c, False, None)
+        d_bottleneck, d_g2, d_b2, d_w2 = ops.new_features_backward(
             d_new, bottleneck, norm2, saved.rstd2, w2.to(cdt), grid, training, need[5], sync, count
         )
         del d_new, bottleneck
         coef = g1.to(acc) if training else norm1.scale  # eval: norm1 is an affine map of slope scale
         with stage("gemm_backward", out.device):
-            d_g1, d_b1, d_w1 = norm1_backward(
+            d_g1, d_b1, d_w1 = ops.norm1_backward(
                 d_bottleneck, rows[:, :c_in], norm1, rstd1, w1c, grad_sum, coef, need_weight=need[2]
             )
         del d_bottleneck

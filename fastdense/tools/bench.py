@@ -1,11 +1,11 @@
 """``python -m fastdense bench``: speed and peak memory of fastdense against torchvision and torch.compile.
 
-Every measurement runs in a fresh process (``fastdense.measure``): per batch size and mode, one process
+Every measurement runs in a fresh process (``fastdense.tools.measure``): per batch size and mode, one process
 times all providers with interleaved rounds (on CUDA it also measures their peak memory), then on the
 CPU one process per provider measures its peak memory; with ``--max-batch`` on CUDA one process per
 provider finds the largest batch it trains. The table shows ratios against
 torchvision eager; ``--json`` keeps every figure, ``--plot`` draws throughput, peak memory and, for
-inference, the fraction of the roofline floor (``fastdense.roofline``) against batch size.
+inference, the fraction of the roofline floor (``fastdense.tools.roofline``) against batch size.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class Plan:
 
 
 def _measure(metric: str, providers: list[str], plan: Plan, mode: str, batch: int) -> list[dict]:
-    command = [sys.executable, "-m", "fastdense.measure", "--metric", metric]
+    command = [sys.executable, "-m", "fastdense.tools.measure", "--metric", metric]
     if providers:
         command += ["--provider", *providers]
     command += ["--mode", mode, "--model", plan.model, "--batch", str(batch), "--resolution", str(plan.resolution)]
@@ -189,7 +189,7 @@ def print_table(result: dict) -> None:
         "speed vs eager: torchvision eager's time over this one (higher is faster); memory vs eager: this peak "
         "over eager's.\npeak MiB: extra peak memory of one step. max_rel_err: max |out - ref| / max |ref| of the "
         "logits against torchvision in float64\non the same weights and input. roofline: floor time over "
-        "measured time (inference; see fastdense.roofline)."
+        "measured time (inference; see fastdense.tools.roofline)."
     )
 
 
