@@ -23,12 +23,30 @@ import triton.language as tl
 from torch import Tensor
 
 from .affine import bn_relu, load_affine, rounded
-from .launch import INTERPRET, bucket, check_kernel_tensors, dot_precision, smallest, tuned, unit_columns
+from .launch import (
+    INTERPRET,
+    bucket,
+    check_kernel_tensors,
+    check_rows,
+    dot_precision,
+    smallest,
+    tuned,
+    unit_columns,
+)
+from .offsets import row_offsets
 from .stats import empty_partials, merge_partials
 from .tiles import dot_weight_rows, output_tile, store_tile_statistics
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
 # Hopper: the bottleneck width N = 4k is 128 (DenseNet-121/169/201) or 192 (161); K runs to ~1000.
+# What each costs on sm_90 over bf16/fp16/fp32 and the epilogue variants (tests/compile_for_hopper.py
+# --all, triton 3.8 and 3.6; no configuration spills): registers per thread, shared memory per block
+# (the pipeline's A and B tiles times num_stages; bf16 the low end, fp32 the high end, of 227 KB).
+#   128x128x64, 8 warps, 3 stages: 130-226 regs,  81-161 KB
+#   128x64x64,  4 warps, 4 stages: 147-255 regs,  82-162 KB (fp32 reaches the cap, unspilled)
+#   64x128x64,  4 warps, 4 stages: 128-248 regs,  90-178 KB
+#   128x128x32, 4 warps, 4 stages: 207-255 regs,  57-113 KB (fp32 reaches the cap, unspilled)
+#   64x64x32,   4 warps, 5 stages:  72-116 regs,  37-73 KB
 _CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
@@ -36,7 +54,21 @@ _CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=5),
 ]
-_MIN_BLOCK_M = smallest([*_CONFIGS, _INTERPRET_CONFIG], "BLOCK_M")
+# The pooled transition loads four A tiles (the 2x2 window) per step, and the pipeline buffers each of
+# them num_stages times: fewer stages and more warps than the layer GEMM keep it within shared memory
+# (with the layer's configurations fp32 needed up to 461 KB) and without spills (the layer's 128x64x64
+# on 4 warps spilled 112 B per thread in bf16):
+#   128x128x32, 8 warps, 2 stages: 154-208 regs, 48-96 KB
+#   64x128x64,  8 warps, 2 stages: 135-254 regs, 64-128 KB
+#   128x64x32,  8 warps, 3 stages: 114-169 regs, 76-152 KB
+#   64x64x32,   4 warps, 3 stages: 116-168 regs, 44-88 KB
+_POOL_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+]
+_MIN_BLOCK_M = smallest([*_CONFIGS, *_POOL_CONFIGS, _INTERPRET_CONFIG], "BLOCK_M")
 
 
 @triton.jit
@@ -49,20 +81,14 @@ def _load_pooled_rows(x_ptr, rows, row_mask, ks, k_mask, stride_x, H, W, shift, 
     mask = row_mask[:, None] & k_mask[None, :]
     total = tl.zeros((rows.shape[0], ks.shape[0]), tl.float32)
     for corner in tl.static_range(4):
-        src = top_left + (corner // 2) * W + (corner % 2)
-        x = tl.load(x_ptr + src[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
+        src = row_offsets(top_left + (corner // 2) * W + (corner % 2), stride_x)
+        x = tl.load(x_ptr + src[:, None] + ks[None, :], mask=mask, other=0.0)
         total += bn_relu(x, shift, scale, bias, INTERPRETED)
     return rounded(total * 0.25, x.dtype, INTERPRETED)
 
 
-@tuned(
-    _CONFIGS,
-    key=["N", "M_BUCKET", "K_BUCKET"],
-    reset_to_zero=["mean_ptr", "m2_ptr", "count_ptr"],
-    interpret=_INTERPRET_CONFIG,
-)
 @triton.jit
-def _bn_relu_gemm_kernel(
+def _bn_relu_gemm(
     x_ptr, shift_ptr, scale_ptr, bias_ptr, w_ptr, y_ptr,
     shift2_ptr, scale2_ptr, bias2_ptr, mean_ptr, m2_ptr, count_ptr,
     M, N, K, stride_x, stride_y, H, W, M_BUCKET, K_BUCKET,
@@ -71,6 +97,7 @@ def _bn_relu_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rows, cols, row_mask, col_mask = output_tile(M, N, BLOCK_M, BLOCK_N)
+    x_rows = x_ptr + row_offsets(rows, stride_x)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -80,7 +107,7 @@ def _bn_relu_gemm_kernel(
             act = _load_pooled_rows(x_ptr, rows, row_mask, ks, k_mask, stride_x, H, W, shift, scale, bias, INTERPRETED)
         else:
             mask = row_mask[:, None] & k_mask[None, :]
-            x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
+            x = tl.load(x_rows[:, None] + ks[None, :], mask=mask, other=0.0)
             act = bn_relu(x, shift, scale, bias, INTERPRETED).to(x.dtype)
         acc = dot_weight_rows(acc, act, w_ptr, ks, k_mask, cols, col_mask, N, INTERPRETED, PRECISION)  # W^T: K x N
 
@@ -88,9 +115,22 @@ def _bn_relu_gemm_kernel(
     if EPILOGUE:  # eval: norm2 (folded running statistics) and relu2 on the finished tile
         shift2, scale2, bias2 = load_affine(shift2_ptr, scale2_ptr, bias2_ptr, cols, col_mask)
         y = bn_relu(y, shift2, scale2, bias2, INTERPRETED).to(y.dtype)
-    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y, mask=row_mask[:, None] & col_mask[None, :])
+    y_rows = y_ptr + row_offsets(rows, stride_y)
+    tl.store(y_rows[:, None] + cols[None, :], y, mask=row_mask[:, None] & col_mask[None, :])
     if STATS:  # training: norm2's statistics of the rounded outputs, as BatchNorm sees them
         store_tile_statistics(y, row_mask, cols, col_mask, mean_ptr, m2_ptr, count_ptr, N)
+
+
+def _tuned(configs):
+    return tuned(
+        configs, key=["N", "M_BUCKET", "K_BUCKET"], reset_to_zero=["mean_ptr", "m2_ptr", "count_ptr"],
+        interpret=_INTERPRET_CONFIG,
+    )(_bn_relu_gemm)  # fmt: skip
+
+
+# One kernel, two sets of configurations: a dense layer's GEMM and the pooled transition.
+_bn_relu_gemm_kernel = _tuned(_CONFIGS)
+_pooled_gemm_kernel = _tuned(_POOL_CONFIGS)
 
 
 def bn_relu_gemm(
@@ -114,6 +154,7 @@ def bn_relu_gemm(
     """
     check_kernel_tensors(x, weight)
     m_in, k = x.shape
+    check_rows(m_in, "bn_relu_gemm")
     n_out = weight.shape[0]
     if weight.shape != (n_out, k):
         raise ValueError(
@@ -135,7 +176,8 @@ def bn_relu_gemm(
         def grid(meta):
             return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"])
 
-        _bn_relu_gemm_kernel[grid](
+        kernel = _bn_relu_gemm_kernel if pool_hw is None else _pooled_gemm_kernel
+        kernel[grid](
             x, *norm, w_t, out, *second, *partials,
             m, n_out, k, x.stride(0), out.stride(0), h, w, bucket(m), bucket(k),
             POOL=pool_hw is not None, EPILOGUE=epilogue is not None, STATS=stats,

@@ -21,15 +21,32 @@ import triton.language as tl
 from torch import Tensor
 
 from .affine import bn_relu, load_affine
-from .launch import INTERPRET, bucket, check_kernel_tensors, dot_precision, smallest, tuned, unit_columns
+from .launch import (
+    INTERPRET,
+    bucket,
+    check_kernel_tensors,
+    check_rows,
+    dot_precision,
+    smallest,
+    tuned,
+    unit_columns,
+)
+from .offsets import row_offsets
 from .tiles import dot_weight_rows, output_tile
 
 _DGRAD_INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
 # Here N is the buffer prefix width C (up to ~1000) and the reduction runs over the 4k = 128 channels.
+# The epilogue holds the product, the buffer tile, G's tile and their pointers at once: tiles of
+# 128 x 64 or more take 8 warps (on 4 warps, and 128x128 on 8, bf16 spilled 250-450 B per thread).
+# Cost on sm_90 over bf16/fp16/fp32 (compile_for_hopper.py --all, triton 3.8 and 3.6; no spills):
+#   128x64x64, 8 warps, 3 stages: 138-189 regs, 72-144 KB
+#   64x128x64, 8 warps, 3 stages: 137-187 regs, 72-144 KB
+#   64x64x64,  4 warps, 3 stages: 138-180 regs, 48-96 KB
+#   64x64x32,  4 warps, 4 stages: 142-185 regs, 32-64 KB
 _DGRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
 ]
 _DGRAD_MIN_BLOCK_M = smallest([*_DGRAD_CONFIGS, _DGRAD_INTERPRET], "BLOCK_M")
@@ -50,19 +67,20 @@ def _dgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rows, cols, row_mask, col_mask = output_tile(M, N, BLOCK_M, BLOCK_N)
+    dy_rows = dy_ptr + row_offsets(rows, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):  # dY (M x K, contiguous) @ W1 (K x N, row-major)
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
-        dy = tl.load(dy_ptr + rows[:, None] * K + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        dy = tl.load(dy_rows[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         acc = dot_weight_rows(acc, dy, w_ptr, ks, k_mask, cols, col_mask, N, INTERPRETED, PRECISION)
 
     mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + row_offsets(rows, stride_x)[:, None] + cols[None, :], mask=mask, other=0.0)
     shift, scale, bias = load_affine(shift_ptr, scale_ptr, bias_ptr, cols, col_mask)
     active = bn_relu(x, shift, scale, bias, INTERPRETED) > 0  # norm1's ReLU mask, recomputed
     p = tl.where(mask & active, acc, 0.0)
-    g_ptrs = g_ptr + rows[:, None] * stride_g + cols[None, :]
+    g_ptrs = g_ptr + row_offsets(rows, stride_g)[:, None] + cols[None, :]
     coef = tl.load(coef_ptr + cols, mask=col_mask, other=0.0)
     tl.store(g_ptrs, tl.load(g_ptrs, mask=mask, other=0.0) + p * coef[None, :], mask=mask)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
@@ -73,6 +91,7 @@ def _dgrad_kernel(
 
 
 _WGRAD_INTERPRET = triton.Config({"BLOCK_N": 32, "BLOCK_C": 32, "BLOCK_M": 32, "SPLIT_M": 2})
+# wgrad: 130-152, 96-148 and 116-140 registers per thread, 64-144 KB of shared memory (no spills).
 _WGRAD_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_C": 64, "BLOCK_M": 64, "SPLIT_M": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 64, "SPLIT_M": 64}, num_warps=4, num_stages=3),
@@ -95,14 +114,15 @@ def _wgrad_kernel(
     n_mask, col_mask = ns < N, cols < C
     shift, scale, bias = load_affine(shift_ptr, scale_ptr, bias_ptr, cols, col_mask)
     rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT_M), BLOCK_M) * BLOCK_M
-    start = split.to(tl.int64) * rows_per_split
+    start = split * rows_per_split
     acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     for m0 in range(0, rows_per_split, BLOCK_M):
-        rows = start + m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        rows = start + m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < M
-        dy = tl.load(dy_ptr + rows[:, None] * N + ns[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        dy_mask = row_mask[:, None] & n_mask[None, :]
+        dy = tl.load(dy_ptr + row_offsets(rows, N)[:, None] + ns[None, :], mask=dy_mask, other=0.0)
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        x = tl.load(x_ptr + row_offsets(rows, stride_x)[:, None] + cols[None, :], mask=mask, other=0.0)
         act = tl.where(mask, bn_relu(x, shift, scale, bias, INTERPRETED), 0.0).to(dy.dtype)  # relu(norm1(x))
         if INTERPRETED:  # the interpreter's bf16 dot is wrong; fp32 operands are exact there
             acc = tl.dot(tl.trans(dy.to(tl.float32)), act.to(tl.float32), acc)
@@ -132,6 +152,7 @@ def norm1_gemm_backward(
     """
     check_kernel_tensors(d_y, x, weight, grad_sum)
     m, c = x.shape
+    check_rows(m, "norm1_gemm_backward")
     k = weight.shape[0]
     if weight.shape != (k, c) or d_y.shape != (m, k) or not d_y.is_contiguous() or not unit_columns(x):
         raise ValueError(

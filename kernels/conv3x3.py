@@ -16,16 +16,32 @@ import triton.language as tl
 from torch import Tensor
 
 from .affine import bn_relu, load_affine, rounded
-from .launch import INTERPRET, bucket, check_kernel_tensors, dot_precision, smallest, tuned, unit_columns
+from .launch import (
+    INTERPRET,
+    bucket,
+    check_kernel_tensors,
+    check_rows,
+    dot_precision,
+    smallest,
+    tuned,
+    unit_columns,
+)
+from .offsets import row_offsets
 from .stats import empty_partials, merge_partials
 from .tiles import dot_weight_rows, output_tile, store_tile_statistics
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32})
 # Hopper: N = k = 32 (48 for DenseNet-161) new channels; the reduction is 9 * 4k = 1152 (1728) long.
+# The norm2-ReLU prologue goes through registers (a whole A tile and its pointers per thread), so every
+# configuration takes 8 warps: on 4 warps fp32 spilled (triton 3.6: 8-56 B per thread). Cost on sm_90
+# over bf16/fp16/fp32 and the variants (compile_for_hopper.py --all, triton 3.8 and 3.6; no spills):
+#   128x32x64, 4 stages:  70-212 regs,  80-194 KB
+#   64x32x128, 3 stages:  62-246 regs,  72-163 KB
+#   128x64x64, 4 stages:  93-239 regs,  96-226 KB (fp32 in 3.8 fills the 227 KB a block has)
 _CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=4),
 ]
 _MIN_BLOCK_M = smallest([*_CONFIGS, _INTERPRET_CONFIG], "BLOCK_M")
 
@@ -51,12 +67,12 @@ def _conv3x3_kernel(
     for tap in range(9):  # a loop, not unrolled: 9 copies of the channel loop compile slowly
         dh, dw = tap // 3 - 1, tap % 3 - 1
         inside = row_mask & (h + dh >= 0) & (h + dh < H) & (w + dw >= 0) & (w + dw < W)
-        src = rows + dh * W + dw  # same image: rows are (n, h, w) in row-major order
+        src = y_ptr + row_offsets(rows + dh * W + dw, C)  # same image: rows are (n, h, w) in row-major order
         for c0 in range(0, C, BLOCK_K):
             ks = c0 + tl.arange(0, BLOCK_K)
             k_mask = ks < C
             mask = inside[:, None] & k_mask[None, :]
-            y = tl.load(y_ptr + src[:, None] * C + ks[None, :], mask=mask, other=0.0)
+            y = tl.load(src[:, None] + ks[None, :], mask=mask, other=0.0)
             if PROLOGUE:  # norm2 + relu2; zero padding is applied to the activation, after them
                 shift, scale, bias = load_affine(shift_ptr, scale_ptr, bias_ptr, ks, k_mask)
                 y = tl.where(mask, bn_relu(y, shift, scale, bias, INTERPRETED), 0.0).to(y.dtype)
@@ -66,10 +82,10 @@ def _conv3x3_kernel(
     out_mask = row_mask[:, None] & col_mask[None, :]
     new = rounded(acc, w_ptr.dtype.element_ty, INTERPRETED)  # the conv's output dtype
     if DROPOUT:  # noise = keep mask / (1 - p), in the conv's dtype
-        noise = tl.load(noise_ptr + rows[:, None] * N + cols[None, :], mask=out_mask, other=0.0)
+        noise = tl.load(noise_ptr + row_offsets(rows, N)[:, None] + cols[None, :], mask=out_mask, other=0.0)
         new = rounded(new.to(tl.float32) * noise.to(tl.float32), new.dtype, INTERPRETED)
     new = rounded(new.to(tl.float32), out_ptr.dtype.element_ty, INTERPRETED)
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], new, mask=out_mask)
+    tl.store(out_ptr + row_offsets(rows, stride_out)[:, None] + cols[None, :], new, mask=out_mask)
     if STATS:  # the new segment's batch statistics, shared by every later consumer
         store_tile_statistics(new, row_mask, cols, col_mask, mean_ptr, m2_ptr, count_ptr, N)
 
@@ -100,6 +116,7 @@ def conv3x3(
     check_kernel_tensors(y, weight, out)
     n, h, w = nhw
     m, c = y.shape
+    check_rows(m, "conv3x3")
     k = weight.shape[0]
     if m != n * h * w or not y.is_contiguous():
         raise ValueError(f"conv3x3: y must be a contiguous {n * h * w} x C matrix, got {tuple(y.shape)}")

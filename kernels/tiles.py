@@ -11,9 +11,9 @@ from .stats import store_partials, tile_count_mean_m2
 
 @triton.jit
 def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows (int64: they multiply row strides of buffers past 2^31 elements) and columns of this
-    program's output tile, with their edge masks."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    """Rows and columns of this program's output tile (int32, see ``kernels.offsets``), with their edge
+    masks."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     return rows, cols, rows < M, cols < N
 
@@ -23,7 +23,7 @@ def dot_weight_rows(
     acc, act, w_ptr, w_rows, k_mask, cols, col_mask, N, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr
 ):
     """``acc += act @ W[w_rows, cols]`` for a row-major ``K x N`` weight matrix; padded rows load as zero."""
-    w = tl.load(w_ptr + w_rows[:, None] * N + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+    w = tl.load(w_ptr + (w_rows * N)[:, None] + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
     if INTERPRETED:  # the interpreter's bf16 dot is wrong; fp32 operands are exact there
         return tl.dot(act.to(tl.float32), w.to(tl.float32), acc)
     return tl.dot(act.to(w.dtype), w, acc, input_precision=PRECISION)

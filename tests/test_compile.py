@@ -1,7 +1,8 @@
 """The kernels compile for Hopper (sm_90) with the real Triton compiler, down to a cubin, without a
 GPU. The interpreter never compiles, so this is the CPU machines' check that the GPU path can run at
-all (types, layouts, constexpr use, shared memory within an H100's limit). Each kernel's main
-launches; ``python tests/compile_for_hopper.py --all`` compiles every variant and configuration."""
+all (types, layouts, constexpr use), and reads what the compiler made: no register spills, shared memory
+within an H100's limit, wgmma in every matrix product. Each kernel's main launches;
+``python tests/compile_for_hopper.py --all`` compiles every variant and configuration."""
 
 from __future__ import annotations
 
@@ -24,4 +25,24 @@ def test_kernels_compile_for_hopper(tmp_path):
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok  ") == 11, result.stdout
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("ok ")]
+    assert len(rows) == 11, result.stdout
+    for _verdict, registers, stack, shared, wgmma, _seconds, kernel, *_ in rows:
+        assert 0 < int(registers) <= 255 and int(stack) == 0 and int(shared) <= 227 * 1024, result.stdout
+        assert int(wgmma) > 0 or kernel not in ("bn_relu_gemm", "conv3x3", "dgrad", "wgrad"), result.stdout
+
+
+def test_the_check_fails_spills_shared_memory_and_products_without_wgmma():
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import compile_for_hopper as check
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    fine = check.Resources(registers=200, stack=0, shared=100_000, wgmma=8, mma_sync=0)
+    assert check.problems("conv3x3 bf16->bf16 {}", fine) == []
+    assert check.problems("conv3x3 bf16->bf16 {}", fine.__class__(255, 8, 100_000, 8, 0))  # spills
+    assert check.problems("bn_relu_gemm fp32 {}", fine.__class__(200, 0, 232_449, 8, 0))  # over 227 KB
+    assert check.problems("dgrad bf16", fine.__class__(200, 0, 1000, 0, 4))  # mma.sync, no wgmma
+    assert check.problems("wgrad bf16", fine.__class__(200, 0, 1000, 8, 2))  # part of it without wgmma
+    assert check.problems("bn_relu_pool bf16 max=True", fine.__class__(96, 0, 0, 0, 0)) == []  # no product

@@ -147,6 +147,15 @@ def test_bad_arguments_are_refused_clearly():
         bn_relu_pool(randn(1, 3, 4, 4), norm_vectors(3), 2, 2, 0, False)
 
 
+def test_more_rows_than_int32_indices_reach_are_refused_before_launch():
+    """Row indices are int32 in the kernels: 2^31 rows (a zero-stride view, no memory) must raise, not wrap."""
+    rows = randn(1, 4).expand(2**31, 4)
+    with pytest.raises(ValueError, match=r"column_stats: 2147483648 rows .* split the batch"):
+        column_stats(rows)
+    with pytest.raises(ValueError, match=r"bn_relu_gemm: 2147483648 rows"):
+        bn_relu_gemm(rows, norm_vectors(4), randn(2, 4))
+
+
 def test_kernel_microbenchmark_runs_and_writes_json(tmp_path, capsys):
     """``python -m fastdense kernels``: every kernel against its PyTorch counterpart, same shapes (on the
     CPU a toy-size smoke run in the interpreter; the GPU figures come from benchmarks/gpu_check.sh)."""
