@@ -5,6 +5,7 @@ from .backend import resolve_backend
 from .block import FastDenseBlock, FastDenseBlock3d, FastDenseLayer
 from .convert import convert
 from .densenet import FastDenseNet, Transition, densenet121, densenet161, densenet169, densenet201, densenet264
+from .revert import revert
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,5 @@ __all__ = [
     "densenet201",
     "densenet264",
     "resolve_backend",
+    "revert",
 ]

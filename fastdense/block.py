@@ -19,6 +19,7 @@ from .batchnorm import share_batch_stats
 from .block_algorithm import BatchStats, BlockPlan, batch_stats_of, block_forward, update_block_running_stats
 from .block_op import backend_ops, run_dense_block
 from .sync_batchnorm import StatsSync, sync_group_name
+from .tracing import NotScriptable, call_module_node, is_traced, refuse_torchscript
 from .triton_ops import check_dtypes
 from .validation import check_block_input, compute_dtype
 
@@ -80,7 +81,7 @@ class FastDenseLayer(nn.Module):
         return new_features
 
 
-class FastDenseBlock(nn.ModuleDict):
+class FastDenseBlock(NotScriptable, nn.ModuleDict):
     """A dense block whose layers share one preallocated channels_last buffer.
 
     Same signature and state_dict as torchvision's ``_DenseBlock``; ``backend`` picks the
@@ -218,6 +219,11 @@ class FastDenseBlock(nn.ModuleDict):
         update_block_running_stats(norms1, norms2, stats, count, self.growth_rate)
 
     def forward(self, x: Tensor) -> Tensor:
+        if is_traced(x):  # FX: one call_module node, run with real tensors later
+            return call_module_node(self, x)
+        refuse_torchscript("FastDenseBlock")
+        if torch.compiler.is_exporting() and not self.training:
+            return self._exported_forward(x)
         backend, cdt, sync_group = self._check(x)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         out, stats = run_dense_block(
@@ -229,6 +235,16 @@ class FastDenseBlock(nn.ModuleDict):
             # which a plain BatchNorm after the block must not use).
             if not (torch.compiler.is_compiling() or sync_group):
                 share_batch_stats(out, stats.var, stats.mean)
+        return out
+
+    def _exported_forward(self, x: Tensor) -> Tensor:
+        """Eval mode under ``torch.export`` (and so ``torch.onnx.export(..., dynamo=True)``): the torch
+        backend's algorithm traced into standard ATen operators instead of the registered block operator,
+        so the exported program lowers to core ATen and to ONNX with no fastdense operator in it."""
+        _, cdt, _ = self._check(x)
+        plan = self._plan("torch", cdt, "")
+        with torch.autocast(x.device.type, enabled=False), torch.no_grad():  # an inference graph
+            out, _ = block_forward(x, self.layer_params(), plan, save=False)
         return out
 
     def forward_in_buffer(self, buffer: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:

@@ -18,6 +18,7 @@ from torchvision.models.densenet import _DenseBlock, _DenseLayer
 
 from .backend import check_backend_name
 from .block import BATCH_NORMS, CONVS, FastDenseBlock
+from .revert import ORIGINAL
 from .sequential_layer import CHANNELWISE_DROPOUTS, SequentialDenseLayer
 
 
@@ -185,6 +186,7 @@ def _fast_block(block: nn.Module, backend: str) -> FastDenseBlock:
             if hasattr(old, child):
                 setattr(new, child, getattr(old, child))
         new.drop_rate, new.memory_efficient = old.drop_rate, _memory_efficient(old)
+    fast.__dict__[ORIGINAL] = block  # for fastdense.revert: not a submodule, shares every module that holds state
     return fast.train(block.training)
 
 

@@ -26,10 +26,11 @@ from .bn_relu_pool import (
     kernel_window,
     triton_bn_relu_pool_into,
 )
+from .tracing import NotScriptable, call_module_node, is_traced, refuse_torchscript
 from .validation import compute_dtype
 
 
-class Transition(nn.Sequential):
+class Transition(NotScriptable, nn.Sequential):
     """BN-ReLU-1x1 conv-2x2 average pool, torchvision's ``_Transition`` with the same names.
 
     The pool runs before the conv: both are linear and the conv has no bias, so the result is the
@@ -58,6 +59,8 @@ class Transition(nn.Sequential):
         return type(self.pool) is nn.AvgPool2d and plain_conv and conv.bias is None
 
     def forward(self, x: Tensor) -> Tensor:
+        if is_traced(x):  # FX: one call_module node
+            return call_module_node(self, x)
         if not (fusable(self.norm, self.relu, self.pool) and self._pool_first_is_exact()):
             return self.pool(self.conv(self.relu(self.norm(x))))
         backend = resolve_backend(self.backend, x.device)
@@ -67,7 +70,7 @@ class Transition(nn.Sequential):
         return self.conv(bn_relu_pool(x, self.norm, self.pool, backend))
 
 
-class Features(nn.Sequential):
+class Features(NotScriptable, nn.Sequential):
     """torchvision's ``features`` Sequential; runs norm0-relu0-pool0 as one op that recomputes the
     normalised stem output in backward instead of keeping it (falls back to the plain sequence when
     those modules were replaced or carry hooks). ``backend`` picks that op's kernels."""
@@ -88,7 +91,7 @@ class Features(nn.Sequential):
         modules = list(self._modules.items())
         if skip_last:  # the network's fused head runs the last module (norm5) itself
             modules = modules[:-1]
-        if [name for name, _ in modules[:4]] == ["conv0", "norm0", "relu0", "pool0"]:
+        if [name for name, _ in modules[:4]] == ["conv0", "norm0", "relu0", "pool0"] and not is_traced(x):
             x = self.forward_stem(x)
             modules = modules[4:]
         for _, module in modules:
@@ -250,7 +253,18 @@ class FastDenseNet(nn.Module):
                 maps[name] = x
         return maps
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` compiles torchvision's DenseNet holding this model's modules (fastdense's
+        fused operators do not script); this model itself is left as it is."""
+        from .revert import revert
+
+        return revert(self)
+
     def forward(self, x: Tensor) -> Tensor:
+        if is_traced(x):  # FX: torchvision's sequence, blocks and transitions as call_module nodes
+            out = F.adaptive_avg_pool2d(F.relu(self.features(x)), (1, 1))
+            return self.classifier(torch.flatten(out, 1))
+        refuse_torchscript("FastDenseNet")
         self._active_backend = resolve_backend(self._backend, x.device)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         chain = self._chain() if self._active_backend == "triton" and not needs_grad else None
