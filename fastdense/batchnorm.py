@@ -125,9 +125,9 @@ class Affine(NamedTuple):
         centered = x - self.mean
         return centered, self(x) if self.folded else self.from_centered(centered, x.dtype)
 
-    def channels(self, lo: int, hi: int) -> Affine:
-        """The map for channels ``[lo, hi)`` of an ``(N, C, H, W)`` tensor."""
-        return Affine(*(v[lo:hi].view(1, -1, 1, 1) for v in self[:3]), self.folded)
+    def channels(self, lo: int, hi: int, spatial_dims: int = 2) -> Affine:
+        """The map for channels ``[lo, hi)`` of an ``(N, C, *spatial)`` tensor."""
+        return Affine(*(v[lo:hi].view(1, -1, *[1] * spatial_dims) for v in self[:3]), self.folded)
 
 
 def affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, *, training: bool) -> Affine:

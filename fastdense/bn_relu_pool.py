@@ -1,17 +1,16 @@
 """BatchNorm -> ReLU -> pooling as one autograd node that recomputes instead of storing.
 
 Used for the stem (norm0-relu0-pool0), the transitions (norm-relu-avgpool, before the 1x1 conv) and
-the head (norm5-relu-global average pool). Autograd would keep the BatchNorm output (the size of the
-input) and, for max pooling, int64 indices; this op keeps only its input and the per-channel
-statistics and recomputes the rest in backward, channel chunk by channel chunk. With the Triton
-backend the forward is one kernel (``kernels.bn_relu_pool``) after a statistics reduction; the
-backward is the same.
+the head (norm5-relu-global average pool), of 1-D, 2-D and 3-D networks (MONAI's too). Autograd
+would keep the BatchNorm output (the size of the input) and, for max pooling, int64 indices; this op
+keeps only its input and the per-channel statistics and recomputes the rest in backward, channel chunk
+by channel chunk. With the Triton backend the 2-D forward is one kernel (``kernels.bn_relu_pool``)
+after a statistics reduction (1-D and 3-D run PyTorch's ops); the backward is the same.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -29,7 +28,10 @@ from .layout import as_images, as_rows
 from .stages import stage
 from .triton_ops import check_dtypes
 
-POOLS = (nn.AvgPool2d, nn.MaxPool2d)
+# BatchNorm and the pools that go with it, per number of spatial dimensions.
+NORMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+POOLS = {nn.AvgPool1d: 1, nn.MaxPool1d: 1, nn.AvgPool2d: 2, nn.MaxPool2d: 2, nn.AvgPool3d: 3, nn.MaxPool3d: 3}
+AVERAGE_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
 
 def fusable(norm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
@@ -40,42 +42,52 @@ def fusable(norm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
     modules = (norm, relu, pool)
     return (
         not torch.compiler.is_compiling()
-        and type(norm) is nn.BatchNorm2d
+        and type(norm) in NORMS
         and norm.affine
         and norm.track_running_stats
         and type(relu) is nn.ReLU
-        and type(pool) in POOLS
-        and not (type(pool) is nn.AvgPool2d and pool.divisor_override is not None)
+        and POOLS.get(type(pool)) == NORMS[type(norm)]
+        and not (isinstance(pool, AVERAGE_POOLS) and getattr(pool, "divisor_override", None) is not None)
         and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in modules)
     )
 
 
-def _pool(act: Tensor, pool: nn.Module) -> Tensor:
-    if isinstance(pool, nn.MaxPool2d):
-        return F.max_pool2d(act, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
-    return F.avg_pool2d(act, pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, pool.count_include_pad)
+def _pooled(act: Tensor, pool: nn.Module) -> Tensor:
+    """``pool(act)``. PyTorch has no CPU bfloat16/float16 kernel for 3-D average pooling (autocast runs it
+    in float32): those pool in float32, rounded back."""
+    if act.device.type == "cpu" and act.dtype in (torch.bfloat16, torch.float16) and isinstance(pool, nn.AvgPool3d):
+        return pool(act.float()).to(act.dtype)
+    return pool(act)
 
 
 def _pool_backward(grad: Tensor, act: Tensor, pool: nn.Module) -> Tensor:
-    pair = nn.modules.utils._pair
-    kernel, stride, padding = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size), pair(pool.padding)
-    if isinstance(pool, nn.MaxPool2d):
-        dilation = pair(pool.dilation)
-        _, indices = F.max_pool2d(act, kernel, stride, padding, dilation, pool.ceil_mode, return_indices=True)
-        return torch.ops.aten.max_pool2d_with_indices_backward(
-            grad, act, kernel, stride, padding, dilation, pool.ceil_mode, indices
-        )
-    return torch.ops.aten.avg_pool2d_backward(
-        grad, act, kernel, stride, padding, pool.ceil_mode, pool.count_include_pad, None
-    )
+    """The pool's input gradient at ``act``: its own backward, on the recomputed activation (a max pool
+    finds its window maxima again instead of keeping int64 indices for the whole backward)."""
+    with torch.enable_grad():
+        act = act.detach().requires_grad_()
+        (d_act,) = torch.autograd.grad(_pooled(act, pool), act, grad)
+    return d_act
 
 
-def _channel(v: Tensor) -> Tensor:
-    return v.view(1, -1, 1, 1)
+def _channel(v: Tensor, spatial_dims: int) -> Tensor:
+    return v.view(1, -1, *[1] * spatial_dims)
+
+
+def _reduced_dims(x: Tensor) -> tuple[int, ...]:
+    """Every dimension but the channels': what a BatchNorm normalises over."""
+    return (0, *range(2, x.dim()))
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    """The memory format of an output shaped like ``x``: channels-last when ``x`` is."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return channels_last if channels_last and x.is_contiguous(memory_format=channels_last) else torch.contiguous_format
 
 
 def kernel_window(pool: nn.Module) -> tuple[tuple[int, int], int, int, bool] | None:
-    """``(kernel, stride, padding, is_max)`` when the Triton kernel reproduces ``pool``, else None."""
+    """``(kernel, stride, padding, is_max)`` when the Triton kernel (2-D) reproduces ``pool``, else None."""
+    if POOLS.get(type(pool)) != 2:
+        return None
     pair = nn.modules.utils._pair
     kernel, stride, padding = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size), pair(pool.padding)
     if pool.ceil_mode or stride[0] != stride[1] or padding[0] != padding[1]:
@@ -85,9 +97,11 @@ def kernel_window(pool: nn.Module) -> tuple[tuple[int, int], int, int, bool] | N
     return (kernel, stride[0], 0, False) if padding == (0, 0) else None
 
 
-def global_average_pool(x: Tensor) -> nn.AvgPool2d:
-    """The head's ``adaptive_avg_pool2d(x, 1)`` as one window over the whole image (stride 1: one output)."""
-    return nn.AvgPool2d(tuple(x.shape[2:]), stride=1)
+def global_average_pool(x: Tensor) -> nn.Module:
+    """The head's adaptive average pool to size 1 as one window over the whole image or volume (stride 1:
+    one output)."""
+    pool = {3: nn.AvgPool1d, 4: nn.AvgPool2d, 5: nn.AvgPool3d}[x.dim()]
+    return pool(tuple(x.shape[2:]), stride=1)
 
 
 def norm_statistics(
@@ -99,15 +113,14 @@ def norm_statistics(
     Batch statistics are, in order: ``known`` ``(var, mean)``; those a dense block recorded for this
     very tensor (``share_batch_stats``); else a reduction, Triton's (``column_stats``, over channels_last
     rows) or PyTorch's."""
-    n, _, h, w = x.shape
-    acc, count = accumulation_dtype(x.dtype), n * h * w
+    acc, count = accumulation_dtype(x.dtype), x.numel() // max(x.shape[1], 1)
     if not norm.training:
         return running_stats(norm, acc)
     known = known or shared_batch_stats(x)
     if known is not None:
         var, mean = (s.to(acc) for s in known)
     elif column_stats is None:
-        var, mean = batch_stats(x, dim=(0, 2, 3))
+        var, mean = batch_stats(x, dim=_reduced_dims(x))
     else:
         var, mean = column_stats(as_rows(x))
     update_running_stats(norm, mean, var, count)
@@ -117,7 +130,7 @@ def norm_statistics(
 class BatchNormReLUPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, backend: str):
-        window = kernel_window(pool) if backend == "triton" else None
+        window = kernel_window(pool) if backend == "triton" else None  # 1-D and 3-D: PyTorch's ops
         if window is not None:
             out, mean, rstd = _triton_forward(x, norm, window)
         else:
@@ -135,17 +148,15 @@ class BatchNormReLUPool(torch.autograd.Function):
 
 
 def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module):
-    n, c, h, w = x.shape
+    n, c, *spatial = x.shape
     mean, rstd = norm_statistics(x, norm)
     normalize = affine(weight, bias, mean, rstd, training=norm.training)
     out = None
-    for lo, hi in chunks(c, n * h * w, min_size=1):
-        piece = _pool(normalize.channels(lo, hi)(x[:, lo:hi]).relu_(), pool)
+    for lo, hi in chunks(c, x.numel() // max(c, 1), min_size=1):
+        piece = _pooled(normalize.channels(lo, hi, len(spatial))(x[:, lo:hi]).relu_(), pool)
         if out is None:
-            channels_last = x.is_contiguous(memory_format=torch.channels_last)
-            layout = torch.channels_last if channels_last else torch.contiguous_format
             shape = (n, c, *piece.shape[2:])
-            out = torch.empty(shape, dtype=piece.dtype, device=x.device, memory_format=layout)
+            out = torch.empty(shape, dtype=piece.dtype, device=x.device, memory_format=_layout(x))
         out[:, lo:hi] = piece
     return out, mean, rstd
 
@@ -197,34 +208,32 @@ def fused_transition(
 
 
 def _backward(grad_out, x, weight, bias, mean, rstd, pool, training: bool, need_input_grad: bool):
-    n, c, h, w = x.shape
-    count = n * h * w
+    c, spatial_dims, dims = x.shape[1], x.dim() - 2, _reduced_dims(x)
+    count = x.numel() // max(c, 1)
     normalize = affine(weight, bias, mean, rstd, training=training)
     d_x = torch.empty_like(x) if need_input_grad else None
     d_weight = torch.empty_like(mean)
     d_bias = torch.empty_like(mean)
     with torch.autocast(x.device.type, enabled=False), stage("bn_relu_pool_backward", x.device):
         for lo, hi in chunks(c, count, min_size=1):
-            chunk_norm = normalize.channels(lo, hi)
+            chunk_norm = normalize.channels(lo, hi, spatial_dims)
             centered, pre = chunk_norm.centered_and_normalized(x[:, lo:hi])
             mask = pre > 0
             d_pre = _pool_backward(grad_out[:, lo:hi], pre.relu_(), pool).to(mean.dtype).mul_(mask)
             del pre, mask
-            xhat = centered.mul_(_channel(rstd[lo:hi]))
-            d_bias[lo:hi] = d_pre.sum((0, 2, 3))
-            d_weight[lo:hi] = (d_pre * xhat).sum((0, 2, 3))
+            xhat = centered.mul_(_channel(rstd[lo:hi], spatial_dims))
+            d_bias[lo:hi] = d_pre.sum(dims)
+            d_weight[lo:hi] = (d_pre * xhat).sum(dims)
             if d_x is not None:
-                d_x[:, lo:hi] = input_grad_from_sums(
-                    d_pre, xhat, _channel(d_bias[lo:hi]), _channel(d_weight[lo:hi]), chunk_norm.scale, count, training
-                )
+                sums = (_channel(d_bias[lo:hi], spatial_dims), _channel(d_weight[lo:hi], spatial_dims))
+                d_x[:, lo:hi] = input_grad_from_sums(d_pre, xhat, *sums, chunk_norm.scale, count, training)
     return d_x, d_weight.to(weight.dtype), d_bias.to(bias.dtype), None, None
 
 
 def bn_relu_pool(x: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, backend: str = "torch") -> Tensor:
     """``pool(relu(norm(x)))`` with ``norm``'s training/eval semantics and running-stat updates;
     ``backend`` is a resolved backend ("torch" or "triton")."""
-    n, _, h, w = x.shape
-    if norm.training and n * h * w == 1:
+    if norm.training and x.numel() == x.shape[1]:
         raise ValueError(
             f"expected more than 1 value per channel when training (BatchNorm batch statistics), "
             f"got input size {tuple(x.shape)}"

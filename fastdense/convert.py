@@ -5,19 +5,24 @@ conversion keeps working) under the same names, so ``state_dict()`` keys and ord
 timm's layers normalise with ``BatchNormAct2d`` (BatchNorm and activation in one module); a block is
 converted when that activation is a ReLU. MONAI's blocks (1-D, 2-D and 3-D) keep their layers'
 ``layers`` Sequential (``fastdense.sequential_layer``); their dropout is channel-wise (Dropout2d/3d)
-and so is the fast block's. SyncBatchNorm layers stay SyncBatchNorm (``fastdense.sync_batchnorm``).
+and so is the fast block's. In a MONAI ``DenseNet`` the stem's norm-relu-pool and each transition also
+become fastdense's recomputing operators (``densenet.Features``, ``densenet.Transition``, any number of
+spatial dimensions), which reuse the block's batch statistics and keep no BatchNorm output.
+SyncBatchNorm layers stay SyncBatchNorm (``fastdense.sync_batchnorm``).
 timm and MONAI are never imported: their classes are recognised by name.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 
 from torch import nn
 from torchvision.models.densenet import _DenseBlock, _DenseLayer
 
 from .backend import check_backend_name
 from .block import BATCH_NORMS, CONVS, FastDenseBlock
+from .densenet import Features, Transition
 from .revert import ORIGINAL
 from .sequential_layer import CHANNELWISE_DROPOUTS, SequentialDenseLayer
 
@@ -221,7 +226,37 @@ def convert(module: nn.Module, *, backend: str = "auto", strict: bool = False) -
             setattr(parent, child_name, _fast_block(block, backend))
         else:
             _refuse(f"left {full_name!r} unchanged: {reasons[full_name]}", strict)
+    for network in [m for m in module.modules() if _is_monai_densenet(m)]:
+        _convert_stem_and_transitions(network, backend)
     return module
+
+
+def _is_monai_densenet(module: nn.Module) -> bool:
+    """MONAI's ``DenseNet`` (and its ``DenseNet121/169/201/264``), recognised by its parts."""
+    monai = any(cls.__name__ == "DenseNet" and cls.__module__.startswith("monai.") for cls in type(module).__mro__)
+    return monai and type(getattr(module, "features", None)) is nn.Sequential
+
+
+def _exact_transition(module: nn.Module) -> bool:
+    """A MONAI ``_Transition`` of plain modules: BatchNorm, ReLU, bias-free 1x1 conv, average pool."""
+    if not _foreign_class(module, "_Transition", "monai") or list(module._modules) != ["norm", "relu", "conv", "pool"]:
+        return False
+    candidate = Transition.of_modules(OrderedDict(module._modules))
+    return _batch_norm(candidate.norm, _CONV_DIMS.get(type(candidate.conv), 0)) and candidate.exact()
+
+
+def _convert_stem_and_transitions(network: nn.Module, backend: str) -> None:
+    """A MONAI DenseNet's ``features`` as fastdense's (the stem's norm-relu-pool as one recomputing op,
+    which falls back to the modules one by one where they are not the plain ones) and its plain
+    transitions as fastdense's; the replaced containers are kept for ``revert``. Keys are unchanged."""
+    features = Features(OrderedDict(network.features._modules), backend=backend)
+    for name, child in list(features.named_children()):
+        if _exact_transition(child):
+            transition = Transition.of_modules(OrderedDict(child._modules), backend=backend)
+            transition.__dict__[ORIGINAL] = child
+            setattr(features, name, transition.train(child.training))
+    features.__dict__[ORIGINAL] = network.features
+    network.features = features.train(network.features.training)
 
 
 def _refuse(message: str, strict: bool) -> None:

@@ -17,8 +17,11 @@ from torchvision.models import densenet as tv_densenet
 from torchvision.models._utils import _ovewrite_named_param, handle_legacy_interface
 
 from .backend import check_backend_name, resolve_backend
-from .block import FastDenseBlock
+from .block import CONVS, FastDenseBlock
 from .bn_relu_pool import (
+    AVERAGE_POOLS,
+    NORMS,
+    POOLS,
     bn_relu_pool,
     fusable,
     fused_transition,
@@ -47,21 +50,38 @@ class Transition(NotScriptable, nn.Sequential):
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
+    @classmethod
+    def of_modules(cls, modules: OrderedDict[str, nn.Module], *, backend: str = "auto") -> Transition:
+        """A transition holding the given ``norm``, ``relu``, ``conv`` and ``pool`` modules themselves (any
+        number of spatial dimensions: MONAI's 3-D transitions convert to one)."""
+        transition = cls.__new__(cls)
+        nn.Sequential.__init__(transition, modules)
+        transition.backend = check_backend_name(backend)
+        return transition
+
+    def exact(self) -> bool:
+        """Whether the fused path computes exactly ``pool(conv(relu(norm(x))))`` with these modules."""
+        return fusable(self.norm, self.relu, self.pool) and self._pool_first_is_exact()
+
     def fuses_into_next_block(self) -> bool:
         """Whether inference can run this transition as one kernel writing into the next block's buffer."""
         plain_conv = not (self.conv._forward_hooks or self.conv._forward_pre_hooks)
-        exact = fusable(self.norm, self.relu, self.pool) and self._pool_first_is_exact()
-        return exact and plain_conv and kernel_window(self.pool) == ((2, 2), 2, 0, False)
+        return self.exact() and plain_conv and kernel_window(self.pool) == ((2, 2), 2, 0, False)
 
     def _pool_first_is_exact(self) -> bool:
-        conv = self.conv
-        plain_conv = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
-        return type(self.pool) is nn.AvgPool2d and plain_conv and conv.bias is None
+        """Average pooling and a bias-free 1x1 convolution commute (both linear, the pool acts on every
+        channel alike): pooling first is exact."""
+        conv, dims = self.conv, NORMS.get(type(self.norm))
+        if type(conv) is not CONVS.get(dims) or POOLS.get(type(self.pool)) != dims:
+            return False
+        plain_conv = set(conv.kernel_size) == {1} and set(conv.stride) == {1} and set(conv.padding) == {0}
+        plain_conv = plain_conv and set(conv.dilation) == {1} and conv.groups == 1 and conv.padding_mode == "zeros"
+        return isinstance(self.pool, AVERAGE_POOLS) and plain_conv and conv.bias is None
 
     def forward(self, x: Tensor) -> Tensor:
         if is_traced(x):  # FX: one call_module node
             return call_module_node(self, x)
-        if not (fusable(self.norm, self.relu, self.pool) and self._pool_first_is_exact()):
+        if not self.exact():
             return self.pool(self.conv(self.relu(self.norm(x))))
         backend = resolve_backend(self.backend, x.device)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *self.parameters()))

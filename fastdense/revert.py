@@ -46,6 +46,12 @@ def _reverted(module: nn.Module) -> nn.Module | None:
     if isinstance(module, FastDenseBlock):
         original = module.__dict__.get(ORIGINAL)
         return _restored(original, module) if original is not None else _torchvision_block(module)
+    if isinstance(module, (Transition, Features)):
+        original = module.__dict__.get(ORIGINAL)
+        if original is not None:  # MONAI's containers, convert kept them: their children again, reverted
+            for name, child in module.named_children():
+                setattr(original, name, revert(child))
+            return original.train(module.training)
     if isinstance(module, Transition):
         return _torchvision_transition(module)
     if isinstance(module, Features):

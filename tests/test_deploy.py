@@ -97,6 +97,8 @@ def test_revert_round_trips_a_monai_model(spatial_dims):
     reverted = fastdense.revert(converted)
     blocks = [m for m in reverted.modules() if type(m).__name__ == "_DenseBlock"]
     assert len(blocks) == 2 and all(type(m).__module__.startswith("monai.") for m in blocks)
+    assert type(reverted.features) is torch.nn.Sequential  # the stem and transitions are MONAI's again
+    assert type(reverted.features.transition1).__module__.startswith("monai.")
     assert_same_objects(reverted, objects)
     errors = compare(reverted, original, [x64(2, 1, *[12] * spatial_dims)], training=True)
     assert max(errors.values()) <= 1e-12, errors

@@ -11,10 +11,12 @@ from monai.networks.nets import DenseNet, DenseNet121
 from monai.networks.nets.densenet import _DenseBlock
 
 import fastdense
+from fastdense.densenet import Features
 from fastdense.sequential_layer import SequentialDenseLayer
 from fastdense.tools.verify import compare, randomize_batchnorm, relative_error
 
 from .test_dtypes import check_precision
+from .test_structure import RecordOps
 
 SMALL_3D = {"init_features": 8, "growth_rate": 4, "block_config": (2, 3), "bn_size": 2}
 
@@ -33,6 +35,7 @@ def test_monai_densenet_converts_exactly(spatial_dims, training):
     original, converted = monai_pair(spatial_dims)
     blocks = [m for m in converted.modules() if isinstance(m, fastdense.FastDenseBlock)]
     assert len(blocks) == 2 and all(b.spatial_dims == spatial_dims for b in blocks)
+    assert type(converted.features) is Features and type(converted.features.transition1) is fastdense.Transition
     assert list(converted.state_dict()) == list(original.state_dict())
     inputs = [torch.randn(2, 1, *[14] * spatial_dims, dtype=torch.float64) for _ in range(2)]
     errors = compare(converted, original, inputs, training)
@@ -52,6 +55,43 @@ def test_monai_densenet121_3d_converts_and_checkpoints_load_both_ways():
     DenseNet121(spatial_dims=3, in_channels=1, out_channels=2).load_state_dict(converted.state_dict(), strict=True)
     errors = compare(converted, original, [torch.randn(3, 1, 32, 32, 32, dtype=torch.float64)], training=True)
     assert max(errors.values()) <= 1e-9, errors
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+def test_monai_stem_and_transitions_keep_no_batchnorm_output(spatial_dims):
+    """After conversion no BatchNorm of the network runs as PyTorch's op (whose output autograd keeps):
+    the stem's and the transitions' run as fastdense's recomputing BN-ReLU-pool, reading the block's
+    statistics; only MONAI's norm5, before the head, stays."""
+    original, converted = monai_pair(spatial_dims)
+    x = torch.randn(2, 1, *[14] * spatial_dims, dtype=torch.float64)
+    norms = lambda ops: sum("batch_norm" in op for op in ops)  # noqa: E731
+    with RecordOps() as monai_ops:
+        original.train()(x).sum().backward()
+    with RecordOps() as fast_ops:
+        converted.train()(x).sum().backward()
+    # norm5: one forward and one backward call; MONAI's also 2 per stem, transition and dense layer norm
+    assert norms(fast_ops.calls) == 2 and norms(monai_ops.calls) == 2 * (2 + 1 + 2 * 5), fast_ops.calls
+
+
+def test_a_monai_model_with_another_pool_keeps_its_modules_and_stays_exact():
+    original, _ = monai_pair(3)
+    original.features.transition1.pool = torch.nn.MaxPool3d(2)  # pooling first would not be exact
+    converted = fastdense.convert(copy.deepcopy(original), strict=True, backend="torch")
+    assert type(converted.features.transition1).__name__ == "_Transition"
+    errors = compare(converted, original, [torch.randn(2, 1, 14, 14, 14, dtype=torch.float64)], training=True)
+    assert max(errors.values()) <= 1e-9, errors
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_monai_2d_on_the_triton_backend_matches_monai(training):
+    """A converted 2-D MONAI network on the triton backend (interpreter: blocks, stem and transitions by
+    the kernels) in float32, within twice MONAI's own float32 error against its float64 run."""
+
+    def make_pair(dtype, seed):
+        original, _ = monai_pair(2, dtype, seed)
+        return original, fastdense.convert(copy.deepcopy(original), strict=True, backend="triton")
+
+    check_precision(make_pair, (4, 1, 12, 12), "float32", training, seeds=range(3))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -22,9 +22,11 @@ class RecordOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = set()
+        self.calls: list[str] = []  # every call, in order
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.add(str(func))
+        self.calls.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
