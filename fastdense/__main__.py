@@ -4,6 +4,7 @@
 ``python -m fastdense bench ...``: the benchmark suite (``fastdense.tools.bench``).
 ``python -m fastdense profile ...``: per-kernel profile of a few steps (``fastdense.tools.profile``).
 ``python -m fastdense kernels ...``: Triton kernels against torchvision's ops (``fastdense.tools.kernel_bench``).
+``python -m fastdense traffic ...``: operators and bytes of one step, counted (``fastdense.tools.traffic``).
 """
 
 import sys

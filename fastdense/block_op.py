@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .batchnorm import accumulation_dtype
 from .block_algorithm import (
@@ -49,7 +50,10 @@ def _present(t: Tensor) -> Tensor | None:
 
 def _without_aliases(tensors: list[Tensor], others: Sequence[Tensor]) -> list[Tensor]:
     """``tensors`` with a copy in place of any that shares memory with ``others`` or an earlier one:
-    an operator's outputs may alias neither its inputs nor each other (the vectors are tiny)."""
+    an operator's outputs may alias neither its inputs nor each other (the vectors are tiny). Fake tensors
+    (shape-only, as ``fastdense.tools.traffic`` runs the operator) have no memory to share."""
+    if any(is_fake(t) for t in tensors):
+        return tensors
     seen = {t.untyped_storage().data_ptr() for t in others if t.numel()}
     result = []
     for t in tensors:

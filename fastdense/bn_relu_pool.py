@@ -129,22 +129,25 @@ def norm_statistics(
 
 class BatchNormReLUPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, backend: str):
+    def forward(
+        ctx, x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, backend: str, part: str
+    ):
         window = kernel_window(pool) if backend == "triton" else None  # 1-D and 3-D: PyTorch's ops
         if window is not None:
             out, mean, rstd = _triton_forward(x, norm, window)
         else:
             out, mean, rstd = _torch_forward(x, weight, bias, norm, pool)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.pool, ctx.training = pool, norm.training
+        ctx.pool, ctx.training, ctx.part = pool, norm.training, part
         return out
 
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable: say so, loudly
     def backward(ctx, grad_out: Tensor):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        grads = _backward(grad_out, x, weight, bias, mean, rstd, ctx.pool, ctx.training, ctx.needs_input_grad[0])
-        return (*grads, None)
+        with stage(f"{ctx.part}_backward", x.device):
+            grads = _backward(grad_out, x, weight, bias, mean, rstd, ctx.pool, ctx.training, ctx.needs_input_grad[0])
+        return (*grads, None, None)
 
 
 def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module):
@@ -230,13 +233,16 @@ def _backward(grad_out, x, weight, bias, mean, rstd, pool, training: bool, need_
     return d_x, d_weight.to(weight.dtype), d_bias.to(bias.dtype), None, None
 
 
-def bn_relu_pool(x: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, backend: str = "torch") -> Tensor:
+def bn_relu_pool(
+    x: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, backend: str = "torch", part: str = "stem"
+) -> Tensor:
     """``pool(relu(norm(x)))`` with ``norm``'s training/eval semantics and running-stat updates;
-    ``backend`` is a resolved backend ("torch" or "triton")."""
+    ``backend`` is a resolved backend ("torch" or "triton"); ``part`` names the stage it runs in
+    ("stem", "transition" or "head", and its backward "<part>_backward")."""
     if norm.training and x.numel() == x.shape[1]:
         raise ValueError(
             f"expected more than 1 value per channel when training (BatchNorm batch statistics), "
             f"got input size {tuple(x.shape)}"
         )
-    with torch.autocast(x.device.type, enabled=False), stage("bn_relu_pool", x.device):
-        return BatchNormReLUPool.apply(x, norm.weight, norm.bias, norm, pool, backend)
+    with torch.autocast(x.device.type, enabled=False), stage(part, x.device), stage("bn_relu_pool", x.device):
+        return BatchNormReLUPool.apply(x, norm.weight, norm.bias, norm, pool, backend, part)

@@ -87,7 +87,7 @@ class Transition(NotScriptable, nn.Sequential):
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *self.parameters()))
         if backend == "triton" and not needs_grad and self.fuses_into_next_block():
             return fused_transition(x, self.norm, self.conv.weight, compute_dtype(x))
-        return self.conv(bn_relu_pool(x, self.norm, self.pool, backend))
+        return self.conv(bn_relu_pool(x, self.norm, self.pool, backend, part="transition"))
 
 
 class Features(NotScriptable, nn.Sequential):
@@ -296,7 +296,7 @@ class FastDenseNet(nn.Module):
             out = F.adaptive_avg_pool2d(out, (1, 1))
         else:  # the head's BatchNorm output and ReLU output are never stored
             out = self.features(x, skip_last=True)
-            out = bn_relu_pool(out, norm5, global_average_pool(out), self._active_backend)
+            out = bn_relu_pool(out, norm5, global_average_pool(out), self._active_backend, part="head")
         return self.classifier(torch.flatten(out, 1))
 
 

@@ -2,8 +2,8 @@
 
 Range names are ``fastdense.<stage>``: ``stats`` (batch statistics), ``gemm`` (BN-ReLU-1x1 conv),
 ``conv`` (3x3 conv), ``finalize`` (segment gradients), ``conv_backward``, ``norm_backward``,
-``gemm_backward``, ``bn_relu_pool`` / ``bn_relu_pool_backward`` (stem, transitions, head) and
-``transition`` (the triton backend's fused transition).
+``gemm_backward``, ``bn_relu_pool`` / ``bn_relu_pool_backward`` inside ``stem``, ``transition`` or
+``head`` (and ``stem_backward``, ...), and ``transition`` (also the triton backend's fused transition).
 """
 
 from __future__ import annotations
@@ -12,13 +12,21 @@ from contextlib import contextmanager
 
 import torch
 
+# The stages entered and not yet left, outermost first: what ``fastdense.tools.traffic`` attributes
+# operators to (the profiler's ranges are not visible to a dispatch mode).
+ACTIVE: list[str] = []
+
 
 @contextmanager
 def stage(name: str, device: torch.device):
     label = f"fastdense.{name}"
-    with torch.profiler.record_function(label):
-        if device.type == "cuda":
-            with torch.cuda.nvtx.range(label):
+    ACTIVE.append(name)
+    try:
+        with torch.profiler.record_function(label):
+            if device.type == "cuda":
+                with torch.cuda.nvtx.range(label):
+                    yield
+            else:
                 yield
-        else:
-            yield
+    finally:
+        ACTIVE.pop()

@@ -128,3 +128,17 @@ def test_roofline_macs_match_the_model(model, resolution):
 def test_max_batch_search_needs_cuda():
     with pytest.raises(ValueError, match="needs a CUDA device"):
         measure_max_batch("fastdense", Setting(device="cpu"))
+
+
+def test_roofline_fraction_is_only_reported_where_the_floor_is_a_bound():
+    from fastdense.tools.bench import _add_roofline
+    from fastdense.tools.roofline import Peaks
+
+    peaks = Peaks(matmul_flops=1e12, copy_bytes_per_s=1e11)
+    floor_ms = peaks.floor_seconds(inference_work("densenet121", 8, 224, 4)) * 1e3
+    for ms, reported in ((floor_ms * 2, True), (floor_ms * 0.9, False)):
+        row = {"mode": "infer", "ms_median": ms, "dtype": "float32", "model": "densenet121", "batch": 8}
+        row["resolution"] = 224
+        _add_roofline(row, peaks)
+        assert row["roofline_floor_ms"] == floor_ms
+        assert ("roofline_fraction" in row) == reported and row.get("roofline_fraction", 0) <= 1.0

@@ -110,7 +110,11 @@ def _add_roofline(row: dict, peaks: Peaks) -> None:
         element = torch.finfo(DTYPES[row["dtype"]]).bits // 8
         work = inference_work(row["model"], row["batch"], row["resolution"], element)
         row["roofline_floor_ms"] = peaks.floor_seconds(work) * 1e3
-        row["roofline_fraction"] = row["roofline_floor_ms"] / row["ms_median"]
+        fraction = row["roofline_floor_ms"] / row["ms_median"]
+        # A step faster than the floor means the measured peaks undershoot this device: then the floor is
+        # no bound, and no fraction (above 100%) is reported.
+        if fraction <= 1.0:
+            row["roofline_fraction"] = fraction
 
 
 def run(plan: Plan, progress: bool = True, json_path: str | None = None) -> dict:
