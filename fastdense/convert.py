@@ -237,12 +237,13 @@ def _is_monai_densenet(module: nn.Module) -> bool:
     return monai and type(getattr(module, "features", None)) is nn.Sequential
 
 
-def _exact_transition(module: nn.Module) -> bool:
-    """A MONAI ``_Transition`` of plain modules: BatchNorm, ReLU, bias-free 1x1 conv, average pool."""
+def _fast_transition(module: nn.Module, backend: str) -> Transition | None:
+    """fastdense's Transition holding a MONAI ``_Transition``'s modules when those are the plain ones
+    (BatchNorm, ReLU, bias-free 1x1 conv, average pool: ``Transition.exact``), else None."""
     if not _foreign_class(module, "_Transition", "monai") or list(module._modules) != ["norm", "relu", "conv", "pool"]:
-        return False
-    candidate = Transition.of_modules(OrderedDict(module._modules))
-    return _batch_norm(candidate.norm, _CONV_DIMS.get(type(candidate.conv), 0)) and candidate.exact()
+        return None
+    transition = Transition.of_modules(OrderedDict(module._modules), backend=backend)
+    return transition if transition.exact() else None
 
 
 def _convert_stem_and_transitions(network: nn.Module, backend: str) -> None:
@@ -251,8 +252,8 @@ def _convert_stem_and_transitions(network: nn.Module, backend: str) -> None:
     transitions as fastdense's; the replaced containers are kept for ``revert``. Keys are unchanged."""
     features = Features(OrderedDict(network.features._modules), backend=backend)
     for name, child in list(features.named_children()):
-        if _exact_transition(child):
-            transition = Transition.of_modules(OrderedDict(child._modules), backend=backend)
+        transition = _fast_transition(child, backend)
+        if transition is not None:
             transition.__dict__[ORIGINAL] = child
             setattr(features, name, transition.train(child.training))
     features.__dict__[ORIGINAL] = network.features

@@ -30,13 +30,12 @@ def revert(module: nn.Module) -> nn.Module:
     """Replace every fastdense module in ``module`` by the original library's, in place; returns
     ``module``, or the replacement when ``module`` itself is a fastdense model or block."""
     replacement = _reverted(module)
-    if replacement is not None:
+    if replacement is not None:  # its subtree is reverted with it
         return replacement
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            new = _reverted(child)
-            if new is not None:
-                setattr(parent, name, new)
+    for name, child in list(module.named_children()):
+        new = revert(child)
+        if new is not child:
+            setattr(module, name, new)
     return module
 
 
