@@ -12,22 +12,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-# Temporaries (normalised activations, masks, their gradients) are built in chunks of about this many
-# elements (8 MiB in float32), so a whole normalised feature map never exists at once.
-CHUNK_ELEMENTS = 1 << 21
-MIN_CHUNK = 16
-
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics and gradient sums run in float64 for float64 data, in float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def chunks(total: int, width: int, min_size: int = MIN_CHUNK):
-    """Ranges over ``total`` that keep a ``range x width`` temporary to about ``CHUNK_ELEMENTS``."""
-    step = max(min_size, CHUNK_ELEMENTS // max(width, 1))
-    for lo in range(0, total, step):
-        yield lo, min(lo + step, total)
 
 
 def batch_stats(x: Tensor, dim: int | tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -96,42 +84,31 @@ def running_stats(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]
 class Affine(NamedTuple):
     """BatchNorm with given statistics as a per-channel map of ``x``; vectors in the accumulation dtype.
 
-    With batch statistics (training) the map is ``(x - mean) * scale + bias``: subtracting the mean
-    first keeps the rounding error relative to the normalised value, so a pre-activation near zero
-    keeps its sign (a flipped ReLU mask changes gradients far more than rounding does). With running
-    statistics (eval, ``folded``) it is ``x * scale + (bias - mean * scale)``, one pass, the formula
-    PyTorch's own CPU kernel uses in eval mode.
+    The torch backend applies it folded, ``x * scale + shift`` with ``shift = bias - mean * scale``, one
+    pass, the formula of PyTorch's own CPU BatchNorm (``torch_ops.normalized_relu``). The Triton kernels
+    apply the training map unfolded, ``(x - mean) * scale + bias``, and the eval map (``folded``)
+    folded. ``weight`` is the module's gamma.
     """
 
     mean: Tensor
     scale: Tensor  # weight / sqrt(var + eps)
     bias: Tensor
     folded: bool
-
-    def __call__(self, x: Tensor) -> Tensor:
-        """Normalise ``x`` (channels last, or pre-shaped vectors), rounded to ``x``'s dtype as the
-        output of ``nn.BatchNorm2d`` is before the ReLU sees it."""
-        if self.folded:
-            return torch.addcmul(self.bias - self.mean * self.scale, x, self.scale).to(x.dtype)
-        return self.from_centered(x - self.mean, x.dtype)
-
-    def from_centered(self, centered: Tensor, dtype: torch.dtype) -> Tensor:
-        """The unfolded map from ``x - mean``."""
-        return torch.addcmul(self.bias, centered, self.scale).to(dtype)
-
-    def centered_and_normalized(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x - mean`` (accumulation dtype, for the backward's sums) and ``self(x)``, computed exactly
-        as ``self(x)`` is, without subtracting the mean twice."""
-        centered = x - self.mean
-        return centered, self(x) if self.folded else self.from_centered(centered, x.dtype)
+    shift: Tensor  # bias - mean * scale
+    weight: Tensor
 
     def channels(self, lo: int, hi: int, spatial_dims: int = 2) -> Affine:
         """The map for channels ``[lo, hi)`` of an ``(N, C, *spatial)`` tensor."""
-        return Affine(*(v[lo:hi].view(1, -1, *[1] * spatial_dims) for v in self[:3]), self.folded)
+        mean, scale, bias, _, shift, weight = (
+            v if isinstance(v, bool) else v[lo:hi].view(1, -1, *[1] * spatial_dims) for v in self
+        )
+        return Affine(mean, scale, bias, self.folded, shift, weight)
 
 
 def affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, *, training: bool) -> Affine:
-    return Affine(mean, weight.to(rstd.dtype) * rstd, bias.to(rstd.dtype), folded=not training)
+    weight, bias = weight.to(rstd.dtype), bias.to(rstd.dtype)
+    scale = weight * rstd
+    return Affine(mean, scale, bias, not training, torch.addcmul(bias, mean, scale, value=-1), weight)
 
 
 def input_grad_from_sums(

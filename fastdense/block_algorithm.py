@@ -81,6 +81,7 @@ class Ops:
         (``torch_ops.norm1_backward``).
     finalize(g, x, d_out, stats, noise) -> dx: a segment's input gradient (``torch_ops.finalize``).
     fuses_eval_norm2: whether ``bottleneck`` applies an ``epilogue``.
+    grad_in_buffer_dtype: whether G is in the buffer's dtype (else in the accumulation dtype).
     """
 
     column_stats: Callable
@@ -90,6 +91,7 @@ class Ops:
     norm1_backward: Callable
     finalize: Callable
     fuses_eval_norm2: bool = False
+    grad_in_buffer_dtype: bool = False
 
 
 @dataclass
@@ -276,7 +278,8 @@ def block_backward(
     c0, m = c_total - num_layers * k, math.prod(grid)
     rows = as_rows(out)
     acc, cdt = accumulation_dtype(out.dtype), compute_dtype
-    grad_sum = torch.zeros((m, c_total), dtype=acc, device=out.device)  # G: sum over consumers
+    g_dtype = out.dtype if ops.grad_in_buffer_dtype else acc
+    grad_sum = torch.zeros((m, c_total), dtype=g_dtype, device=out.device)  # G: sum over consumers
     sync = sync if training else None
     count = m if sync is None else sync.total(m, out.device)
     if training:

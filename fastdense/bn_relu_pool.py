@@ -3,14 +3,16 @@
 Used for the stem (norm0-relu0-pool0), the transitions (norm-relu-avgpool, before the 1x1 conv) and
 the head (norm5-relu-global average pool), of 1-D, 2-D and 3-D networks (MONAI's too). Autograd
 would keep the BatchNorm output (the size of the input) and, for max pooling, int64 indices; this op
-keeps only its input and the per-channel statistics and recomputes the rest in backward, channel chunk
-by channel chunk. With the Triton backend the 2-D forward is one kernel (``kernels.bn_relu_pool``)
+keeps only its input and the per-channel statistics and recomputes the rest in backward (a few
+whole-tensor passes: the folded affine map, the ReLU, the pool's backward, PyTorch's BatchNorm
+backward). With the Triton backend the 2-D forward is one kernel (``kernels.bn_relu_pool``)
 after a statistics reduction (1-D and 3-D run PyTorch's ops); the backward is the same.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -18,7 +20,6 @@ from .batchnorm import (
     accumulation_dtype,
     affine,
     batch_stats,
-    chunks,
     input_grad_from_sums,
     running_stats,
     shared_batch_stats,
@@ -26,6 +27,7 @@ from .batchnorm import (
 )
 from .layout import as_images, as_rows
 from .stages import stage
+from .torch_ops import column_stats as torch_column_stats
 from .triton_ops import check_dtypes
 
 # BatchNorm and the pools that go with it, per number of spatial dimensions.
@@ -61,12 +63,23 @@ def _pooled(act: Tensor, pool: nn.Module) -> Tensor:
 
 
 def _pool_backward(grad: Tensor, act: Tensor, pool: nn.Module) -> Tensor:
-    """The pool's input gradient at ``act``: its own backward, on the recomputed activation (a max pool
-    finds its window maxima again instead of keeping int64 indices for the whole backward)."""
+    """The pool's input gradient at ``act``. An average pool's is PyTorch's backward operator, which
+    needs no forward; a max pool's is its own autograd on the recomputed activation (it finds its window
+    maxima again instead of keeping int64 indices for the whole backward)."""
+    backward = _AVERAGE_POOL_BACKWARD.get(type(pool))
+    half_on_cpu = act.device.type == "cpu" and act.dtype in (torch.bfloat16, torch.float16)
+    if backward is not None and not (half_on_cpu and isinstance(pool, nn.AvgPool3d)):
+        return backward(grad.to(act.dtype), act, *_window(pool), pool.ceil_mode, pool.count_include_pad, None)
     with torch.enable_grad():
         act = act.detach().requires_grad_()
         (d_act,) = torch.autograd.grad(_pooled(act, pool), act, grad)
     return d_act
+
+
+_AVERAGE_POOL_BACKWARD = {
+    nn.AvgPool2d: torch.ops.aten.avg_pool2d_backward,
+    nn.AvgPool3d: torch.ops.aten.avg_pool3d_backward,
+}
 
 
 def _channel(v: Tensor, spatial_dims: int) -> Tensor:
@@ -119,6 +132,8 @@ def norm_statistics(
     known = known or shared_batch_stats(x)
     if known is not None:
         var, mean = (s.to(acc) for s in known)
+    elif column_stats is None and _layout(x) != torch.contiguous_format:
+        var, mean = torch_column_stats(as_rows(x))  # channels-last: a view
     elif column_stats is None:
         var, mean = batch_stats(x, dim=_reduced_dims(x))
     else:
@@ -133,35 +148,60 @@ class BatchNormReLUPool(torch.autograd.Function):
         ctx, x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, backend: str, part: str
     ):
         window = kernel_window(pool) if backend == "triton" else None  # 1-D and 3-D: PyTorch's ops
+        indices = None
         if window is not None:
             out, mean, rstd = _triton_forward(x, norm, window)
         else:
-            out, mean, rstd = _torch_forward(x, weight, bias, norm, pool)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+            out, indices, mean, rstd = _torch_forward(x, weight, bias, norm, pool)
+        ctx.save_for_backward(x, weight, bias, mean, rstd, indices)
         ctx.pool, ctx.training, ctx.part = pool, norm.training, part
         return out
 
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable: say so, loudly
     def backward(ctx, grad_out: Tensor):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
+        x, weight, bias, mean, rstd, indices = ctx.saved_tensors
         with stage(f"{ctx.part}_backward", x.device):
-            grads = _backward(grad_out, x, weight, bias, mean, rstd, ctx.pool, ctx.training, ctx.needs_input_grad[0])
+            grads = _backward(
+                grad_out, x, weight, bias, mean, rstd, indices, ctx.pool, ctx.training, ctx.needs_input_grad[0]
+            )
         return (*grads, None, None)
 
 
 def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module):
-    n, c, *spatial = x.shape
+    """``(pooled, indices, mean, rstd)``: a 2-D or 3-D max pool's window indices are kept for the backward
+    (int64, a quarter (an eighth) of the input's elements: cheaper than finding the maxima again), None
+    for other pools."""
     mean, rstd = norm_statistics(x, norm)
-    normalize = affine(weight, bias, mean, rstd, training=norm.training)
-    out = None
-    for lo, hi in chunks(c, x.numel() // max(c, 1), min_size=1):
-        piece = _pooled(normalize.channels(lo, hi, len(spatial))(x[:, lo:hi]).relu_(), pool)
-        if out is None:
-            shape = (n, c, *piece.shape[2:])
-            out = torch.empty(shape, dtype=piece.dtype, device=x.device, memory_format=_layout(x))
-        out[:, lo:hi] = piece
-    return out, mean, rstd
+    act = _normalized_relu(x, weight, bias, mean, rstd, norm.training)
+    if type(pool) in _MAX_POOL_BACKWARD:
+        dilation = nn.modules.utils._ntuple(act.dim() - 2)(pool.dilation)
+        out, indices = _MAX_POOL[type(pool)](act, *_window(pool), dilation, pool.ceil_mode, return_indices=True)
+        return out, indices, mean, rstd
+    return _pooled(act, pool), None, mean, rstd
+
+
+_MAX_POOL = {nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}
+_MAX_POOL_BACKWARD = {
+    nn.MaxPool2d: torch.ops.aten.max_pool2d_with_indices_backward,
+    nn.MaxPool3d: torch.ops.aten.max_pool3d_with_indices_backward,
+}
+
+
+def _window(pool: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """A pool's ``(kernel, stride, padding)``, one entry per spatial dimension, as PyTorch's operators take them."""
+    tuple_of = nn.modules.utils._ntuple(POOLS[type(pool)])
+    kernel = tuple_of(pool.kernel_size)
+    return kernel, tuple_of(pool.stride) if pool.stride is not None else kernel, tuple_of(pool.padding)
+
+
+def _normalized_relu(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, training: bool) -> Tensor:
+    """``relu(norm(x))`` in ``x``'s dtype and layout: the folded map in the accumulation dtype, rounded
+    once (``torch_ops.normalized_relu``), then an in-place ReLU. The backward recomputes it the same way."""
+    normalize = affine(weight, bias, mean, rstd, training=training).channels(0, x.shape[1], x.dim() - 2)
+    out = torch.empty_like(x, memory_format=_layout(x))
+    torch.addcmul(normalize.shift, x, normalize.scale, out=out)
+    return out.relu_()
 
 
 def _triton_norm(x: Tensor, norm: nn.BatchNorm2d, compute_dtype: torch.dtype, known=None):
@@ -210,27 +250,43 @@ def fused_transition(
     return as_images(out, n, h // 2, w // 2)
 
 
-def _backward(grad_out, x, weight, bias, mean, rstd, pool, training: bool, need_input_grad: bool):
-    c, spatial_dims, dims = x.shape[1], x.dim() - 2, _reduced_dims(x)
-    count = x.numel() // max(c, 1)
-    normalize = affine(weight, bias, mean, rstd, training=training)
-    d_x = torch.empty_like(x) if need_input_grad else None
-    d_weight = torch.empty_like(mean)
-    d_bias = torch.empty_like(mean)
+def _backward(grad_out, x, weight, bias, mean, rstd, indices, pool, training: bool, need_input_grad: bool):
+    """Recompute ``relu(norm(x))``, go back through the pool (by the forward's window ``indices`` when
+    given) and the ReLU, then through the BatchNorm: PyTorch's own BatchNorm backward in training (the
+    statistics are the forward's), the affine map's in eval."""
     with torch.autocast(x.device.type, enabled=False), stage("bn_relu_pool_backward", x.device):
-        for lo, hi in chunks(c, count, min_size=1):
-            chunk_norm = normalize.channels(lo, hi, spatial_dims)
-            centered, pre = chunk_norm.centered_and_normalized(x[:, lo:hi])
-            mask = pre > 0
-            d_pre = _pool_backward(grad_out[:, lo:hi], pre.relu_(), pool).to(mean.dtype).mul_(mask)
-            del pre, mask
-            xhat = centered.mul_(_channel(rstd[lo:hi], spatial_dims))
-            d_bias[lo:hi] = d_pre.sum(dims)
-            d_weight[lo:hi] = (d_pre * xhat).sum(dims)
-            if d_x is not None:
-                sums = (_channel(d_bias[lo:hi], spatial_dims), _channel(d_weight[lo:hi], spatial_dims))
-                d_x[:, lo:hi] = input_grad_from_sums(d_pre, xhat, *sums, chunk_norm.scale, count, training)
+        act = _normalized_relu(x, weight, bias, mean, rstd, training)
+        if indices is not None:
+            dilation = nn.modules.utils._ntuple(act.dim() - 2)(pool.dilation)
+            backward = _MAX_POOL_BACKWARD[type(pool)]
+            d_pre = backward(grad_out.to(act.dtype), act, *_window(pool), dilation, pool.ceil_mode, indices)
+        else:
+            d_pre = _pool_backward(grad_out, act, pool)
+        torch.ops.aten.threshold_backward.grad_input(d_pre, act, 0, grad_input=d_pre)  # through the ReLU
+        del act
+        if training and x.numel():  # (PyTorch's kernel divides by zero on an empty batch)
+            d_x, d_weight, d_bias = torch.ops.aten.native_batch_norm_backward(
+                d_pre, x, weight.to(mean.dtype), None, None, mean, rstd, True, 0.0, [need_input_grad, True, True]
+            )
+        else:
+            d_x, d_weight, d_bias = _affine_backward(d_pre, x, weight, mean, rstd, training, need_input_grad)
     return d_x, d_weight.to(weight.dtype), d_bias.to(bias.dtype), None, None
+
+
+def _affine_backward(d_pre, x, weight, mean, rstd, training: bool, need_input_grad: bool):
+    """BatchNorm's backward from its output gradient, as sums (an empty batch in training; eval mode,
+    where the map is affine)."""
+    spatial_dims, dims = x.dim() - 2, _reduced_dims(x)
+    d_pre = d_pre.to(mean.dtype)
+    xhat = (x - _channel(mean, spatial_dims)).mul_(_channel(rstd, spatial_dims))
+    d_bias, d_weight = d_pre.sum(dims), (d_pre * xhat).sum(dims)
+    d_x = None
+    if need_input_grad:
+        scale = _channel(weight.to(rstd.dtype) * rstd, spatial_dims)
+        sums = (_channel(d_bias, spatial_dims), _channel(d_weight, spatial_dims))
+        count = x.numel() // max(x.shape[1], 1)
+        d_x = input_grad_from_sums(d_pre, xhat, *sums, scale, count, training).to(x.dtype)
+    return d_x, d_weight, d_bias
 
 
 def bn_relu_pool(

@@ -29,6 +29,7 @@ from .bn_relu_pool import (
     kernel_window,
     triton_bn_relu_pool_into,
 )
+from .layout import channels_last
 from .tracing import NotScriptable, call_module_node, is_traced, refuse_torchscript
 from .validation import compute_dtype
 
@@ -100,12 +101,13 @@ class Features(NotScriptable, nn.Sequential):
         self.backend = check_backend_name(backend)
 
     def forward_stem(self, x: Tensor) -> Tensor:
-        """conv0, then norm0-relu0-pool0 as one op when they are the plain modules (else one by one)."""
+        """conv0, then norm0-relu0-pool0 as one op when they are the plain modules (else one by one).
+        The fused stem runs channels-last, the layout of every block buffer after it (PyTorch's CPU max
+        pool is more than ten times faster on it than on a contiguous map)."""
         conv0, norm0, relu0, pool0 = (self._modules[name] for name in ("conv0", "norm0", "relu0", "pool0"))
-        x = conv0(x)
         if fusable(norm0, relu0, pool0):
-            return bn_relu_pool(x, norm0, pool0, resolve_backend(self.backend, x.device))
-        return pool0(relu0(norm0(x)))
+            return bn_relu_pool(conv0(channels_last(x)), norm0, pool0, resolve_backend(self.backend, x.device))
+        return pool0(relu0(norm0(conv0(x))))
 
     def forward(self, x: Tensor, *, skip_last: bool = False) -> Tensor:
         modules = list(self._modules.items())

@@ -7,7 +7,10 @@ a layer's input is a column prefix of it (a strided sub-matrix, no copy).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def as_images(rows: Tensor, n: int, *spatial: int) -> Tensor:
@@ -22,3 +25,9 @@ def as_rows(t: Tensor) -> Tensor:
     c = t.shape[1]
     rows = t.movedim(1, -1).reshape(-1, c)
     return rows if c <= 1 or rows.stride(1) == 1 else rows.contiguous()
+
+
+def channels_last(t: Tensor) -> Tensor:
+    """A 4-D or 5-D tensor in channels-last memory (a copy unless it already is); others unchanged."""
+    layout = _CHANNELS_LAST.get(t.dim())
+    return t if layout is None else t.contiguous(memory_format=layout)

@@ -4,23 +4,52 @@ They run on any device: they are what CPU users get, and a second oracle for the
 layer loop that calls them, the saved state and the backward's order are ``block_algorithm``'s, shared
 with the triton backend (``triton_ops``), which fuses the same operations into kernels.
 
+Lean by construction: every operation is a few whole-matrix ATen operators, each one pass over memory
+(``python -m fastdense traffic`` counts them). A layer's BatchNorm-ReLU is two passes in the compute
+dtype (a folded affine map computed in the accumulation dtype and rounded once, then an in-place ReLU);
+the backward's per-channel sums are reductions over whole matrices; the ReLU masks are PyTorch's own
+``threshold_backward``; norm2's backward over the contiguous bottleneck is PyTorch's BatchNorm backward;
+the gradient buffer G is in the buffer's dtype (as autograd accumulates torchvision's gradients).
+
 Precision: GEMMs and convolutions run in the compute dtype (the autocast dtype under autocast, else the
-input's dtype); statistics, normalisation and gradient sums run in the accumulation dtype (float64 for
-float64 inputs, float32 otherwise).
+input's dtype); statistics and per-channel sums in the accumulation dtype (float64 for float64 inputs,
+float32 otherwise).
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .batchnorm import Affine, batch_stats, chunks, input_grad_from_sums
+from .batchnorm import Affine, batch_stats, input_grad_from_sums
 from .block_algorithm import Ops
 from .layout import as_images, as_rows
 from .stages import stage
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_aten = torch.ops.aten
+
+# The device type whose choice of reduction the statistics follow; None: the tensor's own. Set by
+# ``counted_as`` for the traffic counter, which runs on fake CPU tensors but counts a GPU's step.
+_COUNTED_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastdense_counted_as", default=None)
+
+
+@contextlib.contextmanager
+def counted_as(device_type: str):
+    """Take the operator choices of ``device_type`` ("cuda" or "cpu") whatever the tensors' device."""
+    token = _COUNTED_AS.set(device_type)
+    try:
+        yield
+    finally:
+        _COUNTED_AS.reset(token)
+
+
+def _device_type(t: Tensor) -> str:
+    return _COUNTED_AS.get() or t.device.type
 
 
 def _conv3x3(images: Tensor, weight: Tensor) -> Tensor:
@@ -29,34 +58,48 @@ def _conv3x3(images: Tensor, weight: Tensor) -> Tensor:
 
 
 def column_stats(cols: Tensor) -> tuple[Tensor, Tensor]:
-    """``Ops.column_stats``: biased variance and mean of each column."""
-    return batch_stats(cols, dim=0)
+    """``Ops.column_stats``: biased variance and mean of each column, in the accumulation dtype. One
+    Welford reduction on a GPU; on the CPU the corrected two-pass ``batch_stats``, several times faster
+    there than ``torch.var_mean``."""
+    if _device_type(cols) == "cpu" or cols.numel() == 0 or cols.dtype == torch.float64:
+        return batch_stats(cols, dim=0)
+    var, mean = torch.var_mean(cols.float(), dim=0, correction=0)  # float(): a no-op for float32 columns
+    return var, mean
+
+
+def normalized_relu(x: Tensor, norm: Affine, dtype: torch.dtype) -> Tensor:
+    """``relu(norm(x))`` for an ``M x C`` matrix (any row stride: a buffer prefix) as a new contiguous
+    matrix in ``dtype``: the folded map ``x * scale + shift`` computed in the accumulation dtype and
+    rounded once (PyTorch's CPU BatchNorm computes the same), then an in-place ReLU. The backward
+    recomputes it with this same function, so its ReLU masks are the forward's."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    torch.addcmul(norm.shift, x, norm.scale, out=out)
+    return out.relu_()
 
 
 def bottleneck(x: Tensor, norm1: Affine, w1: Tensor, stats: bool, epilogue: Affine | None = None):
-    """``Ops.bottleneck``: ``relu(norm1(x)) @ W1^T`` for an ``M x C_l`` prefix of the buffer, the GEMM
-    prologue of DESIGN.md in row chunks, so the normalised activations never exist for all rows at once.
-    No eval-mode epilogue here (``fuses_eval_norm2`` is False)."""
-    w1_t = w1.t()
-    out = torch.empty((x.shape[0], w1_t.shape[1]), dtype=w1_t.dtype, device=x.device)
-    for lo, hi in chunks(x.shape[0], x.shape[1]):
-        act = norm1(x[lo:hi]).relu_().to(w1_t.dtype)
-        torch.mm(act, w1_t, out=out[lo:hi])
-    return out, batch_stats(out, dim=0) if stats else None
+    """``Ops.bottleneck``: ``relu(norm1(x)) @ W1^T`` for an ``M x C_l`` prefix of the buffer (DESIGN.md's
+    GEMM prologue, here as its own two passes). No eval-mode epilogue (``fuses_eval_norm2`` is False)."""
+    out = torch.mm(normalized_relu(x, norm1, w1.dtype), w1.t())
+    return out, column_stats(out) if stats else None
 
 
 def conv3x3_into(bottleneck, norm2: Affine | None, w2, grid, out, noise, stats: bool, column_stats=column_stats):
     """``Ops.new_features`` with a 3x3 convolution from PyTorch (cuDNN on CUDA): the activation is
-    materialised, convolved, multiplied by the dropout noise and copied into the buffer slice.
+    materialised, convolved, multiplied by the dropout noise and copied into the buffer slice; the
+    statistics are taken from the convolution's own (contiguous) output before the copy.
     ``grid``: ``(N, *spatial)``, the shape the buffer's rows come from."""
-    act2 = bottleneck if norm2 is None else norm2(bottleneck).relu_()
+    act2 = bottleneck if norm2 is None else normalized_relu(bottleneck, norm2, w2.dtype)
     new = _conv3x3(as_images(act2.to(w2.dtype), *grid), w2)  # (N, k, *spatial)
     del act2
     if noise is not None:
-        new = new * as_images(noise, *grid)
+        new.mul_(as_images(noise, *grid))
+    same_dtype = new.dtype == out.dtype
+    result = column_stats(as_rows(new)) if stats and same_dtype else None
     as_images(out, *grid).copy_(new)
-    del new
-    return column_stats(out) if stats else None
+    if stats and not same_dtype:  # the statistics of what the buffer holds, rounded to its dtype
+        result = column_stats(out)
+    return result
 
 
 def conv3x3_norm2_backward(
@@ -70,74 +113,78 @@ def conv3x3_norm2_backward(
     Returns the bottleneck gradient (compute dtype) and the gradients of norm2's weight and bias and of
     conv2's weight (None when not needed)."""
     ones, zeros = [1] * (len(grid) - 1), [0] * (len(grid) - 1)
-    acc, cdt = rstd2.dtype, w2c.dtype
-    pre2 = norm2(bottleneck)
-    mask2 = pre2 > 0
-    act2 = pre2.relu_().to(cdt)
-    del pre2
+    cdt = w2c.dtype
+    act2 = normalized_relu(bottleneck, norm2, cdt)
     with stage("conv_backward", bottleneck.device):
         images = (as_images(d_new.to(cdt), *grid), as_images(act2, *grid))
         if len(grid) == 4 and act2.device.type == "cpu" and cdt in (torch.bfloat16, torch.float16):
             # PyTorch's CPU 3-D weight gradient from channels_last_3d bf16 tensors is wrong on 2x2x2 maps
             # (relative error ~1, seen with torch 2.14); from contiguous ones it is right.
             images = tuple(t.contiguous() for t in images)
-        d_act2, d_w2, _ = torch.ops.aten.convolution_backward(
+        d_act2, d_w2, _ = _aten.convolution_backward(
             *images, w2c, None, ones, ones, ones, False, zeros, 1, [True, need_weight, False]
         )
-    del act2, images
+    del images
     with stage("norm_backward", bottleneck.device):
-        d_pre2 = as_rows(d_act2).to(acc).mul_(mask2)  # through relu2
-        del d_act2, mask2
-        yhat = (bottleneck.to(acc) - norm2.mean).mul_(rstd2)
-        d_b2 = d_pre2.sum(0)
-        d_g2 = (d_pre2 * yhat).sum(0)
+        d_pre2 = _aten.threshold_backward(as_rows(d_act2), act2, 0)  # through relu2
+        del d_act2, act2
+        if training and sync is None and d_pre2.numel():  # (PyTorch's kernel divides by zero on no rows)
+            # PyTorch's own BatchNorm backward from the forward's statistics (the bottleneck is contiguous).
+            d_bottleneck, d_g2, d_b2 = _aten.native_batch_norm_backward(
+                d_pre2, bottleneck, norm2.weight, None, None, norm2.mean, rstd2, True, 0.0, [True, True, True]
+            )
+            return d_bottleneck, d_g2, d_b2, d_w2
+        d_b2, d_g2 = channel_sums(d_pre2, bottleneck, norm2.mean, rstd2)
         sums = (d_b2, d_g2) if sync is None else sync.sum(d_b2, d_g2)  # the parameters' gradients stay local
+        yhat = (bottleneck.to(rstd2.dtype) - norm2.mean).mul_(rstd2)
+        d_pre2 = d_pre2.to(rstd2.dtype)
         d_bottleneck = input_grad_from_sums(d_pre2, yhat, *sums, norm2.scale, count, training).to(cdt)
     return d_bottleneck, d_g2, d_b2, d_w2
 
 
+def channel_sums(d_pre: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """BatchNorm's parameter gradients from its output gradient ``d_pre`` (``M x C``): ``sum(d_pre)`` and
+    ``sum(d_pre * (x - mean)) * rstd``, as two reductions over whole matrices (``x`` of any row stride)
+    in the accumulation dtype."""
+    acc = rstd.dtype
+    d_bias = d_pre.sum(0, dtype=acc)
+    d_weight = torch.mul(d_pre, x).sum(0, dtype=acc).sub_(mean * d_bias).mul_(rstd)
+    return d_bias, d_weight
+
+
 def norm1_backward(d_bottleneck, x, norm1: Affine, rstd1, w1c, grad_sum, coef, need_weight: bool):
-    """``Ops.norm1_backward``: norm1 backward over an ``M x C_l`` buffer prefix, in row chunks. With
-    ``u = norm1(x)`` recomputed, ``P = (dY @ W1) * [u > 0]`` is norm1's output gradient and
-    ``dW1 = dY^T @ relu(u)``; ``P * coef`` (gamma in training, the eval map's slope otherwise) is added to
-    G's first ``C_l`` columns.
+    """``Ops.norm1_backward``: norm1 backward over an ``M x C_l`` buffer prefix. With ``a = relu(norm1(x))``
+    recomputed, ``P = (dY @ W1) * [a > 0]`` is norm1's output gradient and ``dW1 = dY^T @ a``;
+    ``P * coef`` (gamma in training, the eval map's slope otherwise) is added to G's first ``C_l`` columns.
 
     Returns norm1's weight and bias gradients and conv1's weight gradient (None when not needed)."""
-    m, c_in = x.shape
-    acc, cdt = rstd1.dtype, w1c.dtype
-    d_w1 = torch.zeros((w1c.shape[0], c_in), dtype=acc, device=x.device) if need_weight else None
-    d_b1 = torch.zeros(c_in, dtype=acc, device=x.device)
-    d_g1 = torch.zeros(c_in, dtype=acc, device=x.device)  # sum(P * (x - mean)); times rstd at the end
-    for lo, hi in chunks(m, c_in):
-        x_chunk, d_y = x[lo:hi], d_bottleneck[lo:hi]
-        centered, pre1 = norm1.centered_and_normalized(x_chunk)
-        mask1 = pre1 > 0
-        if d_w1 is not None:
-            d_w1 += (d_y.t() @ pre1.relu_().to(cdt)).to(acc)
-        del pre1
-        p_grad = (d_y @ w1c).to(acc).mul_(mask1)
-        del mask1
-        d_b1 += p_grad.sum(0)
-        d_g1 += centered.mul_(p_grad).sum(0)
-        del centered
-        grad_sum[lo:hi, :c_in].addcmul_(p_grad, coef)
-        del p_grad
-    return d_g1.mul_(rstd1), d_b1, d_w1
+    act = normalized_relu(x, norm1, w1c.dtype)
+    d_w1 = torch.mm(d_bottleneck.t(), act) if need_weight else None
+    p_grad = torch.mm(d_bottleneck, w1c)
+    _aten.threshold_backward.grad_input(p_grad, act, 0, grad_input=p_grad)  # through relu1, in place
+    del act
+    d_b1, d_g1 = channel_sums(p_grad, x, norm1.mean, rstd1)
+    grad_sum[:, : x.shape[1]].addcmul_(p_grad, coef)
+    return d_g1, d_b1, d_w1
 
 
 def finalize(g: Tensor, x: Tensor, d_out: Tensor, stats, noise: Tensor | None) -> Tensor:
-    """``Ops.finalize``: a segment's input gradient from its column range of G (accumulation dtype), of the
-    buffer and of the output gradient. ``stats``: ``(mean, rstd, sum_g, sum_gx)`` per channel in training,
+    """``Ops.finalize``: a segment's input gradient from its column range of G, of the buffer and of the
+    output gradient, in G's dtype. ``stats``: ``(mean, rstd, sum_g, sum_gx)`` per channel in training,
     None in eval (frozen statistics: each norm1 is an affine map, already in G). ``noise``: the layer's
-    dropout multiplier, applied last (dropout backward)."""
-    d_out = d_out.to(g.dtype)
+    dropout multiplier, applied last (dropout backward).
+
+    Training: ``dx = (g - sum_g/m - xhat * sum_gx/m) * rstd + d_out``, folded into ``g * rstd + x * b + c``
+    per channel: three passes."""
     if stats is None:
         d_x = g + d_out
     else:
         mean, rstd, sum_g, sum_gx = stats
         m = g.shape[0]
-        d_x = (x.to(g.dtype) - mean).mul_(rstd)  # xhat
-        d_x.mul_(sum_gx / m).neg_().add_(g).sub_(sum_g / m).mul_(rstd).add_(d_out)
+        b = -(rstd * rstd * sum_gx / m)
+        c = -(rstd * sum_g / m) - mean * b
+        d_x = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+        torch.addcmul(c, g, rstd, out=d_x).addcmul_(x, b).add_(d_out)
     return d_x.mul_(noise) if noise is not None else d_x
 
 
@@ -148,4 +195,5 @@ TORCH_OPS = Ops(
     new_features_backward=conv3x3_norm2_backward,
     norm1_backward=norm1_backward,
     finalize=finalize,
+    grad_in_buffer_dtype=True,
 )

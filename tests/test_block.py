@@ -50,20 +50,6 @@ def test_block_matches_torchvision_float64(config, shape, training, memory_effic
     assert_same_grads_and_buffers(fast, ref, tol)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("memory_efficient", [False, True], ids=["keep", "memeff"])
-def test_block_chunked_loops_match(small_chunks, training, memory_efficient):
-    """The row-chunked prologue and backward give the same result when they take many chunks."""
-    ref, fast = block_pair(3, 5, 2, 3, memory_efficient=memory_efficient)
-    tol = TOLERANCE[torch.float64]
-    for _, out_fast, out_ref, dx_fast, dx_ref in run_steps(
-        fast, ref, (2, 5, 7), 5, training=training, channels_last=False, steps=2
-    ):
-        assert_rel_close(out_fast, out_ref, tol, "output")
-        assert_rel_close(dx_fast, dx_ref, tol, "input grad")
-    assert_same_grads_and_buffers(fast, ref, tol)
-
-
 @pytest.mark.parametrize("momentum", [None, 0.3])
 def test_running_stats_momentum_variants(momentum):
     """momentum=None (cumulative average) and a custom momentum update exactly as nn.BatchNorm2d."""

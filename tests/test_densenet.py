@@ -134,12 +134,3 @@ def test_backend_property_and_repr():
     assert all(block.backend == "auto" for block in model.dense_blocks())
     with pytest.raises(ValueError, match="backend must be one of"):
         model.backend = "cuda"
-
-
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_network_chunked_loops_match(small_chunks, training):
-    """Many channel chunks in the fused stem/transitions and row chunks in the blocks: same result."""
-    ref, fast = network_pair()
-    inputs = [torch.randn(2, 3, 24, 24, dtype=torch.float64) for _ in range(2)]
-    errors = compare(fast, ref, inputs, training)
-    assert max(errors.values()) <= TOLERANCE[torch.float64], errors

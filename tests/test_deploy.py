@@ -206,6 +206,7 @@ def test_torch_export_of_an_eval_model_lowers_to_core_aten():
 
 def test_onnx_export_runs_in_onnxruntime_like_eager():
     import onnxruntime  # pinned in requirements.txt, with onnx and onnxscript
+
     ref, fast = network_pair(dtype=torch.float32)
     x = torch.randn(2, 3, 32, 32)
     program = torch.onnx.export(fast.eval(), (x,), dynamo=True, verbose=False)

@@ -64,13 +64,14 @@ def test_monai_stem_and_transitions_keep_no_batchnorm_output(spatial_dims):
     statistics; only MONAI's norm5, before the head, stays."""
     original, converted = monai_pair(spatial_dims)
     x = torch.randn(2, 1, *[14] * spatial_dims, dtype=torch.float64)
-    norms = lambda ops: sum("batch_norm" in op for op in ops)  # noqa: E731
+    # PyTorch's BatchNorm forward operators (the recomputing ops' backward runs PyTorch's BatchNorm backward)
+    norms = lambda ops: sum("batch_norm" in op and "backward" not in op for op in ops)  # noqa: E731
     with RecordOps() as monai_ops:
         original.train()(x).sum().backward()
     with RecordOps() as fast_ops:
         converted.train()(x).sum().backward()
-    # norm5: one forward and one backward call; MONAI's also 2 per stem, transition and dense layer norm
-    assert norms(fast_ops.calls) == 2 and norms(monai_ops.calls) == 2 * (2 + 1 + 2 * 5), fast_ops.calls
+    # norm5's forward; MONAI's also the stem's, the transitions' and the dense layers'
+    assert norms(fast_ops.calls) == 1 and norms(monai_ops.calls) == 2 + 1 + 2 * 5, fast_ops.calls
 
 
 def test_a_monai_model_with_another_pool_keeps_its_modules_and_stays_exact():

@@ -3,10 +3,12 @@
 A count, not a time: every ATen operator a step runs is recorded on fake tensors (``FakeTensorMode``:
 shapes and dtypes only, no data, no compute, so any batch and resolution runs on the CPU), with the
 bytes it reads and writes: the sizes of its tensor arguments plus those of its tensor results (an
-in-place operator reads and writes its tensor: twice). Views, aliases and allocations are free and not
-counted as launches; a conversion to the dtype a tensor already has dispatches nothing. fastdense's
-registered block operators are opened: their own implementation runs under the counter, so the
-operators inside a dense block count like any other.
+in-place operator reads and writes its tensor: twice; an ``out=`` argument is only written: once).
+Views, aliases and allocations are free and not counted as launches; a conversion to the dtype a
+tensor already has dispatches nothing. fastdense's registered block operators are opened: their own
+implementation runs under the counter, so the operators inside a dense block count like any other.
+fastdense's torch backend takes the operator choices of the device named by ``--as-device`` (a GPU's
+by default: what the count is for).
 
 Each operator is attributed to a stage: inside fastdense, the stage it runs in (``fastdense.stages``);
 elsewhere (torchvision, the loss, the optimizer) by what it is: a convolution by its kernel (1x1: gemm,
@@ -30,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 
 from fastdense import stages
 from fastdense.block_op import dense_block, dense_block_backward
+from fastdense.torch_ops import counted_as
 
 from .measure import DTYPES, MODES
 from .providers import MODELS, PROVIDERS
@@ -107,7 +110,9 @@ class TrafficCounter(TorchDispatchMode):
         results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         if func.is_view or name in FREE or not results:  # views, allocations, metadata queries
             return out
-        nbytes = _bytes(tree_leaves((args, kwargs))) + _bytes(results)
+        written_only = {a.name for a in func._schema.arguments if a.is_out}  # out=: written, not read
+        read = (args, {name: value for name, value in kwargs.items() if name not in written_only})
+        nbytes = _bytes(tree_leaves(read)) + _bytes(results)
         active = [STAGE_ROWS[s] for s in stages.ACTIVE if s in STAGE_ROWS]
         self.count.add(active[-1] if active else _row_of(func, args), nbytes)
         self.by_operator[name][0] += 1
@@ -123,19 +128,24 @@ class Traffic:
     batch: int
     resolution: int
     dtype: str
+    as_device: str
     ops: int
     bytes: int
     rows: dict[str, list[int]]
     note: str = "a count of operators and of the bytes they read and write, not a time"
 
 
-def count_step(provider: str, model: str, mode: str, batch: int, resolution: int, dtype: str) -> Traffic:
+def count_step(
+    provider: str, model: str, mode: str, batch: int, resolution: int, dtype: str, as_device: str = "cuda"
+) -> Traffic:
     """One inference forward or one training step (forward, cross-entropy, backward, SGD update) of
-    ``provider``'s ``model`` on fake tensors, counted."""
+    ``provider``'s ``model`` on fake tensors, counted. ``as_device``: the device type whose operator
+    choices fastdense's torch backend takes (the fake tensors themselves are CPU tensors: PyTorch's
+    autograd engine needs a real GPU for CUDA ones)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     compute = DTYPES[dtype]
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True), counted_as(as_device):
         net = PROVIDERS[provider].build(model).train(mode == "train")
         x = torch.randn(batch, 3, resolution, resolution).to(memory_format=torch.channels_last)
         labels = torch.zeros(batch, dtype=torch.long)
@@ -152,7 +162,7 @@ def count_step(provider: str, model: str, mode: str, batch: int, resolution: int
                 loss.backward()
                 torch.optim.SGD(params, lr=0.01).step()
     c = counter.count
-    return Traffic(provider, model, mode, batch, resolution, dtype, c.ops, c.bytes, c.rows)
+    return Traffic(provider, model, mode, batch, resolution, dtype, as_device, c.ops, c.bytes, c.rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="autocast dtype (float32: none)")
+    parser.add_argument(
+        "--as-device", default="cuda", choices=["cuda", "cpu"],
+        help="whose operator choices fastdense's torch backend takes (default: a GPU's, what the count is for)",
+    )  # fmt: skip
     parser.add_argument("--json", help="write every count to this JSON file")
     args = parser.parse_args(argv)
     unknown = [p for p in args.providers if p not in PROVIDERS or "compile" in p or "triton" in p]
@@ -170,12 +184,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--providers: eager CPU providers only, got {unknown} (choices: {sorted(PROVIDERS)})")
     modes = MODES if args.mode == "both" else (args.mode,)
     results = [
-        count_step(provider, args.model, mode, args.batch, args.resolution, args.dtype)
+        count_step(provider, args.model, mode, args.batch, args.resolution, args.dtype, args.as_device)
         for mode in modes
         for provider in args.providers
     ]
-    print(f"{args.model}, batch {args.batch}, {args.resolution}^2, {args.dtype}: operators and GB read+written per "
-          "step, counted on fake tensors (a count, not a time)")  # fmt: skip
+    print(f"{args.model}, batch {args.batch}, {args.resolution}^2, {args.dtype}, as on {args.as_device}: operators "
+          "and GB read+written per step, counted on fake tensors (a count, not a time)")  # fmt: skip
     base = {r.mode: r for r in results if r.provider == args.providers[0]}
     for r in results:
         ratio = f" ({r.bytes / base[r.mode].bytes:.2f}x the bytes, {r.ops / base[r.mode].ops:.2f}x the operators)"
