@@ -3,9 +3,10 @@
 Used for the stem (norm0-relu0-pool0), the transitions (norm-relu-avgpool, before the 1x1 conv) and
 the head (norm5-relu-global average pool), of 1-D, 2-D and 3-D networks (MONAI's too). Autograd
 would keep the BatchNorm output (the size of the input) and, for max pooling, int64 indices; this op
-keeps only its input and the per-channel statistics and recomputes the rest in backward (a few
-whole-tensor passes: the folded affine map, the ReLU, the pool's backward, PyTorch's BatchNorm
-backward). With the Triton backend the 2-D forward is one kernel (``kernels.bn_relu_pool``)
+keeps its input and the per-channel statistics (and a max pool's indices and output, a quarter of the
+input in 2-D, an eighth in 3-D) and recomputes the rest in backward in a few whole-tensor passes:
+the folded affine map and the ReLU (average pools only), the pool's backward, PyTorch's BatchNorm
+backward. With the Triton backend the 2-D forward is one kernel (``kernels.bn_relu_pool``)
 after a statistics reduction (1-D and 3-D run PyTorch's ops); the backward is the same.
 """
 
@@ -153,25 +154,35 @@ class BatchNormReLUPool(torch.autograd.Function):
             out, mean, rstd = _triton_forward(x, norm, window)
         else:
             out, indices, mean, rstd = _torch_forward(x, weight, bias, norm, pool)
-        ctx.save_for_backward(x, weight, bias, mean, rstd, indices)
+        # With a max pool's indices the backward needs its output too (the ReLU mask at each window's maximum).
+        ctx.save_for_backward(x, weight, bias, mean, rstd, indices, out if indices is not None else None)
         ctx.pool, ctx.training, ctx.part = pool, norm.training, part
         return out
 
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable: say so, loudly
     def backward(ctx, grad_out: Tensor):
-        x, weight, bias, mean, rstd, indices = ctx.saved_tensors
+        x, weight, bias, mean, rstd, indices, pooled = ctx.saved_tensors
         with stage(f"{ctx.part}_backward", x.device):
             grads = _backward(
-                grad_out, x, weight, bias, mean, rstd, indices, ctx.pool, ctx.training, ctx.needs_input_grad[0]
+                grad_out,
+                x,
+                weight,
+                bias,
+                mean,
+                rstd,
+                (indices, pooled),
+                ctx.pool,
+                ctx.training,
+                ctx.needs_input_grad[0],
             )
         return (*grads, None, None)
 
 
 def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module):
     """``(pooled, indices, mean, rstd)``: a 2-D or 3-D max pool's window indices are kept for the backward
-    (int64, a quarter (an eighth) of the input's elements: cheaper than finding the maxima again), None
-    for other pools."""
+    (int64, a quarter (an eighth) of the input's elements), so that it recomputes nothing; None for
+    other pools."""
     mean, rstd = norm_statistics(x, norm)
     act = _normalized_relu(x, weight, bias, mean, rstd, norm.training)
     if type(pool) in _MAX_POOL_BACKWARD:
@@ -250,20 +261,27 @@ def fused_transition(
     return as_images(out, n, h // 2, w // 2)
 
 
-def _backward(grad_out, x, weight, bias, mean, rstd, indices, pool, training: bool, need_input_grad: bool):
-    """Recompute ``relu(norm(x))``, go back through the pool (by the forward's window ``indices`` when
-    given) and the ReLU, then through the BatchNorm: PyTorch's own BatchNorm backward in training (the
-    statistics are the forward's), the affine map's in eval."""
+def _backward(grad_out, x, weight, bias, mean, rstd, max_pooled, pool, training: bool, need_input_grad: bool):
+    """Back through the pool and the ReLU, then through the BatchNorm: PyTorch's own BatchNorm backward in
+    training (the statistics are the forward's), the affine map's in eval.
+
+    ``max_pooled``: a max pool's ``(indices, output)`` from the forward, or ``(None, None)``. With them
+    nothing is recomputed: the ReLU's mask at a window's maximum is the pooled output's sign, so the
+    output gradient is masked first (a pooled-size pass) and scattered back by the indices. Otherwise
+    ``relu(norm(x))`` is recomputed for the pool's backward and the mask."""
+    indices, pooled = max_pooled
     with torch.autocast(x.device.type, enabled=False), stage("bn_relu_pool_backward", x.device):
-        act = _normalized_relu(x, weight, bias, mean, rstd, training)
         if indices is not None:
-            dilation = nn.modules.utils._ntuple(act.dim() - 2)(pool.dilation)
+            masked = torch.ops.aten.threshold_backward(grad_out.to(pooled.dtype), pooled, 0)  # through the ReLU
+            dilation = nn.modules.utils._ntuple(x.dim() - 2)(pool.dilation)
             backward = _MAX_POOL_BACKWARD[type(pool)]
-            d_pre = backward(grad_out.to(act.dtype), act, *_window(pool), dilation, pool.ceil_mode, indices)
+            d_pre = backward(masked, x, *_window(pool), dilation, pool.ceil_mode, indices)  # x: the shape only
+            del masked
         else:
+            act = _normalized_relu(x, weight, bias, mean, rstd, training)
             d_pre = _pool_backward(grad_out, act, pool)
-        torch.ops.aten.threshold_backward.grad_input(d_pre, act, 0, grad_input=d_pre)  # through the ReLU
-        del act
+            torch.ops.aten.threshold_backward.grad_input(d_pre, act, 0, grad_input=d_pre)  # through the ReLU
+            del act
         if training and x.numel():  # (PyTorch's kernel divides by zero on an empty batch)
             d_x, d_weight, d_bias = torch.ops.aten.native_batch_norm_backward(
                 d_pre, x, weight.to(mean.dtype), None, None, mean, rstd, True, 0.0, [need_input_grad, True, True]

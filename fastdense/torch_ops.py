@@ -52,6 +52,22 @@ def _device_type(t: Tensor) -> str:
     return _COUNTED_AS.get() or t.device.type
 
 
+# The largest temporary (elements) a layer's norm1 step builds at once, per device type: on a GPU small
+# launches are the cost, so a chunk is large (a whole prefix at ImageNet sizes); on the CPU (3-D volumes,
+# where memory is what stops people) it stays at 32 MiB of float32.
+CHUNK_ELEMENTS = {"cpu": 1 << 23}
+DEFAULT_CHUNK_ELEMENTS = 1 << 26
+
+
+def row_chunks(x: Tensor):
+    """Row ranges of an ``M x C`` matrix whose ``range x C`` temporaries stay within the device's chunk
+    (at least one range: an empty batch's)."""
+    m, width = x.shape
+    step = max(1, CHUNK_ELEMENTS.get(_device_type(x), DEFAULT_CHUNK_ELEMENTS) // max(width, 1))
+    for lo in range(0, max(m, 1), step):
+        yield lo, min(lo + step, m)
+
+
 def _conv3x3(images: Tensor, weight: Tensor) -> Tensor:
     """The layer's 3x3 (3x3x3, ...) convolution with padding 1, for 1 to 3 spatial dimensions."""
     return _CONV_FUNCTIONS[images.dim() - 2](images, weight, padding=1)
@@ -79,8 +95,11 @@ def normalized_relu(x: Tensor, norm: Affine, dtype: torch.dtype) -> Tensor:
 
 def bottleneck(x: Tensor, norm1: Affine, w1: Tensor, stats: bool, epilogue: Affine | None = None):
     """``Ops.bottleneck``: ``relu(norm1(x)) @ W1^T`` for an ``M x C_l`` prefix of the buffer (DESIGN.md's
-    GEMM prologue, here as its own two passes). No eval-mode epilogue (``fuses_eval_norm2`` is False)."""
-    out = torch.mm(normalized_relu(x, norm1, w1.dtype), w1.t())
+    GEMM prologue, here as its own two passes, in ``row_chunks``). No eval-mode epilogue
+    (``fuses_eval_norm2`` is False)."""
+    out = torch.empty((x.shape[0], w1.shape[0]), dtype=w1.dtype, device=x.device)
+    for lo, hi in row_chunks(x):
+        torch.mm(normalized_relu(x[lo:hi], norm1, w1.dtype), w1.t(), out=out[lo:hi])
     return out, column_stats(out) if stats else None
 
 
@@ -153,19 +172,31 @@ def channel_sums(d_pre: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[
 
 
 def norm1_backward(d_bottleneck, x, norm1: Affine, rstd1, w1c, grad_sum, coef, need_weight: bool):
-    """``Ops.norm1_backward``: norm1 backward over an ``M x C_l`` buffer prefix. With ``a = relu(norm1(x))``
-    recomputed, ``P = (dY @ W1) * [a > 0]`` is norm1's output gradient and ``dW1 = dY^T @ a``;
+    """``Ops.norm1_backward``: norm1 backward over an ``M x C_l`` buffer prefix, in ``row_chunks``. With
+    ``a = relu(norm1(x))`` recomputed, ``P = (dY @ W1) * [a > 0]`` is norm1's output gradient and ``dW1 = dY^T @ a``;
     ``P * coef`` (gamma in training, the eval map's slope otherwise) is added to G's first ``C_l`` columns.
 
     Returns norm1's weight and bias gradients and conv1's weight gradient (None when not needed)."""
-    act = normalized_relu(x, norm1, w1c.dtype)
-    d_w1 = torch.mm(d_bottleneck.t(), act) if need_weight else None
-    p_grad = torch.mm(d_bottleneck, w1c)
-    _aten.threshold_backward.grad_input(p_grad, act, 0, grad_input=p_grad)  # through relu1, in place
-    del act
-    d_b1, d_g1 = channel_sums(p_grad, x, norm1.mean, rstd1)
-    grad_sum[:, : x.shape[1]].addcmul_(p_grad, coef)
-    return d_g1, d_b1, d_w1
+    acc, c_in = rstd1.dtype, x.shape[1]
+    d_w1 = d_b1 = d_gx = None  # d_gx: sum(P * x); the sums over every chunk's rows
+    for lo, hi in row_chunks(x):
+        x_rows, d_y = x[lo:hi], d_bottleneck[lo:hi]
+        act = normalized_relu(x_rows, norm1, w1c.dtype)
+        if need_weight:
+            d_w1 = _accumulate(d_w1, torch.mm(d_y.t(), act), acc)
+        p_grad = torch.mm(d_y, w1c)
+        _aten.threshold_backward.grad_input(p_grad, act, 0, grad_input=p_grad)  # through relu1, in place
+        del act
+        d_b1 = _accumulate(d_b1, p_grad.sum(0, dtype=acc), acc)
+        d_gx = _accumulate(d_gx, torch.mul(p_grad, x_rows).sum(0, dtype=acc), acc)
+        grad_sum[lo:hi, :c_in].addcmul_(p_grad, coef)
+        del p_grad
+    return d_gx.sub_(norm1.mean * d_b1).mul_(rstd1), d_b1, d_w1
+
+
+def _accumulate(total: Tensor | None, part: Tensor, acc: torch.dtype) -> Tensor:
+    """``part`` alone (one chunk: no extra operator), else the running sum in the accumulation dtype."""
+    return part if total is None else total.to(acc).add_(part)
 
 
 def finalize(g: Tensor, x: Tensor, d_out: Tensor, stats, noise: Tensor | None) -> Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastdense import torch_ops
+
 from .helpers import TOLERANCE, assert_rel_close, assert_same_grads_and_buffers, block_pair
 
 # (num_layers, num_input_features, bn_size, growth_rate): one-layer blocks, growth 1, one input channel.
@@ -47,6 +49,22 @@ def test_block_matches_torchvision_float64(config, shape, training, memory_effic
         assert_rel_close(out_fast, out_ref, tol, f"output, step {step}")
         assert_rel_close(dx_fast, dx_ref, tol, f"input grad, step {step}")
     # Gradients accumulated over the steps, running statistics and num_batches_tracked after them.
+    assert_same_grads_and_buffers(fast, ref, tol)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["keep", "memeff"])
+def test_block_row_chunks_match(monkeypatch, training, memory_efficient):
+    """The torch backend's row-chunked norm1 steps (large inputs on the CPU) give the same result when
+    they take many chunks."""
+    monkeypatch.setitem(torch_ops.CHUNK_ELEMENTS, "cpu", 40)
+    ref, fast = block_pair(3, 5, 2, 3, memory_efficient=memory_efficient)
+    tol = TOLERANCE[torch.float64]
+    for _, out_fast, out_ref, dx_fast, dx_ref in run_steps(
+        fast, ref, (2, 5, 7), 5, training=training, channels_last=False, steps=2
+    ):
+        assert_rel_close(out_fast, out_ref, tol, "output")
+        assert_rel_close(dx_fast, dx_ref, tol, "input grad")
     assert_same_grads_and_buffers(fast, ref, tol)
 
 
