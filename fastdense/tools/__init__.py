@@ -11,7 +11,9 @@ import importlib
 import sys
 
 # Subcommand -> the module whose ``main(argv)`` runs it; no subcommand runs the report.
-SUBCOMMANDS = {"bench": "bench", "profile": "profile", "kernels": "kernel_bench", "traffic": "traffic"}
+SUBCOMMANDS = {
+    "bench": "bench", "profile": "profile", "kernels": "kernel_bench", "traffic": "traffic", "volumes": "volumes",
+}  # fmt: skip
 DEFAULT = "report"
 
 

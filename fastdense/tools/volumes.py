@@ -1,0 +1,188 @@
+"""``python -m fastdense volumes``: MONAI's 3-D DenseNets against their fastdense conversion, by volume size.
+
+One training step (forward, cross-entropy, backward, SGD update) of MONAI's ``DenseNet121/169/201``
+(``spatial_dims=3, in_channels=1, out_channels=2``, the CT/MRI classifier) on random volumes, for MONAI
+eager, MONAI under ``torch.compile`` and ``fastdense.convert(model, strict=True)`` with
+``memory_efficient`` off and on. Extra peak memory: each provider and volume in a fresh process, one
+step after a warm-up step (the CPU's resident-set high-water mark with glibc told to hand freed blocks
+back, as the main job measures, or CUDA's allocator peak, over what was in use before the step). Time:
+the providers interleaved in one process per volume, median of the rounds after a warm-up step. A
+table, JSON and a memory-vs-volume plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from .measure import ALLOCATOR_ENV, PeakMemory
+from .timing import StepTimer
+
+MODELS = {
+    "monai-densenet121-3d": "DenseNet121",
+    "monai-densenet169-3d": "DenseNet169",
+    "monai-densenet201-3d": "DenseNet201",
+}
+PROVIDERS = ("monai-eager", "monai-compile", "fastdense", "fastdense-memory-efficient")
+BASELINE = "monai-eager"
+
+
+def build(provider: str, model: str, device: torch.device) -> torch.nn.Module:
+    """A fresh MONAI model (seeded random weights), converted for the fastdense providers."""
+    from monai.networks import nets
+
+    import fastdense
+
+    torch.manual_seed(0)
+    net = getattr(nets, MODELS[model])(spatial_dims=3, in_channels=1, out_channels=2)
+    if provider.startswith("fastdense"):
+        net = fastdense.convert(net, strict=True)
+        for block in net.modules():
+            if isinstance(block, fastdense.FastDenseBlock):
+                block.memory_efficient = provider == "fastdense-memory-efficient"
+    return net.to(device).train()
+
+
+def make_step(provider: str, net: torch.nn.Module, batch: int, volume: int, device: torch.device):
+    """The training step on a fixed random batch of ``volume^3`` single-channel volumes."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 1, volume, volume, volume, generator=generator).to(device)
+    target = torch.randint(0, 2, (batch,), generator=generator).to(device)
+    model = torch.compile(net) if provider == "monai-compile" else net
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+
+    return step
+
+
+def measure_memory(provider: str, model: str, volume: int, batch: int, device: torch.device) -> float:
+    """Extra peak MiB of one step after a warm-up step, in this process."""
+    step = make_step(provider, build(provider, model, device), batch, volume, device)
+    step()
+    peak = PeakMemory(device)
+    peak.start()
+    step()
+    return peak.stop() / 2**20
+
+
+def memory_in_fresh_process(provider: str, model: str, volume: int, batch: int, device: str) -> float:
+    command = [sys.executable, "-m", "fastdense", "volumes", "--memory-of", provider, "--model", model]
+    command += ["--volumes", str(volume), "--batch", str(batch), "--device", device]
+    env = dict(os.environ) | ALLOCATOR_ENV  # glibc hands freed blocks back: the resident set follows live memory
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{provider} at {volume}^3 failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+
+
+def measure_times(providers, model: str, volume: int, batch: int, device: torch.device, repeats: int) -> dict:
+    """Per provider: the seconds of each round, the providers interleaved, after one warm-up step each."""
+    steps = {p: make_step(p, build(p, model, device), batch, volume, device) for p in providers}
+    timer = StepTimer(device)
+    first = {p: timer(step) for p, step in steps.items()}  # compilation, allocator warm-up
+    rounds = {p: [] for p in providers}
+    for _ in range(repeats):
+        for p, step in steps.items():
+            rounds[p].append(timer(step))
+    return {p: {"first_step_s": first[p], "seconds": rounds[p]} for p in providers}
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    rows = []
+    for volume in args.volumes:
+        times = (
+            {}
+            if args.skip_time
+            else measure_times(args.providers, args.model, volume, args.batch, device, args.repeats)
+        )
+        for provider in args.providers:
+            row = {
+                "model": args.model,
+                "provider": provider,
+                "volume": volume,
+                "batch": args.batch,
+                "device": args.device,
+            }
+            row["peak_mem_mb"] = memory_in_fresh_process(provider, args.model, volume, args.batch, args.device)
+            if provider in times:
+                row |= times[provider] | {"ms_median": 1e3 * statistics.median(times[provider]["seconds"])}
+            rows.append(row)
+            print(f"measured {provider} at {volume}^3", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["volume  provider                     ms (min-max)             speed vs MONAI  extra peak MiB  vs MONAI"]
+    for row in rows:
+        base = next(r for r in rows if r["volume"] == row["volume"] and r["provider"] == BASELINE)
+        memory = f"{row['peak_mem_mb']:8.0f}  {row['peak_mem_mb'] / base['peak_mem_mb']:8.2f}x"
+        timing = f"{'-':24} {'-':>14}"
+        if "ms_median" in row and "ms_median" in base:
+            ms = [1e3 * s for s in row["seconds"]]
+            spread = f"({min(ms):.0f}-{max(ms):.0f})"
+            timing = f"{row['ms_median']:8.0f} {spread:15} {base['ms_median'] / row['ms_median']:13.2f}x"
+        lines.append(f"{row['volume']:4d}^3  {row['provider']:28} {timing}  {memory}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for provider in dict.fromkeys(r["provider"] for r in rows):
+        points = sorted((r["volume"], r["peak_mem_mb"]) for r in rows if r["provider"] == provider)
+        ax.plot(*zip(*points, strict=True), marker="o", label=provider)
+    ax.set_xlabel("volume edge (voxels)")
+    ax.set_ylabel("extra peak memory of a training step (MiB)")
+    ax.set_title(f"{rows[0]['model']}, batch {rows[0]['batch']}, {rows[0]['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fastdense volumes", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="monai-densenet121-3d", choices=sorted(MODELS))
+    parser.add_argument("--volumes", type=int, nargs="+", help="volume edges (default: CPU 64 96 128, CUDA 64-160)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up step")
+    parser.add_argument("--skip-time", action="store_true", help="memory only")
+    parser.add_argument("--json", help="write every figure to this JSON file")
+    parser.add_argument("--plot", help="write the memory-vs-volume plot to this PNG file")
+    parser.add_argument("--memory-of", choices=PROVIDERS, help=argparse.SUPPRESS)  # the fresh-process worker
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.volumes = args.volumes or ([64, 96, 128, 160] if cuda else [64, 96, 128])
+    if args.memory_of:
+        peak = measure_memory(args.memory_of, args.model, args.volumes[0], args.batch, torch.device(args.device))
+        print(json.dumps({"peak_mem_mb": peak}))
+        return
+    if BASELINE not in args.providers:
+        args.providers = [BASELINE, *args.providers]
+    rows = run(args)
+    print(f"{args.model}, batch {args.batch}, training step (SGD), {args.device}")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
