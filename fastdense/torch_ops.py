@@ -122,18 +122,34 @@ def conv3x3_into(bottleneck, norm2: Affine | None, w2, grid, out, noise, stats: 
 
 
 def conv3x3_norm2_backward(
-    d_new, bottleneck, norm2: Affine, rstd2, w2c, grid, training: bool, need_weight: bool, sync, count: int
+    d_new,
+    bottleneck,
+    norm2: Affine,
+    rstd2,
+    w2c,
+    grid,
+    training: bool,
+    need_weight: bool,
+    sync,
+    count: int,
+    *,
+    as_kernels: bool = False,
 ):
     """``Ops.new_features_backward``: from the gradient of a layer's new features (dropout already undone)
     back to its bottleneck: 3x3 conv, ReLU and norm2 backward, with norm2-ReLU recomputed exactly as the
-    forward did. ``sync`` (SyncBatchNorm): the input gradient takes the sums over all ``count`` rows of
-    every process.
+    forward did: the folded map of ``normalized_relu``, or with ``as_kernels`` the map of the Triton 3x3
+    conv's prologue (``(Y - mean) * scale + bias`` in training), so the ReLU masks are the forward's.
+    ``sync`` (SyncBatchNorm): the input gradient takes the sums over all ``count`` rows of every process.
 
     Returns the bottleneck gradient (compute dtype) and the gradients of norm2's weight and bias and of
     conv2's weight (None when not needed)."""
     ones, zeros = [1] * (len(grid) - 1), [0] * (len(grid) - 1)
     cdt = w2c.dtype
-    act2 = normalized_relu(bottleneck, norm2, cdt)
+    if as_kernels and not norm2.folded:
+        act2 = torch.empty(bottleneck.shape, dtype=cdt, device=bottleneck.device)
+        torch.addcmul(norm2.bias, bottleneck - norm2.mean, norm2.scale, out=act2).relu_()
+    else:
+        act2 = normalized_relu(bottleneck, norm2, cdt)
     with stage("conv_backward", bottleneck.device):
         images = (as_images(d_new.to(cdt), *grid), as_images(act2, *grid))
         if len(grid) == 4 and act2.device.type == "cpu" and cdt in (torch.bfloat16, torch.float16):

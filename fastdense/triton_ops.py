@@ -99,7 +99,8 @@ def triton_ops(spatial_dims: int = 2) -> Ops:
         column_stats=_column_stats,
         bottleneck=_bottleneck,
         new_features=new_features,
-        new_features_backward=conv3x3_norm2_backward,  # PyTorch's (cuDNN's) conv backward for now
+        # PyTorch's (cuDNN's) conv backward for now, recomputing norm2-ReLU as the forward's conv did
+        new_features_backward=functools.partial(conv3x3_norm2_backward, as_kernels=use_kernel),
         norm1_backward=_norm1_backward,
         finalize=_finalize,
         fuses_eval_norm2=True,

@@ -1,7 +1,8 @@
 """The per-channel BatchNorm map ``u = (x - shift) * scale + bias`` as the kernels take it.
 
 Training mode passes the batch mean as ``shift`` (subtracting it first keeps a pre-activation near zero
-accurate, as the torch backend does); eval mode passes the folded map with ``shift = 0``.
+accurate; the torch backend folds it, as PyTorch's CPU BatchNorm does, and recomputes the 3x3 conv's
+prologue this way when this kernel ran it); eval mode passes the folded map with ``shift = 0``.
 """
 
 from __future__ import annotations
