@@ -29,6 +29,7 @@ from .batchnorm import (
 from .layout import as_images, as_rows
 from .stages import stage
 from .torch_ops import column_stats as torch_column_stats
+from .torch_ops import normalized_relu
 from .triton_ops import check_dtypes
 
 # BatchNorm and the pools that go with it, per number of spatial dimensions.
@@ -186,8 +187,7 @@ def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d
     mean, rstd = norm_statistics(x, norm)
     act = _normalized_relu(x, weight, bias, mean, rstd, norm.training)
     if type(pool) in _MAX_POOL_BACKWARD:
-        dilation = nn.modules.utils._ntuple(act.dim() - 2)(pool.dilation)
-        out, indices = _MAX_POOL[type(pool)](act, *_window(pool), dilation, pool.ceil_mode, return_indices=True)
+        out, indices = _MAX_POOL[type(pool)](act, *_max_window(pool), return_indices=True)
         return out, indices, mean, rstd
     return _pooled(act, pool), None, mean, rstd
 
@@ -206,13 +206,17 @@ def _window(pool: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], tuple[in
     return kernel, tuple_of(pool.stride) if pool.stride is not None else kernel, tuple_of(pool.padding)
 
 
+def _max_window(pool: nn.Module) -> tuple:
+    """A max pool's ``(kernel, stride, padding, dilation, ceil_mode)``, in the order of PyTorch's max-pool
+    operators and their backward."""
+    return *_window(pool), nn.modules.utils._ntuple(POOLS[type(pool)])(pool.dilation), pool.ceil_mode
+
+
 def _normalized_relu(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, training: bool) -> Tensor:
-    """``relu(norm(x))`` in ``x``'s dtype and layout: the folded map in the accumulation dtype, rounded
-    once (``torch_ops.normalized_relu``), then an in-place ReLU. The backward recomputes it the same way."""
+    """``relu(norm(x))`` in ``x``'s dtype and layout (``torch_ops.normalized_relu``, the map's vectors
+    shaped per channel). The backward recomputes it the same way."""
     normalize = affine(weight, bias, mean, rstd, training=training).channels(0, x.shape[1], x.dim() - 2)
-    out = torch.empty_like(x, memory_format=_layout(x))
-    torch.addcmul(normalize.shift, x, normalize.scale, out=out)
-    return out.relu_()
+    return normalized_relu(x, normalize, x.dtype)
 
 
 def _triton_norm(x: Tensor, norm: nn.BatchNorm2d, compute_dtype: torch.dtype, known=None):
@@ -273,9 +277,8 @@ def _backward(grad_out, x, weight, bias, mean, rstd, max_pooled, pool, training:
     with torch.autocast(x.device.type, enabled=False), stage("bn_relu_pool_backward", x.device):
         if indices is not None:
             masked = torch.ops.aten.threshold_backward(grad_out.to(pooled.dtype), pooled, 0)  # through the ReLU
-            dilation = nn.modules.utils._ntuple(x.dim() - 2)(pool.dilation)
             backward = _MAX_POOL_BACKWARD[type(pool)]
-            d_pre = backward(masked, x, *_window(pool), dilation, pool.ceil_mode, indices)  # x: the shape only
+            d_pre = backward(masked, x, *_max_window(pool), indices)  # x: the shape only
             del masked
         else:
             act = _normalized_relu(x, weight, bias, mean, rstd, training)

@@ -83,13 +83,17 @@ def column_stats(cols: Tensor) -> tuple[Tensor, Tensor]:
     return var, mean
 
 
-def normalized_relu(x: Tensor, norm: Affine, dtype: torch.dtype) -> Tensor:
-    """``relu(norm(x))`` for an ``M x C`` matrix (any row stride: a buffer prefix) as a new contiguous
-    matrix in ``dtype``: the folded map ``x * scale + shift`` computed in the accumulation dtype and
-    rounded once (PyTorch's CPU BatchNorm computes the same), then an in-place ReLU. The backward
-    recomputes it with this same function, so its ReLU masks are the forward's."""
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    torch.addcmul(norm.shift, x, norm.scale, out=out)
+def normalized_relu(x: Tensor, norm: Affine, dtype: torch.dtype, *, unfolded: bool = False) -> Tensor:
+    """``relu(norm(x))`` as a new tensor in ``dtype`` and ``x``'s layout (contiguous for a strided buffer
+    prefix): the folded map ``x * scale + shift`` computed in the accumulation dtype and rounded once
+    (PyTorch's CPU BatchNorm computes the same), then an in-place ReLU. ``unfolded``: the Triton kernels'
+    training map ``(x - mean) * scale + bias`` instead. The backward recomputes it with this same
+    function, so its ReLU masks are the forward's. ``norm``'s vectors are shaped to broadcast over ``x``."""
+    out = torch.empty_like(x, dtype=dtype)
+    if unfolded and not norm.folded:
+        torch.addcmul(norm.bias, x - norm.mean, norm.scale, out=out)
+    else:
+        torch.addcmul(norm.shift, x, norm.scale, out=out)
     return out.relu_()
 
 
@@ -145,11 +149,7 @@ def conv3x3_norm2_backward(
     conv2's weight (None when not needed)."""
     ones, zeros = [1] * (len(grid) - 1), [0] * (len(grid) - 1)
     cdt = w2c.dtype
-    if as_kernels and not norm2.folded:
-        act2 = torch.empty(bottleneck.shape, dtype=cdt, device=bottleneck.device)
-        torch.addcmul(norm2.bias, bottleneck - norm2.mean, norm2.scale, out=act2).relu_()
-    else:
-        act2 = normalized_relu(bottleneck, norm2, cdt)
+    act2 = normalized_relu(bottleneck, norm2, cdt, unfolded=as_kernels)
     with stage("conv_backward", bottleneck.device):
         images = (as_images(d_new.to(cdt), *grid), as_images(act2, *grid))
         if len(grid) == 4 and act2.device.type == "cpu" and cdt in (torch.bfloat16, torch.float16):
@@ -169,22 +169,13 @@ def conv3x3_norm2_backward(
                 d_pre2, bottleneck, norm2.weight, None, None, norm2.mean, rstd2, True, 0.0, [True, True, True]
             )
             return d_bottleneck, d_g2, d_b2, d_w2
-        d_b2, d_g2 = channel_sums(d_pre2, bottleneck, norm2.mean, rstd2)
-        sums = (d_b2, d_g2) if sync is None else sync.sum(d_b2, d_g2)  # the parameters' gradients stay local
+        # SyncBatchNorm (sums over every process), eval mode (an affine map), an empty batch: from the sums.
         yhat = (bottleneck.to(rstd2.dtype) - norm2.mean).mul_(rstd2)
         d_pre2 = d_pre2.to(rstd2.dtype)
+        d_b2, d_g2 = d_pre2.sum(0), (d_pre2 * yhat).sum(0)
+        sums = (d_b2, d_g2) if sync is None else sync.sum(d_b2, d_g2)  # the parameters' gradients stay local
         d_bottleneck = input_grad_from_sums(d_pre2, yhat, *sums, norm2.scale, count, training).to(cdt)
     return d_bottleneck, d_g2, d_b2, d_w2
-
-
-def channel_sums(d_pre: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    """BatchNorm's parameter gradients from its output gradient ``d_pre`` (``M x C``): ``sum(d_pre)`` and
-    ``sum(d_pre * (x - mean)) * rstd``, as two reductions over whole matrices (``x`` of any row stride)
-    in the accumulation dtype."""
-    acc = rstd.dtype
-    d_bias = d_pre.sum(0, dtype=acc)
-    d_weight = torch.mul(d_pre, x).sum(0, dtype=acc).sub_(mean * d_bias).mul_(rstd)
-    return d_bias, d_weight
 
 
 def norm1_backward(d_bottleneck, x, norm1: Affine, rstd1, w1c, grad_sum, coef, need_weight: bool):
