@@ -42,16 +42,32 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: i
     """The running-statistics update of ``nn.BatchNorm2d`` in training mode, from given batch stats:
     momentum (or the cumulative average for ``momentum=None``), unbiased variance, num_batches_tracked.
     ``count``: the rows the statistics are over (a tensor when it comes from other processes too)."""
-    bn.num_batches_tracked.add_(1)
+    update_many_running_stats([bn], [mean], [var], count)
+
+
+def update_many_running_stats(bns: list, means: list[Tensor], variances: list[Tensor], count: int | Tensor) -> None:
+    """``update_running_stats`` for several BatchNorms whose statistics are over the same rows (a dense
+    block's): a handful of multi-tensor operators for all of them (one launch each on a GPU) when they
+    share a momentum and their buffers have the statistics' dtype, else the same formula module by module."""
+    torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
     if isinstance(count, int) and count == 0:  # an empty batch leaves the running statistics alone, as PyTorch
         return
-    # momentum=None: the cumulative average, as a tensor (no host sync, and torch.compile traces it).
-    cumulative = bn.momentum is None
-    factor = (1.0 / bn.num_batches_tracked.to(torch.float64)).to(mean.dtype) if cumulative else bn.momentum
-    unbiased = var * (count / (count - 1))  # callers refuse count == 1 in training, as PyTorch does
-    rm, rv = bn.running_mean, bn.running_var
-    rm.copy_(rm.to(mean.dtype) * (1.0 - factor) + mean * factor)
-    rv.copy_(rv.to(var.dtype) * (1.0 - factor) + unbiased * factor)
+    unbiased = torch._foreach_mul(variances, count / (count - 1))  # callers refuse count == 1 in training
+    momenta = {bn.momentum for bn in bns}
+    pairs = zip(bns, means, strict=True)
+    same_dtypes = all(bn.running_mean.dtype == m.dtype == bn.running_var.dtype for bn, m in pairs)
+    if len(momenta) == 1 and None not in momenta and same_dtypes:
+        (momentum,) = momenta
+        torch._foreach_lerp_([bn.running_mean for bn in bns], means, momentum)
+        torch._foreach_lerp_([bn.running_var for bn in bns], unbiased, momentum)
+        return
+    for bn, mean, var in zip(bns, means, unbiased, strict=True):
+        # momentum=None: the cumulative average, as a tensor (no host sync, and torch.compile traces it).
+        cumulative = bn.momentum is None
+        factor = (1.0 / bn.num_batches_tracked.to(torch.float64)).to(mean.dtype) if cumulative else bn.momentum
+        rm, rv = bn.running_mean, bn.running_var
+        rm.copy_(rm.to(mean.dtype) * (1.0 - factor) + mean * factor)
+        rv.copy_(rv.to(var.dtype) * (1.0 - factor) + var * factor)
 
 
 # Batch statistics of a dense block's output ride on the output tensor itself (an attribute, gone with
@@ -109,6 +125,33 @@ def affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, *, training
     weight, bias = weight.to(rstd.dtype), bias.to(rstd.dtype)
     scale = weight * rstd
     return Affine(mean, scale, bias, not training, torch.addcmul(bias, mean, scale, value=-1), weight)
+
+
+def batch_norm_backward_in_place(
+    d_pre: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, chunk_elements: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training BatchNorm's backward for an ``(N, C, *spatial)`` input ``x``, with ``d_pre`` (the output
+    gradient) overwritten by the input gradient: no input-sized temporary, only slabs of at most
+    ``chunk_elements`` along the first spatial dimension. Returns ``(dx, dweight, dbias)``.
+
+    ``dx = scale * (d_pre - sum(d_pre) / m - xhat * sum(d_pre * xhat) / m)``, folded per channel into
+    ``d_pre * scale + x * a + b``."""
+    spatial_dims, acc = x.dim() - 2, mean.dtype
+    dims, m = (0, *range(2, x.dim())), x.numel() // x.shape[1]
+
+    def channel(v: Tensor) -> Tensor:
+        return v.view(1, -1, *[1] * spatial_dims)
+
+    step = max(1, chunk_elements // max(x.numel() // max(x.shape[2], 1), 1))
+    d_bias = d_pre.sum(dims, dtype=acc)
+    slabs = ((d_pre[:, :, lo : lo + step], x[:, :, lo : lo + step]) for lo in range(0, x.shape[2], step))
+    d_gx = sum((d_slab * x_slab).sum(dims, dtype=acc) for d_slab, x_slab in slabs)
+    d_weight = torch.addcmul(d_gx, mean, d_bias, value=-1.0).mul_(rstd)  # sum(d_pre * xhat)
+    scale = weight.to(acc) * rstd
+    a = (scale * rstd).mul_(d_weight).div_(-m)
+    b = torch.addcmul(scale * d_bias / -m, a, mean, value=-1.0)
+    d_pre.mul_(channel(scale)).addcmul_(x, channel(a)).add_(channel(b))
+    return d_pre, d_weight, d_bias
 
 
 def input_grad_from_sums(

@@ -23,7 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .batchnorm import accumulation_dtype, affine, running_stats, update_running_stats
+from .batchnorm import accumulation_dtype, affine, running_stats, update_many_running_stats
+from .devices import device_type
 from .layout import as_images, as_rows
 from .stages import stage
 from .sync_batchnorm import StatsSync
@@ -50,7 +51,7 @@ class BlockPlan:
     drop_rates: list[float]
     growth_rate: int
     training: bool
-    keep_bottlenecks: bool  # memory_efficient=False keeps each layer's 1x1 conv output for backward
+    keep_bottlenecks: bool  # memory_efficient=False keeps 1x1 conv outputs for backward (kept_bottleneck_layers)
     compute_dtype: torch.dtype
     eps1: float  # shared by every norm1 of the block (checked by the module)
     ops: Ops  # the operations inside the loop: torch_ops.TORCH_OPS or triton_ops.triton_ops(...)
@@ -154,10 +155,10 @@ def update_block_running_stats(norms1, norms2, stats: BatchStats, count: int | T
     """The running-statistics updates of every BatchNorm of a block after a training forward (outside the
     forward itself, so that the forward is a pure function of its inputs for ``torch.compile``)."""
     c0 = stats.mean.shape[0] - len(norms1) * growth_rate
-    for layer, (norm1, norm2) in enumerate(zip(norms1, norms2, strict=True)):
-        c_in = c0 + layer * growth_rate
-        update_running_stats(norm1, stats.mean[:c_in], stats.var[:c_in], count)
-        update_running_stats(norm2, stats.mean2[layer], stats.var2[layer], count)
+    prefixes = [c0 + layer * growth_rate for layer in range(len(norms1))]
+    means = [stats.mean[:c_in] for c_in in prefixes] + list(stats.mean2.unbind(0))
+    variances = [stats.var[:c_in] for c_in in prefixes] + list(stats.var2.unbind(0))
+    update_many_running_stats([*norms1, *norms2], means, variances, count)
 
 
 def _layer_params(params: tuple[Tensor, ...], layer: int) -> tuple[Tensor, ...]:
@@ -198,13 +199,14 @@ def block_forward(
         def record_segment_stats(lo: int, hi: int, stats: tuple[Tensor, Tensor]) -> None:
             var, mean = stats
             state.seg_mean[lo:hi], seg_var[lo:hi] = mean, var
-            state.seg_rstd[lo:hi] = torch.rsqrt(var.to(acc) + plan.eps1)
+            torch.add(var, plan.eps1, out=state.seg_rstd[lo:hi]).rsqrt_()
 
         with stage("stats", x.device):
             record_segment_stats(0, c0, synced(ops.column_stats(rows[:, :c0])))
 
     # Eval mode folds norm2 and relu2 into the GEMM's epilogue when the raw bottleneck is not kept.
     fuse_norm2 = ops.fuses_eval_norm2 and not plan.training and not (save and plan.keep_bottlenecks)
+    kept_layers = kept_bottleneck_layers(num_layers, c_total, params[2].shape[0], device_type(x), len(spatial))
     for layer in range(num_layers):
         g1, b1, w1, g2, b2, w2 = _layer_params(params, layer)
         norm1, norm2, c_in = plan.norms1[layer], plan.norms2[layer], c0 + layer * k
@@ -239,11 +241,22 @@ def block_forward(
         if plan.training:
             record_segment_stats(c_in, c_in + k, synced(stats_new))
         if save:
-            kept = bottleneck if plan.keep_bottlenecks else None
+            kept = bottleneck if plan.keep_bottlenecks and layer in kept_layers else None
             running1 = (None, None) if plan.training else (mean1, rstd1)
             state.layers.append(LayerState(*running1, mean2, rstd2, kept, noise))
         del bottleneck
     return buf.movedim(-1, 1), state
+
+
+def kept_bottleneck_layers(num_layers: int, c_total: int, width: int, device: str, spatial_dims: int) -> range:
+    """With ``memory_efficient=False``, the layers whose bottleneck (``width`` = 4k channels) the forward
+    keeps for the backward: every layer, except in a 3-D block on the CPU (``device``), where memory is
+    what stops volumes and keeping them all buys a few percent: there the last ones, as many as fit in the
+    size of the block's buffer (``c_total`` channels), whose recomputation from the widest prefixes would
+    cost the most."""
+    if device != "cpu" or spatial_dims < 3:
+        return range(num_layers)
+    return range(max(0, num_layers - max(1, c_total // max(width, 1))), num_layers)
 
 
 def dropout_noise(grid, k: int, p: float, channelwise: bool, dtype, device) -> Tensor:

@@ -31,7 +31,9 @@ from .block_algorithm import (
     batch_stats_of,
     block_backward,
     block_forward,
+    kept_bottleneck_layers,
 )
+from .devices import device_type
 from .sync_batchnorm import StatsSync
 from .torch_ops import TORCH_OPS
 from .triton_ops import triton_ops
@@ -137,11 +139,12 @@ def _dense_block_fake(
     saved = []
     if save:
         saved = [vector(c_total, present=training), vector(c_total, present=training)]
+        kept = kept_bottleneck_layers(num_layers, c_total, width, device_type(x), len(spatial))
         for layer, p in enumerate(drop_rates):
             c_in = c0 + layer * growth_rate
             saved += [vector(c_in, present=not training), vector(c_in, present=not training)]
             saved += [vector(width), vector(width)]
-            saved.append(vector(m, width, dtype=compute_dtype, present=keep_bottlenecks))
+            saved.append(vector(m, width, dtype=compute_dtype, present=keep_bottlenecks and layer in kept))
             saved.append(vector(m, growth_rate, dtype=compute_dtype, present=training and p > 0))
     return out, *[t.clone() for t in stats], _row_count(x, 0), saved  # clones: outputs may not share memory
 

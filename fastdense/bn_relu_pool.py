@@ -12,6 +12,8 @@ after a statistics reduction (1-D and 3-D run PyTorch's ops); the backward is th
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,6 +22,7 @@ from torch.autograd.function import once_differentiable
 from .batchnorm import (
     accumulation_dtype,
     affine,
+    batch_norm_backward_in_place,
     batch_stats,
     input_grad_from_sums,
     running_stats,
@@ -28,8 +31,8 @@ from .batchnorm import (
 )
 from .layout import as_images, as_rows
 from .stages import stage
+from .torch_ops import CHUNK_ELEMENTS, batch_norm_backward_in_place_serves, device_type, normalized_relu
 from .torch_ops import column_stats as torch_column_stats
-from .torch_ops import normalized_relu
 from .triton_ops import check_dtypes
 
 # BatchNorm and the pools that go with it, per number of spatial dimensions.
@@ -147,47 +150,87 @@ def norm_statistics(
 class BatchNormReLUPool(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, backend: str, part: str
+        ctx,
+        x: Tensor,
+        conv_weight: Tensor | None,
+        weight: Tensor,
+        bias: Tensor,
+        norm: nn.BatchNorm2d,
+        pool: nn.Module,
+        backend: str,
+        part: str,
+        conv: nn.Module | None,
     ):
+        # With ``conv`` (the stem's conv0), ``x`` is its input: its output, the network's largest
+        # activation, is not kept but computed again in backward.
+        y = x if conv is None else _convolved(x, conv_weight, conv)
         window = kernel_window(pool) if backend == "triton" else None  # 1-D and 3-D: PyTorch's ops
         indices = None
         if window is not None:
-            out, mean, rstd = _triton_forward(x, norm, window)
+            out, mean, rstd = _triton_forward(y, norm, window)
         else:
-            out, indices, mean, rstd = _torch_forward(x, weight, bias, norm, pool)
+            out, indices, mean, rstd = _torch_forward(y, weight, bias, norm, pool)
+        del y
         # With a max pool's indices the backward needs its output too (the ReLU mask at each window's maximum).
-        ctx.save_for_backward(x, weight, bias, mean, rstd, indices, out if indices is not None else None)
-        ctx.pool, ctx.training, ctx.part = pool, norm.training, part
+        ctx.save_for_backward(x, conv_weight, weight, bias, mean, rstd, indices, out if indices is not None else None)
+        ctx.pool, ctx.training, ctx.part, ctx.conv = pool, norm.training, part, conv
         return out
 
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable: say so, loudly
     def backward(ctx, grad_out: Tensor):
-        x, weight, bias, mean, rstd, indices, pooled = ctx.saved_tensors
+        x, conv_weight, weight, bias, mean, rstd, indices, pooled = ctx.saved_tensors
+        conv, need_x, need_conv_weight = ctx.conv, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with stage(f"{ctx.part}_backward", x.device):
-            grads = _backward(
-                grad_out,
-                x,
-                weight,
-                bias,
-                mean,
-                rstd,
-                (indices, pooled),
-                ctx.pool,
-                ctx.training,
-                ctx.needs_input_grad[0],
+            y = x if conv is None else _convolved(x, conv_weight, conv)
+            need_y = need_x or conv is not None  # (a convolution's weight gradient needs it)
+            d_y, d_weight, d_bias = _backward(
+                grad_out, y, weight, bias, mean, rstd, (indices, pooled), ctx.pool, ctx.training, need_y
             )
-        return (*grads, None, None)
+            del y
+            d_x, d_conv_weight = d_y, None
+            if conv is not None and (need_x or need_conv_weight):
+                d_x, d_conv_weight = _convolution_backward(d_y, x, conv_weight, conv, need_x, need_conv_weight)
+        return d_x, d_conv_weight, d_weight, d_bias, None, None, None, None, None
+
+
+def recomputable(conv: nn.Module) -> bool:
+    """Whether ``conv`` is a plain bias-free convolution (the stem's conv0) that ``bn_relu_pool`` can run
+    and run again in backward instead of keeping its output."""
+    return (
+        type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        and conv.bias is None
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks)
+    )
+
+
+def _convolved(x: Tensor, weight: Tensor, conv: nn.Module) -> Tensor:
+    functional = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(conv)]
+    return functional(x, weight.to(x.dtype), None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _convolution_backward(d_y: Tensor, x: Tensor, weight: Tensor, conv: nn.Module, need_x: bool, need_weight: bool):
+    """The gradients of a ``_convolved`` input and weight (None where not needed)."""
+    zeros = [0] * (x.dim() - 2)
+    d_x, d_weight, _ = torch.ops.aten.convolution_backward(
+        d_y.to(x.dtype), x, weight.to(x.dtype), None, conv.stride, conv.padding, conv.dilation, False, zeros,
+        conv.groups, [need_x, need_weight, False],
+    )  # fmt: skip
+    return d_x, d_weight.to(weight.dtype) if d_weight is not None else None
 
 
 def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module):
     """``(pooled, indices, mean, rstd)``: a 2-D or 3-D max pool's window indices are kept for the backward
-    (int64, a quarter (an eighth) of the input's elements), so that it recomputes nothing; None for
-    other pools."""
+    (a quarter (an eighth) of the input's elements; int32 on the CPU, PyTorch's int64 elsewhere), so
+    that it recomputes nothing; None for other pools."""
     mean, rstd = norm_statistics(x, norm)
     act = _normalized_relu(x, weight, bias, mean, rstd, norm.training)
     if type(pool) in _MAX_POOL_BACKWARD:
         out, indices = _MAX_POOL[type(pool)](act, *_max_window(pool), return_indices=True)
+        if device_type(x) == "cpu" and math.prod(x.shape[2:]) < 2**31:  # half the memory; on a GPU, traffic
+            indices = indices.to(torch.int32)  # (an index into one channel's map)
         return out, indices, mean, rstd
     return _pooled(act, pool), None, mean, rstd
 
@@ -278,20 +321,22 @@ def _backward(grad_out, x, weight, bias, mean, rstd, max_pooled, pool, training:
         if indices is not None:
             masked = torch.ops.aten.threshold_backward(grad_out.to(pooled.dtype), pooled, 0)  # through the ReLU
             backward = _MAX_POOL_BACKWARD[type(pool)]
-            d_pre = backward(masked, x, *_max_window(pool), indices)  # x: the shape only
+            d_pre = backward(masked, x, *_max_window(pool), indices.long())  # x: the shape only
             del masked
         else:
             act = _normalized_relu(x, weight, bias, mean, rstd, training)
             d_pre = _pool_backward(grad_out, act, pool)
             torch.ops.aten.threshold_backward.grad_input(d_pre, act, 0, grad_input=d_pre)  # through the ReLU
             del act
-        if training and x.numel():  # (PyTorch's kernel divides by zero on an empty batch)
+        if training and x.numel() and x.dim() > 2 and batch_norm_backward_in_place_serves(x):
+            d_x, d_weight, d_bias = batch_norm_backward_in_place(d_pre, x, weight, mean, rstd, CHUNK_ELEMENTS["cpu"])
+        elif training and x.numel():  # (PyTorch's kernel divides by zero on an empty batch)
             d_x, d_weight, d_bias = torch.ops.aten.native_batch_norm_backward(
                 d_pre, x, weight.to(mean.dtype), None, None, mean, rstd, True, 0.0, [need_input_grad, True, True]
             )
         else:
             d_x, d_weight, d_bias = _affine_backward(d_pre, x, weight, mean, rstd, training, need_input_grad)
-    return d_x, d_weight.to(weight.dtype), d_bias.to(bias.dtype), None, None
+    return d_x, d_weight.to(weight.dtype), d_bias.to(bias.dtype)
 
 
 def _affine_backward(d_pre, x, weight, mean, rstd, training: bool, need_input_grad: bool):
@@ -311,15 +356,34 @@ def _affine_backward(d_pre, x, weight, mean, rstd, training: bool, need_input_gr
 
 
 def bn_relu_pool(
-    x: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, backend: str = "torch", part: str = "stem"
+    x: Tensor,
+    norm: nn.BatchNorm2d,
+    pool: nn.Module,
+    backend: str = "torch",
+    part: str = "stem",
+    conv: nn.Module | None = None,
 ) -> Tensor:
     """``pool(relu(norm(x)))`` with ``norm``'s training/eval semantics and running-stat updates;
     ``backend`` is a resolved backend ("torch" or "triton"); ``part`` names the stage it runs in
-    ("stem", "transition" or "head", and its backward "<part>_backward")."""
-    if norm.training and x.numel() == x.shape[1]:
+    ("stem", "transition" or "head", and its backward "<part>_backward"). ``conv`` (``recomputable``):
+    ``pool(relu(norm(conv(x))))``, the convolution's output computed again in backward, not kept."""
+    if conv is not None:  # under autocast, the convolution runs in the autocast dtype, as nn.Conv would
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x = x.to(dtype)
+    positions = math.prod(x.shape[2:]) if conv is None else _positions(x, conv)
+    if norm.training and x.shape[0] * positions == 1:
         raise ValueError(
             f"expected more than 1 value per channel when training (BatchNorm batch statistics), "
             f"got input size {tuple(x.shape)}"
         )
+    conv_weight = None if conv is None else conv.weight
     with torch.autocast(x.device.type, enabled=False), stage(part, x.device), stage("bn_relu_pool", x.device):
-        return BatchNormReLUPool.apply(x, norm.weight, norm.bias, norm, pool, backend, part)
+        return BatchNormReLUPool.apply(x, conv_weight, norm.weight, norm.bias, norm, pool, backend, part, conv)
+
+
+def _positions(x: Tensor, conv: nn.Module) -> int:
+    """The number of positions of ``conv``'s output on ``x``."""
+    size = 1
+    for length, k, s, p, d in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation, strict=True):
+        size *= (length + 2 * p - d * (k - 1) - 1) // s + 1
+    return size

@@ -27,6 +27,7 @@ from .bn_relu_pool import (
     fused_transition,
     global_average_pool,
     kernel_window,
+    recomputable,
     triton_bn_relu_pool_into,
 )
 from .layout import channels_last
@@ -101,12 +102,17 @@ class Features(NotScriptable, nn.Sequential):
         self.backend = check_backend_name(backend)
 
     def forward_stem(self, x: Tensor) -> Tensor:
-        """conv0, then norm0-relu0-pool0 as one op when they are the plain modules (else one by one).
-        The fused stem runs channels-last, the layout of every block buffer after it (PyTorch's CPU max
-        pool is more than ten times faster on it than on a contiguous map)."""
+        """conv0, then norm0-relu0-pool0 as one op when they are the plain modules (else one by one); a
+        plain bias-free conv0 joins that op, which computes its output again in backward instead of
+        keeping it (the largest activation of the network, a full-resolution volume in 3-D). The fused
+        stem runs channels-last, the layout of every block buffer after it (PyTorch's CPU max pool is
+        more than ten times faster on it than on a contiguous map)."""
         conv0, norm0, relu0, pool0 = (self._modules[name] for name in ("conv0", "norm0", "relu0", "pool0"))
         if fusable(norm0, relu0, pool0):
-            return bn_relu_pool(conv0(channels_last(x)), norm0, pool0, resolve_backend(self.backend, x.device))
+            backend = resolve_backend(self.backend, x.device)
+            if recomputable(conv0):  # conv0's output, the largest activation, is computed again in backward
+                return bn_relu_pool(channels_last(x), norm0, pool0, backend, conv=conv0)
+            return bn_relu_pool(conv0(channels_last(x)), norm0, pool0, backend)
         return pool0(relu0(norm0(conv0(x))))
 
     def forward(self, x: Tensor, *, skip_last: bool = False) -> Tensor:

@@ -18,43 +18,22 @@ float32 otherwise).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .batchnorm import Affine, batch_stats, input_grad_from_sums
+from .batchnorm import Affine, batch_norm_backward_in_place, batch_stats, input_grad_from_sums
 from .block_algorithm import Ops
+from .devices import device_type
 from .layout import as_images, as_rows
 from .stages import stage
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _aten = torch.ops.aten
 
-# The device type whose choice of reduction the statistics follow; None: the tensor's own. Set by
-# ``counted_as`` for the traffic counter, which runs on fake CPU tensors but counts a GPU's step.
-_COUNTED_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastdense_counted_as", default=None)
-
-
-@contextlib.contextmanager
-def counted_as(device_type: str):
-    """Take the operator choices of ``device_type`` ("cuda" or "cpu") whatever the tensors' device."""
-    token = _COUNTED_AS.set(device_type)
-    try:
-        yield
-    finally:
-        _COUNTED_AS.reset(token)
-
-
-def _device_type(t: Tensor) -> str:
-    return _COUNTED_AS.get() or t.device.type
-
-
-# The largest temporary (elements) a layer's norm1 step builds at once, per device type: on a GPU small
-# launches are the cost, so a chunk is large (a whole prefix at ImageNet sizes); on the CPU (3-D volumes,
-# where memory is what stops people) it stays at 32 MiB of float32.
+# The largest temporary (elements) a layer's norm1 step (and the CPU's in-place BatchNorm backward) builds
+# at once, per device type: on a GPU small launches are the cost, so a chunk is large (a whole prefix at
+# ImageNet sizes); on the CPU (3-D volumes, where memory is what stops people) it stays at 32 MiB of float32.
 CHUNK_ELEMENTS = {"cpu": 1 << 23}
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
 
@@ -63,9 +42,16 @@ def row_chunks(x: Tensor):
     """Row ranges of an ``M x C`` matrix whose ``range x C`` temporaries stay within the device's chunk
     (at least one range: an empty batch's)."""
     m, width = x.shape
-    step = max(1, CHUNK_ELEMENTS.get(_device_type(x), DEFAULT_CHUNK_ELEMENTS) // max(width, 1))
+    step = max(1, CHUNK_ELEMENTS.get(device_type(x), DEFAULT_CHUNK_ELEMENTS) // max(width, 1))
     for lo in range(0, max(m, 1), step):
         yield lo, min(lo + step, m)
+
+
+def batch_norm_backward_in_place_serves(t: Tensor) -> bool:
+    """Whether a BatchNorm backward on ``t`` runs ``batchnorm.batch_norm_backward_in_place``: float32 or
+    float64 on the CPU, where memory bounds 3-D volumes and an input-sized temporary counts; on a GPU
+    PyTorch's kernel (one pass; its output is a third input-sized tensor)."""
+    return device_type(t) == "cpu" and t.dtype in (torch.float32, torch.float64)
 
 
 def _conv3x3(images: Tensor, weight: Tensor) -> Tensor:
@@ -74,13 +60,22 @@ def _conv3x3(images: Tensor, weight: Tensor) -> Tensor:
 
 
 def column_stats(cols: Tensor) -> tuple[Tensor, Tensor]:
-    """``Ops.column_stats``: biased variance and mean of each column, in the accumulation dtype. One
-    Welford reduction on a GPU; on the CPU the corrected two-pass ``batch_stats``, several times faster
-    there than ``torch.var_mean``."""
-    if _device_type(cols) == "cpu" or cols.numel() == 0 or cols.dtype == torch.float64:
+    """``Ops.column_stats``: biased variance and mean of each column, in the accumulation dtype.
+
+    On the CPU (and in float64) the corrected two-pass ``batch_stats``, several times faster there than
+    ``torch.var_mean``. On a GPU one reduction: Welford's ``var_mean`` for float32 columns. bfloat16 and
+    float16 ones would get statistics rounded to their own dtype from ``var_mean``, and a float32 copy
+    first would cost more than the reduction; they get BatchNorm's own (``native_batch_norm`` with eps 0:
+    Welford in float32 over the columns as they are, as PyTorch's BatchNorm computes them), whose
+    normalised output, a write of the columns' size, is discarded."""
+    if device_type(cols) == "cpu" or cols.numel() == 0 or cols.dtype == torch.float64:
         return batch_stats(cols, dim=0)
-    var, mean = torch.var_mean(cols.float(), dim=0, correction=0)  # float(): a no-op for float32 columns
-    return var, mean
+    if cols.dtype == torch.float32:
+        var, mean = torch.var_mean(cols, dim=0, correction=0)
+        return var, mean
+    ones = torch.ones(cols.shape[1], dtype=torch.float32, device=cols.device)  # float32 statistics everywhere
+    _, mean, rstd = torch.native_batch_norm(cols, ones, None, None, None, True, 0.0, 0.0)
+    return torch.where(rstd > 0, rstd.pow(-2), 0.0), mean  # eps 0: rstd = var^-1/2 (0 or inf where var is 0)
 
 
 def normalized_relu(x: Tensor, norm: Affine, dtype: torch.dtype, *, unfolded: bool = False) -> Tensor:
@@ -161,8 +156,15 @@ def conv3x3_norm2_backward(
         )
     del images
     with stage("norm_backward", bottleneck.device):
-        d_pre2 = _aten.threshold_backward(as_rows(d_act2), act2, 0)  # through relu2
+        d_pre2 = as_rows(d_act2)  # (a view: the convolution's gradient is channels-last, as its input)
+        _aten.threshold_backward.grad_input(d_pre2, act2, 0, grad_input=d_pre2)  # through relu2, in place
         del d_act2, act2
+        if training and sync is None and d_pre2.numel() and batch_norm_backward_in_place_serves(d_pre2):
+            as_channels = (t.t().unsqueeze(0) for t in (d_pre2, bottleneck))  # (1, C, M) views of the rows
+            d_bottleneck, d_g2, d_b2 = batch_norm_backward_in_place(
+                *as_channels, norm2.weight, norm2.mean, rstd2, CHUNK_ELEMENTS["cpu"]
+            )
+            return d_bottleneck.squeeze(0).t(), d_g2, d_b2, d_w2
         if training and sync is None and d_pre2.numel():  # (PyTorch's kernel divides by zero on no rows)
             # PyTorch's own BatchNorm backward from the forward's statistics (the bottleneck is contiguous).
             d_bottleneck, d_g2, d_b2 = _aten.native_batch_norm_backward(
@@ -198,7 +200,7 @@ def norm1_backward(d_bottleneck, x, norm1: Affine, rstd1, w1c, grad_sum, coef, n
         d_gx = _accumulate(d_gx, torch.mul(p_grad, x_rows).sum(0, dtype=acc), acc)
         grad_sum[lo:hi, :c_in].addcmul_(p_grad, coef)
         del p_grad
-    return d_gx.sub_(norm1.mean * d_b1).mul_(rstd1), d_b1, d_w1
+    return torch.addcmul(d_gx, norm1.mean, d_b1, value=-1.0).mul_(rstd1), d_b1, d_w1
 
 
 def _accumulate(total: Tensor | None, part: Tensor, acc: torch.dtype) -> Tensor:
@@ -218,9 +220,9 @@ def finalize(g: Tensor, x: Tensor, d_out: Tensor, stats, noise: Tensor | None) -
         d_x = g + d_out
     else:
         mean, rstd, sum_g, sum_gx = stats
-        m = g.shape[0]
-        b = -(rstd * rstd * sum_gx / m)
-        c = -(rstd * sum_g / m) - mean * b
+        t = rstd / -g.shape[0]  # five operators on C-vectors: each one is a launch on a GPU
+        b = torch.mul(t, rstd).mul_(sum_gx)  # -rstd^2 sum_gx / m
+        c = torch.addcmul(t * sum_g, mean, b, value=-1.0)  # -rstd sum_g / m - mean b
         d_x = torch.empty(g.shape, dtype=g.dtype, device=g.device)
         torch.addcmul(c, g, rstd, out=d_x).addcmul_(x, b).add_(d_out)
     return d_x.mul_(noise) if noise is not None else d_x

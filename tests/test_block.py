@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fastdense
 from fastdense import torch_ops
+from fastdense.devices import counted_as
 
 from .helpers import TOLERANCE, assert_rel_close, assert_same_grads_and_buffers, block_pair
 
@@ -173,3 +175,49 @@ def test_standalone_layer_matches_torchvision_layer():
         fast.train(training)
         assert_rel_close(fast.denselayer2(x), ref.denselayer2(x), TOLERANCE[torch.float64], "list input")
         assert_rel_close(fast.denselayer1(x[0]), ref.denselayer1(x[0]), TOLERANCE[torch.float64], "tensor input")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_block_with_a_gpus_operator_choices_matches(training):
+    """The torch backend's operator choices for a GPU (``counted_as("cuda")``: one-reduction statistics,
+    large row chunks), run here on CPU tensors in float32, against torchvision."""
+    ref, fast = block_pair(3, 5, 2, 3, dtype=torch.float32)
+    tol = TOLERANCE[torch.float32]
+    with counted_as("cuda"):
+        for _, out_fast, out_ref, dx_fast, dx_ref in run_steps(
+            fast, ref, (2, 5, 7), 5, training=training, channels_last=True, steps=2, dtype=torch.float32
+        ):
+            assert_rel_close(out_fast, out_ref, tol, "output")
+            assert_rel_close(dx_fast, dx_ref, tol, "input grad")
+    assert_same_grads_and_buffers(fast, ref, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_column_stats_with_a_gpus_choices_are_float32_accurate(dtype):
+    """A GPU's column statistics of half-precision columns are float32-accurate (Welford's, not the sums of
+    x and x^2, which lose mean^2/var ulps: the column of mean 20 and deviation 0.5), and exactly 0 for a
+    constant column."""
+    generator = torch.Generator().manual_seed(3)
+    cols = (torch.randn(4096, 6, generator=generator) * 0.5 + torch.tensor([0, 3, -8, 20, 1, 0])).to(dtype)
+    cols[:, 5] = 7.0
+    with counted_as("cuda"):
+        var, mean = torch_ops.column_stats(cols)
+    ref_var, ref_mean = torch.var_mean(cols.double(), dim=0, correction=0)
+    assert var.dtype == mean.dtype == torch.float32
+    assert torch.allclose(mean.double(), ref_mean, rtol=1e-6, atol=1e-6), (mean, ref_mean)
+    assert torch.allclose(var.double(), ref_var, rtol=2e-5, atol=0), (var, ref_var)
+
+
+def test_a_3d_block_on_the_cpu_keeps_the_bottlenecks_its_buffer_holds():
+    """memory_efficient=False keeps every layer's bottleneck, except in 3-D on the CPU: the last layers',
+    as many as fit in the buffer's size; the rest are recomputed (exactness: test_monai, test_volumes)."""
+    from fastdense.block_algorithm import kept_bottleneck_layers
+
+    assert kept_bottleneck_layers(6, 256, 128, "cpu", 3) == range(4, 6)
+    assert kept_bottleneck_layers(6, 256, 128, "cpu", 2) == kept_bottleneck_layers(6, 256, 128, "cuda", 3) == range(6)
+    block = fastdense.FastDenseBlock(6, 8, 2, 4, spatial_dims=3).double()  # buffer 32 channels, bottlenecks 8
+    x = torch.randn(2, 8, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        block(x)
+    assert shapes.count((2 * 3 * 4 * 5, 8)) == 4

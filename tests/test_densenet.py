@@ -134,3 +134,44 @@ def test_backend_property_and_repr():
     assert all(block.backend == "auto" for block in model.dense_blocks())
     with pytest.raises(ValueError, match="backend must be one of"):
         model.backend = "cuda"
+
+
+def _saved_shapes(model, x):
+    """The shapes of every tensor autograd saves in a training forward of ``model`` on ``x``."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return shapes
+
+
+def test_the_stem_keeps_neither_conv0s_output_nor_its_normalised_copy():
+    """conv0's output is computed again in backward: no tensor of its shape is saved (torchvision saves
+    it twice: for norm0 and for the max pool), and the model still matches torchvision."""
+    ref, fast = network_pair()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    conv0_out = (2, SMALL["num_init_features"], 16, 16)
+    assert conv0_out in _saved_shapes(ref.train(), x)
+    assert conv0_out not in _saved_shapes(fast.train(), x)
+
+
+@pytest.mark.parametrize("input_grad", [False, True], ids=["input", "input-grad"])
+def test_a_frozen_conv0_gets_no_gradient_and_the_rest_torchvisions(input_grad):
+    """Fine-tuning with a frozen stem convolution, with and without an input gradient."""
+    ref, fast = network_pair()
+    x = torch.randn(2, 3, 24, 24, dtype=torch.float64)
+    grads = []
+    for model in (ref, fast):
+        model.train().features.conv0.weight.requires_grad_(False)
+        x_in = x.clone().requires_grad_(input_grad)
+        model(x_in).square().sum().backward()
+        grads.append([x_in.grad] + [p.grad for p in model.parameters()])
+    assert fast.features.conv0.weight.grad is None
+    for ref_grad, fast_grad in zip(*grads, strict=True):
+        assert (ref_grad is None) == (fast_grad is None)
+        if ref_grad is not None:
+            assert_rel_close(fast_grad, ref_grad, TOLERANCE[torch.float64])

@@ -36,7 +36,8 @@ def test_an_out_argument_is_only_written():
 
 def test_the_torch_backend_takes_the_named_devices_choices():
     """Counted as on a GPU, a column statistic is one reduction; as on the CPU, the two-pass one."""
-    from fastdense.torch_ops import column_stats, counted_as
+    from fastdense.devices import counted_as
+    from fastdense.torch_ops import column_stats
 
     with counted_as("cuda"):
         gpu = counted(column_stats, (64, 8))
@@ -85,13 +86,28 @@ def test_a_step_of_each_provider_is_counted_by_stage():
 
 
 def test_the_torch_backend_stays_lean():
-    """Issue 13's bounds, on a small step (a count: deterministic): at most 2.5x torchvision's operators in
-    training and inference, and in inference fewer bytes than torchvision (no concatenations)."""
+    """Issue 13's bounds, counted at its configuration (densenet121, batch 64, 224^2, bfloat16 autocast; a
+    count: deterministic, and as quick at this size as at any other on fake tensors): at most 2.5x
+    torchvision's operators in training and inference, in inference at most 0.9x its bytes. In training
+    the bytes stay within 1.35x of torchvision's (the recomputed BatchNorm-ReLUs keep them above the
+    issue's 1.2x: README "Measured"); a regression guard."""
     for mode in ("train", "infer"):
-        tv, fast = (count_step(p, "densenet121", mode, 4, 64, "bfloat16") for p in ("torchvision-eager", "fastdense"))
+        tv, fast = (count_step(p, "densenet121", mode, 64, 224, "bfloat16") for p in ("torchvision-eager", "fastdense"))
         assert fast.ops <= 2.5 * tv.ops, (mode, fast.ops, tv.ops)
-        if mode == "infer":
-            assert fast.bytes <= 0.9 * tv.bytes, (fast.bytes, tv.bytes)
+        assert fast.bytes <= (0.9 if mode == "infer" else 1.35) * tv.bytes, (mode, fast.bytes, tv.bytes)
+
+
+def test_conversions_inside_fastdenses_operators_are_counted():
+    """Inside a registered operator PyTorch's composite operators reach the counter whole; a conversion
+    that copies (``x.float()`` of bfloat16 data) is counted as the copy it runs."""
+    with FakeTensorMode():
+        block = fastdense.FastDenseBlock(2, 8, 2, 4, backend="torch")
+        x = torch.empty(2, 8, 6, 6)
+        counter = TrafficCounter()
+        with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+            block(x)
+    names = set(counter.by_operator)
+    assert "aten._to_copy.default" in names and "aten.to.dtype" not in names, names  # the weights' casts
 
 
 def test_the_command_prints_and_writes_json(tmp_path):

@@ -29,6 +29,8 @@ from .measure import ALLOCATOR_ENV, DTYPES, MODES
 from .providers import BASELINE, MODELS, PROVIDERS, providers_for
 from .roofline import Peaks, inference_work
 from .timing import device_defaults
+from .volumes import MODELS as VOLUME_MODELS
+from .volumes import PROVIDERS as VOLUME_PROVIDERS
 
 
 def _commit() -> str:
@@ -199,18 +201,46 @@ def print_table(result: dict) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser, *, default_providers_note: str) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--model", default="densenet121", choices=sorted(MODELS))
+    parser.add_argument(
+        "--model", default="densenet121", choices=sorted(MODELS) + sorted(VOLUME_MODELS),
+        help="a MONAI 3-D model runs the volumes benchmark (python -m fastdense volumes): --resolution is "
+        "the volume edge, --providers among " + " ".join(VOLUME_PROVIDERS),
+    )  # fmt: skip
     parser.add_argument(
         "--batch", type=int, nargs="+", action="extend", help="batch sizes (repeatable; default: CUDA 64 256, CPU 8)"
     )
     parser.add_argument("--resolution", type=int, default=None, help="default: 224 (64 with --quick on the CPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, else float32")
     parser.add_argument("--mode", choices=("infer", "train", "both"), default="both")
-    parser.add_argument("--providers", nargs="+", choices=sorted(PROVIDERS), default=None, help=default_providers_note)
+    every_provider = sorted(set(PROVIDERS) | set(VOLUME_PROVIDERS))
+    parser.add_argument("--providers", nargs="+", choices=every_provider, default=None, help=default_providers_note)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: CUDA 20, CPU 5; --quick 3)")
     parser.add_argument("--quick", action="store_true", help="small sizes and few rounds: a smoke run")
     parser.add_argument("--json", help="write every figure to this JSON file")
+
+
+def volume_benchmark(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict]:
+    """``--model monai-densenet...-3d``: the volumes benchmark with these options (``fastdense.tools.volumes``):
+    its table, and its JSON and plot where asked for."""
+    from . import volumes
+
+    unknown = sorted(set(args.providers or ()) - set(VOLUME_PROVIDERS))
+    if unknown:
+        parser.error(f"--providers for {args.model}: {' '.join(VOLUME_PROVIDERS)} (not {' '.join(unknown)})")
+    if args.batch and len(args.batch) > 1:
+        parser.error(f"--batch for {args.model}: one batch size")
+    options = volumes.Options(
+        model=args.model,
+        volumes=[args.resolution] if args.resolution else None,
+        batch=args.batch[0] if args.batch else 2,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        providers=args.providers,
+        repeats=args.repeats or 3,
+        json=args.json,
+        plot=getattr(args, "plot", None),
+    )
+    return volumes.run_and_print(options)
 
 
 def plan_from_args(args: argparse.Namespace, default_providers: list[str] | None = None) -> Plan:
@@ -241,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", help="write PNG plots to this path (…/name.png)")
     parser.add_argument("--max-batch", action="store_true", help="CUDA: largest batch each provider trains")
     args = parser.parse_args(argv)
+    if args.model in VOLUME_MODELS:
+        volume_benchmark(parser, args)
+        return
     plan = plan_from_args(args)
     if plan.max_batch and not plan.device.startswith("cuda"):
         parser.error("--max-batch needs --device cuda")

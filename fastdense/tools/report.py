@@ -21,6 +21,9 @@ from .tables import format_table
 from .verify import compare, randomize_batchnorm
 
 VERIFY_BATCH, VERIFY_RESOLUTION = 2, 64
+# 3-D: batch 3, so that block 4 (at 1^3 from 32^3) normalises 3 values per channel: with 2 each is +-1 whatever
+# the input, and its input gradient is rounding noise, whose relative error says nothing.
+VOLUME_VERIFY_BATCH, VERIFY_VOLUME = 3, 32
 REPORT_PROVIDERS = ["torchvision-eager", "torchvision-memory-efficient", "fastdense", "fastdense-memory-efficient"]
 CUDA_REPORT_PROVIDERS = ["fastdense-triton", "fastdense-triton-memory-efficient"]  # added on a GPU
 
@@ -43,10 +46,39 @@ def verification(model_name: str, device: torch.device) -> list[dict]:
     return rows
 
 
+def volume_verification(model_name: str, device: torch.device) -> list[dict]:
+    """The verification for a MONAI 3-D model: ``fastdense.convert`` against the MONAI model it came
+    from, float64, on ``VERIFY_BATCH`` random ``VERIFY_VOLUME^3`` single-channel volumes."""
+    import copy
+
+    import fastdense
+
+    from . import volumes
+
+    rows = []
+    for memory_efficient in (False, True):
+        reference = volumes.build("monai-eager", model_name, device).double()
+        randomize_batchnorm(reference)
+        fast = fastdense.convert(copy.deepcopy(reference), strict=True)
+        for block in fast.modules():
+            if isinstance(block, fastdense.FastDenseBlock):
+                block.memory_efficient = memory_efficient
+        for training, steps in ((True, 2), (False, 1)):
+            shape = (VOLUME_VERIFY_BATCH, 1, VERIFY_VOLUME, VERIFY_VOLUME, VERIFY_VOLUME)
+            inputs = [torch.randn(shape, dtype=torch.float64, device=device) for _ in range(steps)]
+            errors = compare(fast, reference, inputs, training)
+            mode = "train" if training else "eval"
+            rows.append({"mode": mode, "memory_efficient": memory_efficient, "steps": steps} | errors)
+    return rows
+
+
 def print_verification(rows: list[dict], model: str) -> None:
     size = f"batch {VERIFY_BATCH}, {VERIFY_RESOLUTION}x{VERIFY_RESOLUTION}"
-    print(f"\nVerification: fastdense {model} vs torchvision, float64, {size}, random BatchNorm parameters and stats")
-    print("largest relative error, ||fastdense - torchvision|| / ||torchvision||:")
+    reference = "torchvision"
+    if model in bench.VOLUME_MODELS:
+        size, reference = f"batch {VOLUME_VERIFY_BATCH}, {VERIFY_VOLUME}^3", "MONAI"
+    print(f"\nVerification: fastdense {model} vs {reference}, float64, {size}, random BatchNorm parameters and stats")
+    print(f"largest relative error, ||fastdense - {reference}|| / ||{reference}||:")
     headers = ["mode", "memory_efficient", "output", "input grad", "param grad", "running stats", "counters"]
     table = [
         [r["mode"], str(r["memory_efficient"])]
@@ -64,6 +96,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-verify", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
     args = parser.parse_args(argv)
+    if args.model in bench.VOLUME_MODELS:  # a MONAI 3-D model: its conversion verified, the volumes benchmark
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        print("fastdense report: " + ", ".join(f"{k} {v}" for k, v in bench.environment().items() if v is not None))
+        if not args.skip_verify:
+            print_verification(volume_verification(args.model, torch.device(device)), args.model)
+        if not args.skip_bench:
+            bench.volume_benchmark(parser, args)
+        return
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     plan = bench.plan_from_args(args, default_providers=REPORT_PROVIDERS + (CUDA_REPORT_PROVIDERS if cuda else []))
 

@@ -27,12 +27,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch._C import DispatchKey
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from fastdense import stages
 from fastdense.block_op import dense_block, dense_block_backward
-from fastdense.torch_ops import counted_as
+from fastdense.devices import counted_as
 
 from .measure import DTYPES, MODES
 from .providers import MODELS, PROVIDERS
@@ -51,6 +52,13 @@ FREE = {
 }  # fmt: skip
 # The registered block operators, opened: their implementation runs under the counter.
 OPENED = {op._opoverload: op._init_fn for op in (dense_block, dense_block_backward)}
+
+
+def _composite(func) -> bool:
+    """Whether ``func`` is a composite of other operators. Inside the opened operators these reach the
+    counter whole (the autograd keys that would decompose them are below it there): ``x.to(dtype)``,
+    ``contiguous`` or ``reshape`` look like views but copy when they must."""
+    return func.namespace == "aten" and func.has_kernel_for_dispatch_key(DispatchKey.CompositeImplicitAutograd)
 
 
 def _bytes(tensors) -> int:
@@ -105,6 +113,11 @@ class TrafficCounter(TorchDispatchMode):
         if func in OPENED:  # a fastdense operator: count what it runs, not the operator itself
             with self:
                 return OPENED[func](*args, **kwargs)
+        if _composite(func):  # what it runs, as outside an operator (``.float()``: the copy, if any)
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         out = func(*args, **kwargs)
         name = str(func)
         results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]

@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ MODELS = {
     "monai-densenet201-3d": "DenseNet201",
 }
 PROVIDERS = ("monai-eager", "monai-compile", "fastdense", "fastdense-memory-efficient")
+CPU_VOLUMES, CUDA_VOLUMES = [64, 96, 128, 160], [64, 96, 128, 160, 192]
 BASELINE = "monai-eager"
 
 
@@ -84,6 +86,40 @@ def memory_in_fresh_process(provider: str, model: str, volume: int, batch: int, 
     if done.returncode != 0:
         raise RuntimeError(f"{provider} at {volume}^3 failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+
+
+def largest_edge(fits, start: int = 64, step: int = 16, limit: int = 1024) -> int | None:
+    """The largest multiple of ``step`` up to ``limit`` for which ``fits(edge)`` holds, assuming it holds
+    below any edge that fits: doubling from ``start``, then bisection. None when ``start`` does not fit."""
+    if not fits(start):
+        return None
+    low, high = start, None
+    while high is None:
+        edge = min(2 * low, limit)
+        if edge == low:
+            return low
+        if fits(edge):
+            low = edge
+        else:
+            high = edge
+    while high - low > step:
+        middle = (low + high) // 2 // step * step
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def largest_volume(provider: str, model: str, batch: int, device: str) -> int | None:
+    """CUDA: the largest volume edge (a multiple of 16) at which ``provider`` trains a step at ``batch``,
+    each try in a fresh process (an out-of-memory error ends the try, not the search)."""
+
+    def fits(edge: int) -> bool:
+        try:
+            memory_in_fresh_process(provider, model, edge, batch, device)
+        except RuntimeError:
+            return False
+        return True
+
+    return largest_edge(fits)
 
 
 def measure_times(providers, model: str, volume: int, batch: int, device: torch.device, repeats: int) -> dict:
@@ -157,32 +193,67 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+@dataclass
+class Options:
+    """One run of the benchmark: ``volumes`` None takes the device's default edges; ``providers`` None, all."""
+
+    model: str = "monai-densenet121-3d"
+    volumes: list[int] | None = None
+    batch: int = 2
+    device: str = "cpu"
+    providers: list[str] | None = None
+    repeats: int = 3
+    skip_time: bool = False
+    json: str | None = None
+    plot: str | None = None
+
+
+def run_and_print(options: Options) -> list[dict]:
+    """Measure, print the table, write the JSON and the plot where asked for; returns the rows."""
+    cuda = options.device.startswith("cuda")
+    options.volumes = options.volumes or (CUDA_VOLUMES if cuda else CPU_VOLUMES)
+    providers = list(options.providers or PROVIDERS)
+    options.providers = providers if BASELINE in providers else [BASELINE, *providers]  # ratios are against it
+    rows = run(options)
+    print(f"{options.model}, batch {options.batch}, training step (SGD), {options.device}")
+    print(table(rows))
+    if options.json:
+        with open(options.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {options.json}")
+    if options.plot:
+        plot(rows, options.plot)
+        print(f"wrote {options.plot}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastdense volumes", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="monai-densenet121-3d", choices=sorted(MODELS))
-    parser.add_argument("--volumes", type=int, nargs="+", help="volume edges (default: CPU 64 96 128, CUDA 64-160)")
+    edges = f"CPU {' '.join(map(str, CPU_VOLUMES))}, CUDA {' '.join(map(str, CUDA_VOLUMES))}"
+    parser.add_argument("--volumes", type=int, nargs="+", help=f"volume edges (default: {edges})")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up step")
     parser.add_argument("--skip-time", action="store_true", help="memory only")
     parser.add_argument("--json", help="write every figure to this JSON file")
     parser.add_argument("--plot", help="write the memory-vs-volume plot to this PNG file")
+    parser.add_argument("--max-volume", action="store_true", help="CUDA: the largest volume each provider trains")
     parser.add_argument("--memory-of", choices=PROVIDERS, help=argparse.SUPPRESS)  # the fresh-process worker
-    args = parser.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    args.volumes = args.volumes or ([64, 96, 128, 160] if cuda else [64, 96, 128])
-    if args.memory_of:
-        peak = measure_memory(args.memory_of, args.model, args.volumes[0], args.batch, torch.device(args.device))
+    args = vars(parser.parse_args(argv))
+    memory_of, max_volume = args.pop("memory_of"), args.pop("max_volume")
+    options = Options(**args)
+    if memory_of:
+        volume = (options.volumes or CPU_VOLUMES)[0]
+        peak = measure_memory(memory_of, options.model, volume, options.batch, torch.device(options.device))
         print(json.dumps({"peak_mem_mb": peak}))
         return
-    if BASELINE not in args.providers:
-        args.providers = [BASELINE, *args.providers]
-    rows = run(args)
-    print(f"{args.model}, batch {args.batch}, training step (SGD), {args.device}")
-    print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.plot:
-        plot(rows, args.plot)
+    if max_volume:
+        if not options.device.startswith("cuda"):
+            parser.error("--max-volume needs --device cuda (on the CPU a volume too large swaps, it does not fail)")
+        for provider in options.providers or PROVIDERS:
+            edge = largest_volume(provider, options.model, options.batch, options.device)
+            print(f"{provider}: largest volume that trains at batch {options.batch}: {edge}^3", flush=True)
+        return
+    run_and_print(options)
