@@ -160,10 +160,11 @@ class BatchNormReLUPool(torch.autograd.Function):
         backend: str,
         part: str,
         conv: nn.Module | None,
+        cast: torch.dtype | None,
     ):
         # With ``conv`` (the stem's conv0), ``x`` is its input: its output, the network's largest
-        # activation, is not kept but computed again in backward.
-        y = x if conv is None else _convolved(x, conv_weight, conv)
+        # activation, is not kept but computed again in backward. ``cast``: autocast's dtype for its weight.
+        y = x if conv is None else _convolved(x, conv_weight, conv, cast)
         window = kernel_window(pool) if backend == "triton" else None  # 1-D and 3-D: PyTorch's ops
         indices = None
         if window is not None:
@@ -173,7 +174,7 @@ class BatchNormReLUPool(torch.autograd.Function):
         del y
         # With a max pool's indices the backward needs its output too (the ReLU mask at each window's maximum).
         ctx.save_for_backward(x, conv_weight, weight, bias, mean, rstd, indices, out if indices is not None else None)
-        ctx.pool, ctx.training, ctx.part, ctx.conv = pool, norm.training, part, conv
+        ctx.pool, ctx.training, ctx.part, ctx.conv, ctx.cast = pool, norm.training, part, conv, cast
         return out
 
     @staticmethod
@@ -182,7 +183,7 @@ class BatchNormReLUPool(torch.autograd.Function):
         x, conv_weight, weight, bias, mean, rstd, indices, pooled = ctx.saved_tensors
         conv, need_x, need_conv_weight = ctx.conv, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with stage(f"{ctx.part}_backward", x.device):
-            y = x if conv is None else _convolved(x, conv_weight, conv)
+            y = x if conv is None else _convolved(x, conv_weight, conv, ctx.cast)
             need_y = need_x or conv is not None  # (a convolution's weight gradient needs it)
             d_y, d_weight, d_bias = _backward(
                 grad_out, y, weight, bias, mean, rstd, (indices, pooled), ctx.pool, ctx.training, need_y
@@ -190,8 +191,9 @@ class BatchNormReLUPool(torch.autograd.Function):
             del y
             d_x, d_conv_weight = d_y, None
             if conv is not None and (need_x or need_conv_weight):
-                d_x, d_conv_weight = _convolution_backward(d_y, x, conv_weight, conv, need_x, need_conv_weight)
-        return d_x, d_conv_weight, d_weight, d_bias, None, None, None, None, None
+                needs = (need_x, need_conv_weight)
+                d_x, d_conv_weight = _convolution_backward(d_y, x, conv_weight, conv, ctx.cast, *needs)
+        return d_x, d_conv_weight, d_weight, d_bias, None, None, None, None, None, None
 
 
 def recomputable(conv: nn.Module) -> bool:
@@ -206,17 +208,19 @@ def recomputable(conv: nn.Module) -> bool:
     )
 
 
-def _convolved(x: Tensor, weight: Tensor, conv: nn.Module) -> Tensor:
+def _convolved(x: Tensor, weight: Tensor, conv: nn.Module, cast: torch.dtype | None) -> Tensor:
+    """``conv(x)`` with ``weight``, cast to ``cast`` (autocast's dtype) when given, as autocast casts it."""
     functional = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(conv)]
-    return functional(x, weight.to(x.dtype), None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    weight = weight if cast is None else weight.to(cast)
+    return functional(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def _convolution_backward(d_y: Tensor, x: Tensor, weight: Tensor, conv: nn.Module, need_x: bool, need_weight: bool):
+def _convolution_backward(d_y, x, weight, conv: nn.Module, cast: torch.dtype | None, need_x: bool, need_weight: bool):
     """The gradients of a ``_convolved`` input and weight (None where not needed)."""
     zeros = [0] * (x.dim() - 2)
     d_x, d_weight, _ = torch.ops.aten.convolution_backward(
-        d_y.to(x.dtype), x, weight.to(x.dtype), None, conv.stride, conv.padding, conv.dilation, False, zeros,
-        conv.groups, [need_x, need_weight, False],
+        d_y.to(x.dtype), x, weight if cast is None else weight.to(cast), None, conv.stride, conv.padding,
+        conv.dilation, False, zeros, conv.groups, [need_x, need_weight, False],
     )  # fmt: skip
     return d_x, d_weight.to(weight.dtype) if d_weight is not None else None
 
@@ -367,9 +371,10 @@ def bn_relu_pool(
     ``backend`` is a resolved backend ("torch" or "triton"); ``part`` names the stage it runs in
     ("stem", "transition" or "head", and its backward "<part>_backward"). ``conv`` (``recomputable``):
     ``pool(relu(norm(conv(x))))``, the convolution's output computed again in backward, not kept."""
-    if conv is not None:  # under autocast, the convolution runs in the autocast dtype, as nn.Conv would
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        x = x.to(dtype)
+    cast = None
+    if conv is not None and x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        cast = torch.get_autocast_dtype(x.device.type)  # the convolution runs in it, as nn.Conv would
+        x = x.to(cast)
     positions = math.prod(x.shape[2:]) if conv is None else _positions(x, conv)
     if norm.training and x.shape[0] * positions == 1:
         raise ValueError(
@@ -378,7 +383,7 @@ def bn_relu_pool(
         )
     conv_weight = None if conv is None else conv.weight
     with torch.autocast(x.device.type, enabled=False), stage(part, x.device), stage("bn_relu_pool", x.device):
-        return BatchNormReLUPool.apply(x, conv_weight, norm.weight, norm.bias, norm, pool, backend, part, conv)
+        return BatchNormReLUPool.apply(x, conv_weight, norm.weight, norm.bias, norm, pool, backend, part, conv, cast)
 
 
 def _positions(x: Tensor, conv: nn.Module) -> int:
