@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's two entry points, each creating the pinned environment (.venv) when it is missing:
 #   scripts/dev.sh report [options]   the main job: verification and benchmark report (python -m fastdense)
-#   scripts/dev.sh test [pytest args] ruff, then the whole test suite
+#   scripts/dev.sh test [pytest args] ruff, then the whole test suite, on every core (pytest-xdist; -n 0: one process)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +21,7 @@ case "$command" in
     report) exec "$venv/bin/python" -m fastdense "$@" ;;
     test)
         "$venv/bin/ruff" check .
-        exec "$venv/bin/python" -m pytest "$@"
+        exec "$venv/bin/python" -m pytest -n auto "$@"
         ;;
     *)
         echo "usage: scripts/dev.sh report [options] | test [pytest args]" >&2
