@@ -82,6 +82,9 @@ stage bench-densenet121-conv-cudnn 60 env FASTDENSE_CONV3X3=cudnn $(bench bench-
 stage max-batch-densenet121 80 python -m fastdense bench --device cuda --model densenet121 --batch 256 \
     --dtype bfloat16 --channels-last --mode train --repeats 3 --max-batch --json "$out/bench-max-batch.json" \
     --providers torchvision-eager torchvision-memory-efficient fastdense-triton fastdense-triton-memory-efficient
+# 5b. 3-D: MONAI's DenseNet121 on 128^3 volumes against its fastdense conversion (issue 15), batch 2.
+stage volumes-128 60 python -m fastdense volumes --device cuda --volumes 128 --batch 2 --repeats 3 \
+    --providers monai-eager fastdense fastdense-memory-efficient --json "$out/volumes-128.json"
 # 6. torch.compile of torchvision and of fastdense (its blocks are opaque operators; compilation is
 #    reported separately as first_step_s), densenet121.
 # shellcheck disable=SC2046
@@ -94,7 +97,8 @@ stage bench-densenet201 110 $(bench bench-densenet201 densenet201 "64 256" $EAGE
 stage bench-densenet121-compile-modes 60 $(bench bench-densenet121-compile-modes densenet121 256 \
     torchvision-eager torch-compile-reduce-overhead torch-compile-max-autotune)
 
-# Short tables last: the kernels, then every row measured against torchvision eager in the same process.
+# Short tables last: the kernels, the 3-D rows, then every row measured against torchvision eager in the same process.
+[ -f "$out/volumes-128.log" ] && grep -A8 "^monai-densenet121-3d" "$out/volumes-128.log"
 [ -f "$out/kernels.json" ] && python - "$out/kernels.json" <<'PY'
 import json, sys
 result = json.load(open(sys.argv[1]))
