@@ -148,10 +148,18 @@ def batch_norm_backward_in_place(
     d_gx = sum((d_slab * x_slab).sum(dims, dtype=acc) for d_slab, x_slab in slabs)
     d_weight = torch.addcmul(d_gx, mean, d_bias, value=-1.0).mul_(rstd)  # sum(d_pre * xhat)
     scale = weight.to(acc) * rstd
-    a = (scale * rstd).mul_(d_weight).div_(-m)
-    b = torch.addcmul(scale * d_bias / -m, a, mean, value=-1.0)
+    a, b = folded_input_grad(scale, rstd, mean, d_bias, d_weight, m)
     d_pre.mul_(channel(scale)).addcmul_(x, channel(a)).add_(channel(b))
     return d_pre, d_weight, d_bias
+
+
+def folded_input_grad(scale: Tensor, rstd: Tensor, mean: Tensor, sum_g: Tensor, sum_gxhat: Tensor, m: int):
+    """Training BatchNorm's input gradient ``scale * (g - sum_g / m - xhat * sum_gxhat / m)``, with
+    ``xhat = (x - mean) * rstd``, as the per-channel ``(a, b)`` of ``g * scale + x * a + b``: five operators
+    on C-vectors (each one is a launch on a GPU)."""
+    t = scale / -m
+    a = torch.mul(t, rstd).mul_(sum_gxhat)  # -scale rstd sum_gxhat / m
+    return a, torch.addcmul(t * sum_g, mean, a, value=-1.0)  # -scale sum_g / m - mean a
 
 
 def input_grad_from_sums(

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .batchnorm import Affine, batch_norm_backward_in_place, batch_stats, input_grad_from_sums
+from .batchnorm import Affine, batch_norm_backward_in_place, batch_stats, folded_input_grad, input_grad_from_sums
 from .block_algorithm import Ops
 from .devices import device_type
 from .layout import as_images, as_rows
@@ -219,10 +219,8 @@ def finalize(g: Tensor, x: Tensor, d_out: Tensor, stats, noise: Tensor | None) -
     if stats is None:
         d_x = g + d_out
     else:
-        mean, rstd, sum_g, sum_gx = stats
-        t = rstd / -g.shape[0]  # five operators on C-vectors: each one is a launch on a GPU
-        b = torch.mul(t, rstd).mul_(sum_gx)  # -rstd^2 sum_gx / m
-        c = torch.addcmul(t * sum_g, mean, b, value=-1.0)  # -rstd sum_g / m - mean b
+        mean, rstd, sum_g, sum_gx = stats  # G is gamma-scaled already: the fold's scale is rstd
+        b, c = folded_input_grad(rstd, rstd, mean, sum_g, sum_gx, g.shape[0])
         d_x = torch.empty(g.shape, dtype=g.dtype, device=g.device)
         torch.addcmul(c, g, rstd, out=d_x).addcmul_(x, b).add_(d_out)
     return d_x.mul_(noise) if noise is not None else d_x

@@ -25,10 +25,10 @@ import torchvision
 import fastdense
 
 from . import tables
-from .measure import ALLOCATOR_ENV, DTYPES, MODES
+from .measure import DTYPES, MODES, run_worker
 from .providers import BASELINE, MODELS, PROVIDERS, providers_for
 from .roofline import Peaks, inference_work
-from .timing import device_defaults
+from .timing import default_device, device_defaults
 from .volumes import MODELS as VOLUME_MODELS
 from .volumes import PROVIDERS as VOLUME_PROVIDERS
 
@@ -85,13 +85,8 @@ def _measure(metric: str, providers: list[str], plan: Plan, mode: str, batch: in
     command += ["--dtype", plan.dtype, "--device", plan.device, "--repeats", str(plan.repeats)]
     if plan.channels_last:
         command.append("--channels-last")
-    env = dict(os.environ) | (ALLOCATOR_ENV if metric == "memory" else {})
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"measuring {metric} of {', '.join(providers)} ({mode}, batch {batch}) failed:\n{done.stderr}"
-        )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    what = f"measuring {metric} of {', '.join(providers)} ({mode}, batch {batch})"
+    return run_worker(command, memory=metric == "memory", what=what)
 
 
 def jobs(plan: Plan) -> list[tuple[str, list[str], str, int]]:
@@ -234,7 +229,7 @@ def volume_benchmark(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         model=args.model,
         volumes=[args.resolution] if args.resolution else None,
         batch=args.batch[0] if args.batch else 2,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=default_device(args.device),
         providers=args.providers,
         repeats=args.repeats or 3,
         json=args.json,
@@ -244,7 +239,7 @@ def volume_benchmark(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 def plan_from_args(args: argparse.Namespace, default_providers: list[str] | None = None) -> Plan:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     cuda, defaults = device.startswith("cuda"), device_defaults(device)
     default_batches = ([64] if args.quick else [64, 256]) if cuda else ([2] if args.quick else [8])
     batches = args.batch or default_batches

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
@@ -42,6 +44,17 @@ WARMUP_STEPS = 3
 METRICS = ("time", "memory", "max-batch", "peaks")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "0"}  # for CPU memory runs
+
+
+def run_worker(command: list[str], *, memory: bool, what: str):
+    """Run a measuring ``command`` in a fresh process (with ``ALLOCATOR_ENV`` for a memory measurement:
+    glibc hands freed blocks back, so the resident set follows live memory) and return the JSON of its
+    last output line; a failure raises a RuntimeError naming ``what`` and quoting its error output."""
+    env = dict(os.environ) | (ALLOCATOR_ENV if memory else {})
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @dataclass(frozen=True)

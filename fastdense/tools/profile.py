@@ -26,7 +26,7 @@ from . import tables
 from .measure import DTYPES, Setting, prepare
 from .providers import MODELS, PROVIDERS
 from .roofline import measure_peaks
-from .timing import device_defaults
+from .timing import default_device, device_defaults
 
 
 def _input_bytes(event, default_itemsize: int) -> int:
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=25, help="rows per table")
     parser.add_argument("--trace", help="write a Chrome trace to this path")
     args = parser.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     cuda, defaults = device.startswith("cuda"), device_defaults(device)
     setting = Setting(
         model=args.model,

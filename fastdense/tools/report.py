@@ -18,6 +18,7 @@ import torch
 from . import bench
 from .providers import PROVIDERS
 from .tables import format_table
+from .timing import default_device
 from .verify import compare, randomize_batchnorm
 
 VERIFY_BATCH, VERIFY_RESOLUTION = 2, 64
@@ -28,43 +29,45 @@ REPORT_PROVIDERS = ["torchvision-eager", "torchvision-memory-efficient", "fastde
 CUDA_REPORT_PROVIDERS = ["fastdense-triton", "fastdense-triton-memory-efficient"]  # added on a GPU
 
 
-def verification(model_name: str, device: torch.device) -> list[dict]:
-    rows = []
-    for memory_efficient in (False, True):
-        torch.manual_seed(0)
-        reference = PROVIDERS["torchvision-eager"].build(model_name).double().to(device)
-        randomize_batchnorm(reference)
-        fast = PROVIDERS["fastdense-memory-efficient" if memory_efficient else "fastdense"].build(model_name)
-        fast = fast.double().to(device)
-        fast.load_state_dict(reference.state_dict())
-        for training, steps in ((True, 2), (False, 1)):
-            shape = (VERIFY_BATCH, 3, VERIFY_RESOLUTION, VERIFY_RESOLUTION)
-            inputs = [torch.randn(shape, dtype=torch.float64, device=device) for _ in range(steps)]
-            errors = compare(fast, reference, inputs, training)
-            mode = "train" if training else "eval"
-            rows.append({"mode": mode, "memory_efficient": memory_efficient, "steps": steps} | errors)
-    return rows
+def _torchvision_pair(model_name: str, device: torch.device, memory_efficient: bool):
+    """fastdense's ``model_name`` and torchvision's on the same weights, float64, randomised BatchNorm."""
+    torch.manual_seed(0)
+    reference = PROVIDERS["torchvision-eager"].build(model_name).double().to(device)
+    randomize_batchnorm(reference)
+    fast = PROVIDERS["fastdense-memory-efficient" if memory_efficient else "fastdense"].build(model_name)
+    fast = fast.double().to(device)
+    fast.load_state_dict(reference.state_dict())
+    return fast, reference
 
 
-def volume_verification(model_name: str, device: torch.device) -> list[dict]:
-    """The verification for a MONAI 3-D model: ``fastdense.convert`` against the MONAI model it came
-    from, float64, on ``VERIFY_BATCH`` random ``VERIFY_VOLUME^3`` single-channel volumes."""
+def _monai_pair(model_name: str, device: torch.device, memory_efficient: bool):
+    """A MONAI 3-D model (float64, randomised BatchNorm) and ``fastdense.convert`` of a copy of it."""
     import copy
 
     import fastdense
 
     from . import volumes
 
+    reference = volumes.build("monai-eager", model_name, device).double()
+    randomize_batchnorm(reference)
+    fast = fastdense.convert(copy.deepcopy(reference), strict=True)
+    for block in fast.modules():
+        if isinstance(block, fastdense.FastDenseBlock):
+            block.memory_efficient = memory_efficient
+    return fast, reference
+
+
+def verification(model_name: str, device: torch.device) -> list[dict]:
+    """fastdense against torchvision (a MONAI 3-D model: its conversion against MONAI), float64, both
+    ``memory_efficient`` settings, two training steps and one eval step on random inputs."""
+    if model_name in bench.VOLUME_MODELS:
+        pair, shape = _monai_pair, (VOLUME_VERIFY_BATCH, 1, VERIFY_VOLUME, VERIFY_VOLUME, VERIFY_VOLUME)
+    else:
+        pair, shape = _torchvision_pair, (VERIFY_BATCH, 3, VERIFY_RESOLUTION, VERIFY_RESOLUTION)
     rows = []
     for memory_efficient in (False, True):
-        reference = volumes.build("monai-eager", model_name, device).double()
-        randomize_batchnorm(reference)
-        fast = fastdense.convert(copy.deepcopy(reference), strict=True)
-        for block in fast.modules():
-            if isinstance(block, fastdense.FastDenseBlock):
-                block.memory_efficient = memory_efficient
+        fast, reference = pair(model_name, device, memory_efficient)
         for training, steps in ((True, 2), (False, 1)):
-            shape = (VOLUME_VERIFY_BATCH, 1, VERIFY_VOLUME, VERIFY_VOLUME, VERIFY_VOLUME)
             inputs = [torch.randn(shape, dtype=torch.float64, device=device) for _ in range(steps)]
             errors = compare(fast, reference, inputs, training)
             mode = "train" if training else "eval"
@@ -96,25 +99,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-verify", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
     args = parser.parse_args(argv)
-    if args.model in bench.VOLUME_MODELS:  # a MONAI 3-D model: its conversion verified, the volumes benchmark
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        print("fastdense report: " + ", ".join(f"{k} {v}" for k, v in bench.environment().items() if v is not None))
-        if not args.skip_verify:
-            print_verification(volume_verification(args.model, torch.device(device)), args.model)
-        if not args.skip_bench:
-            bench.volume_benchmark(parser, args)
-        return
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    plan = bench.plan_from_args(args, default_providers=REPORT_PROVIDERS + (CUDA_REPORT_PROVIDERS if cuda else []))
-
+    device = default_device(args.device)
     env = bench.environment()
     print("fastdense report: " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
     result: dict = {"environment": env, "verification": [], "benchmark": None}
     if not args.skip_verify:
-        result["verification"] = verification(plan.model, torch.device(plan.device))
-        print_verification(result["verification"], plan.model)
+        result["verification"] = verification(args.model, torch.device(device))
+        print_verification(result["verification"], args.model)
+    if args.model in bench.VOLUME_MODELS:  # a MONAI 3-D model: the volumes benchmark (its own --json)
+        if not args.skip_bench:
+            bench.volume_benchmark(parser, args)
+        return
     if not args.skip_bench:
-        result["benchmark"] = bench.run(plan)
+        default_providers = REPORT_PROVIDERS + (CUDA_REPORT_PROVIDERS if device.startswith("cuda") else [])
+        result["benchmark"] = bench.run(bench.plan_from_args(args, default_providers=default_providers))
         bench.print_table(result["benchmark"])
     if args.json:
         bench.write_json(result, args.json)

@@ -27,6 +27,11 @@ class StepTimer:
         return time.perf_counter() - begin
 
 
+def default_device(requested: str | None) -> str:
+    """The device a tool runs on: the one asked for (``--device``), else CUDA when present, else the CPU."""
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_defaults(device: str) -> dict:
     """What the tools measure by default on a device: bf16 channels_last on CUDA, fp32 NCHW on the CPU."""
     cuda = device.startswith("cuda")

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .measure import ALLOCATOR_ENV, PeakMemory
+from .measure import PeakMemory, run_worker
 from .timing import StepTimer
 
 MODELS = {
@@ -81,11 +79,7 @@ def measure_memory(provider: str, model: str, volume: int, batch: int, device: t
 def memory_in_fresh_process(provider: str, model: str, volume: int, batch: int, device: str) -> float:
     command = [sys.executable, "-m", "fastdense", "volumes", "--memory-of", provider, "--model", model]
     command += ["--volumes", str(volume), "--batch", str(batch), "--device", device]
-    env = dict(os.environ) | ALLOCATOR_ENV  # glibc hands freed blocks back: the resident set follows live memory
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{provider} at {volume}^3 failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+    return run_worker(command, memory=True, what=f"{provider} at {volume}^3")["peak_mem_mb"]
 
 
 def largest_edge(fits, start: int = 64, step: int = 16, limit: int = 1024) -> int | None:
