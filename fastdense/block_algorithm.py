@@ -77,12 +77,18 @@ class Ops:
     new_features_backward(d_new, Y, norm2, rstd2, w2, grid, training, need_weight, sync, count) ->
         (dY, d_gamma2, d_beta2, d_w2): the backward of ``new_features`` from the new features' gradient
         (dropout undone) to the bottleneck's (``torch_ops.conv3x3_norm2_backward``).
-    norm1_backward(dY, x, norm1, rstd1, w1, G, coef, need_weight) -> (d_gamma1, d_beta1, d_w1): the
-        backward of ``bottleneck``, adding ``coef * P`` into G's first ``C_l`` columns
-        (``torch_ops.norm1_backward``).
+    norm1_backward(dY, x, norm1, rstd1, w1, G, coef, need_weight, from_w1_grad, first) -> (d_gamma1, d_beta1,
+        d_w1): the backward of ``bottleneck``, adding ``coef * P`` into G's first ``C_l`` columns
+        (``torch_ops.norm1_backward``); ``from_w1_grad``: as ``norm1_weight_grad_serves`` said of the layer;
+        ``first`` (only with ``norm1_writes_first``): the block's last layer, which writes those columns.
     finalize(g, x, d_out, stats, noise) -> dx: a segment's input gradient (``torch_ops.finalize``).
+    norm1_weight_grad_serves(weights, biases, compute_dtype) -> list[bool] or None: per layer of a block,
+        whether its norm1 backward may take ``sum(P * xhat)`` from conv1's weight gradient
+        (``torch_ops.norm1_weight_grad_serves``); None: never.
     fuses_eval_norm2: whether ``bottleneck`` applies an ``epilogue``.
     grad_in_buffer_dtype: whether G is in the buffer's dtype (else in the accumulation dtype).
+    norm1_writes_first: whether the last layer's ``norm1_backward`` writes G's prefix (G starts as zeros in
+        the last layer's columns only, instead of everywhere).
     """
 
     column_stats: Callable
@@ -91,8 +97,10 @@ class Ops:
     new_features_backward: Callable
     norm1_backward: Callable
     finalize: Callable
+    norm1_weight_grad_serves: Callable | None = None
     fuses_eval_norm2: bool = False
     grad_in_buffer_dtype: bool = False
+    norm1_writes_first: bool = False
 
 
 @dataclass
@@ -270,6 +278,13 @@ def dropout_noise(grid, k: int, p: float, channelwise: bool, dtype, device) -> T
     return noise.expand(*grid, k).reshape(-1, k)
 
 
+def _last_layer_grad(grad_out: Tensor, noise: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The gradient of the block's last layer's new features (``N x k x ...``), which no layer reads:
+    the block output's, through the dropout multiplier ``noise``; as ``M x k`` rows in ``dtype``."""
+    rows = as_rows(grad_out)
+    return (rows * noise).to(dtype) if noise is not None else rows.to(dtype).contiguous()
+
+
 def block_backward(
     grad_out: Tensor,
     out: Tensor,
@@ -292,7 +307,10 @@ def block_backward(
     rows = as_rows(out)
     acc, cdt = accumulation_dtype(out.dtype), compute_dtype
     g_dtype = out.dtype if ops.grad_in_buffer_dtype else acc
-    grad_sum = torch.zeros((m, c_total), dtype=g_dtype, device=out.device)  # G: sum over consumers
+    # G: sum over consumers. With norm1_writes_first the last layer's norm1 backward, the first to reach G,
+    # writes all of it but the last layer's own columns, which nothing reads (below): no zeros needed.
+    writes_first = ops.norm1_writes_first and num_layers > 0
+    grad_sum = (torch.empty if writes_first else torch.zeros)((m, c_total), dtype=g_dtype, device=out.device)
     sync = sync if training else None
     count = m if sync is None else sync.total(m, out.device)
     if training:
@@ -311,6 +329,10 @@ def block_backward(
         return ops.finalize(grad_sum[:, lo:hi], rows[:, lo:hi], as_rows(grad_out[:, lo:hi]), stats, noise)
 
     grads: list[Tensor | None] = [None] * len(params)
+    from_w1_grad = [False] * num_layers
+    if ops.norm1_weight_grad_serves is not None:
+        norms1 = [_layer_params(params, layer)[:2] for layer in range(num_layers)]
+        from_w1_grad = ops.norm1_weight_grad_serves(*zip(*norms1, strict=True), cdt) if norms1 else []
     for layer in reversed(range(num_layers)):
         g1, b1, w1, g2, b2, w2 = _layer_params(params, layer)
         saved, c_in = state.layers[layer], c0 + layer * k
@@ -321,7 +343,10 @@ def block_backward(
         norm2 = affine(g2, b2, saved.mean2, saved.rstd2, training=training)
 
         with stage("finalize", out.device):
-            d_new = finalize(c_in, c_in + k, saved.dropout_noise)  # every consumer of this layer's output is done
+            if layer == num_layers - 1:  # no consumer: G and its sums are zero there, the gradient is the output's
+                d_new = _last_layer_grad(grad_out[:, c_in:], saved.dropout_noise, g_dtype)
+            else:  # every consumer of this layer's output is done
+                d_new = finalize(c_in, c_in + k, saved.dropout_noise)
         bottleneck = saved.bottleneck
         if bottleneck is None:
             with stage("gemm", out.device):
@@ -333,7 +358,16 @@ def block_backward(
         coef = g1.to(acc) if training else norm1.scale  # eval: norm1 is an affine map of slope scale
         with stage("gemm_backward", out.device):
             d_g1, d_b1, d_w1 = ops.norm1_backward(
-                d_bottleneck, rows[:, :c_in], norm1, rstd1, w1c, grad_sum, coef, need_weight=need[2]
+                d_bottleneck,
+                rows[:, :c_in],
+                norm1,
+                rstd1,
+                w1c,
+                grad_sum,
+                coef,
+                need[2],
+                from_w1_grad[layer],
+                writes_first and layer == num_layers - 1,
             )
         del d_bottleneck
         if training:

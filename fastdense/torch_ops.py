@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .batchnorm import Affine, batch_norm_backward_in_place, batch_stats, folded_input_grad, input_grad_from_sums
 from .block_algorithm import Ops
@@ -36,6 +37,12 @@ _aten = torch.ops.aten
 # ImageNet sizes); on the CPU (3-D volumes, where memory is what stops people) it stays at 32 MiB of float32.
 CHUNK_ELEMENTS = {"cpu": 1 << 23}
 DEFAULT_CHUNK_ELEMENTS = 1 << 26
+
+# How far a norm1 bias may exceed its weight's magnitude for the layer's ``sum(P * xhat)`` to come from
+# conv1's weight gradient (``norm1_weight_grad_serves``), per compute dtype: the amplified rounding of the
+# recomputed activation stays within twice torchvision's own error in half precision, and far below the
+# tolerances in float32 and float64.
+WEIGHT_GRAD_BIAS_BOUND = {torch.bfloat16: 1.0, torch.float16: 1.0, torch.float32: 4.0, torch.float64: 1024.0}
 
 
 def row_chunks(x: Tensor):
@@ -180,10 +187,15 @@ def conv3x3_norm2_backward(
     return d_bottleneck, d_g2, d_b2, d_w2
 
 
-def norm1_backward(d_bottleneck, x, norm1: Affine, rstd1, w1c, grad_sum, coef, need_weight: bool):
+def norm1_backward(
+    d_bottleneck, x, norm1: Affine, rstd1, w1c, grad_sum, coef, need_weight: bool, from_w1_grad=False, first=False
+):
     """``Ops.norm1_backward``: norm1 backward over an ``M x C_l`` buffer prefix, in ``row_chunks``. With
     ``a = relu(norm1(x))`` recomputed, ``P = (dY @ W1) * [a > 0]`` is norm1's output gradient and ``dW1 = dY^T @ a``;
-    ``P * coef`` (gamma in training, the eval map's slope otherwise) is added to G's first ``C_l`` columns.
+    ``P * coef`` (gamma in training, the eval map's slope otherwise) is added to G's first ``C_l`` columns, or
+    with ``first`` (the block's last layer: nothing is in those columns yet) written there.
+    ``from_w1_grad`` (``norm1_weight_grad_serves``): ``sum(P * xhat)`` comes from ``dW1`` (``_sum_p_xhat``)
+    instead of a product and a reduction over the whole prefix.
 
     Returns norm1's weight and bias gradients and conv1's weight gradient (None when not needed)."""
     acc, c_in = rstd1.dtype, x.shape[1]
@@ -191,16 +203,57 @@ def norm1_backward(d_bottleneck, x, norm1: Affine, rstd1, w1c, grad_sum, coef, n
     for lo, hi in row_chunks(x):
         x_rows, d_y = x[lo:hi], d_bottleneck[lo:hi]
         act = normalized_relu(x_rows, norm1, w1c.dtype)
-        if need_weight:
+        if need_weight or from_w1_grad:
             d_w1 = _accumulate(d_w1, torch.mm(d_y.t(), act), acc)
         p_grad = torch.mm(d_y, w1c)
         _aten.threshold_backward.grad_input(p_grad, act, 0, grad_input=p_grad)  # through relu1, in place
         del act
         d_b1 = _accumulate(d_b1, p_grad.sum(0, dtype=acc), acc)
-        d_gx = _accumulate(d_gx, torch.mul(p_grad, x_rows).sum(0, dtype=acc), acc)
-        grad_sum[lo:hi, :c_in].addcmul_(p_grad, coef)
+        if not from_w1_grad:
+            d_gx = _accumulate(d_gx, torch.mul(p_grad, x_rows).sum(0, dtype=acc), acc)
+        if first:
+            torch.mul(p_grad, coef, out=grad_sum[lo:hi, :c_in])
+        else:
+            grad_sum[lo:hi, :c_in].addcmul_(p_grad, coef)
         del p_grad
-    return torch.addcmul(d_gx, norm1.mean, d_b1, value=-1.0).mul_(rstd1), d_b1, d_w1
+    if from_w1_grad:
+        d_g1 = _sum_p_xhat(d_w1, w1c, norm1, d_b1)
+    else:
+        d_g1 = torch.addcmul(d_gx, norm1.mean, d_b1, value=-1.0).mul_(rstd1)
+    return d_g1, d_b1, d_w1 if need_weight else None
+
+
+def _sum_p_xhat(d_w1, w1c, norm1: Affine, sum_p):
+    """norm1's weight gradient ``sum(P * xhat)`` per channel from conv1's weight gradient, with no pass over
+    ``P``. The activation ``a`` is zero wherever ``P``'s ReLU mask is, so ``sum(P * a) = sum((dY @ W1) * a) =
+    sum_k W1[k] * (dY^T @ a)[k]``: the column sums of ``W1 * dW1``. Where ``a`` is not zero it is
+    ``weight * xhat + bias``, so ``weight * sum(P * xhat) = sum(P * a) - bias * sum(P)``. (A zero weight
+    leaves ``a`` and ``P`` zero: its channel's gradient is that difference, zero.)"""
+    sum_p_act = torch.mul(w1c, d_w1.to(sum_p.dtype)).sum(0)
+    weighted = sum_p_act.addcmul_(norm1.bias, sum_p, value=-1.0)  # weight * sum(P * xhat)
+    return weighted.div_(torch.where(norm1.weight != 0, norm1.weight, 1.0))
+
+
+def norm1_weight_grad_serves(weights: list[Tensor], biases: list[Tensor], compute_dtype: torch.dtype) -> list[bool]:
+    """``Ops.norm1_weight_grad_serves``: per layer of a block, whether ``norm1_backward`` takes
+    ``sum(P * xhat)`` from conv1's weight gradient (``_sum_p_xhat``). That subtracts ``bias * sum(P)`` from
+    ``sum(P * a)``, which amplifies the rounding of the recomputed activation ``a`` by about
+    ``bias / |weight|`` (a negative bias only shrinks ``a``); so it serves where every channel of the layer's
+    norm1 has ``bias <= WEIGHT_GRAD_BIAS_BOUND * |weight|``. Other layers take the product and reduction.
+
+    One read on the host per block: none under CUDA graph capture (which forbids it: the product is taken
+    there), none on fake tensors (the traffic counter's: counted as serving, as for fresh weights and
+    torchvision's pretrained ones, whose norm1 biases are all below their weights' magnitude)."""
+    if not weights:
+        return []
+    if is_fake(weights[0]):
+        return [True] * len(weights)
+    if weights[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return [False] * len(weights)
+    bound = WEIGHT_GRAD_BIAS_BOUND[compute_dtype]
+    weight, bias = torch.cat(weights), torch.cat(biases)
+    serves = (bias <= weight.abs().mul_(bound)).cpu()  # one host read for the block
+    return [bool(part.all()) for part in serves.split([w.numel() for w in weights])]
 
 
 def _accumulate(total: Tensor | None, part: Tensor, acc: torch.dtype) -> Tensor:
@@ -232,6 +285,8 @@ TORCH_OPS = Ops(
     new_features=conv3x3_into,
     new_features_backward=conv3x3_norm2_backward,
     norm1_backward=norm1_backward,
+    norm1_weight_grad_serves=norm1_weight_grad_serves,
     finalize=finalize,
     grad_in_buffer_dtype=True,
+    norm1_writes_first=True,
 )

@@ -77,8 +77,10 @@ def _new_features_cudnn(bottleneck, norm2, w2, grid, out, noise, stats):
     return conv3x3_into(bottleneck, norm2, w2, grid, out, noise, stats, column_stats=_column_stats)
 
 
-def _norm1_backward(d_bottleneck, x, norm1, rstd1, w1c, grad_sum, coef, need_weight):
-    """dgrad into G with norm1's sums, and wgrad, by the kernels (mask recomputed as the forward's)."""
+def _norm1_backward(d_bottleneck, x, norm1, rstd1, w1c, grad_sum, coef, need_weight, from_w1_grad=False, first=False):
+    """dgrad into G with norm1's sums, and wgrad, by the kernels (mask recomputed as the forward's; the sums
+    come from the kernel's own pass, so ``from_w1_grad`` is never asked for; G starts as zeros, so neither is
+    ``first``)."""
     sum_p, sum_px, d_w1 = _kernels().backward.norm1_gemm_backward(
         d_bottleneck.contiguous(), x, _vectors(norm1), norm1.mean, coef, w1c, grad_sum, need_weight
     )

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastdense
 from fastdense import torch_ops
+from fastdense.batchnorm import affine
 from fastdense.devices import counted_as
+from fastdense.tools.verify import relative_error
 
 from .helpers import TOLERANCE, assert_rel_close, assert_same_grads_and_buffers, block_pair
 
@@ -221,3 +224,92 @@ def test_a_3d_block_on_the_cpu_keeps_the_bottlenecks_its_buffer_holds():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
         block(x)
     assert shapes.count((2 * 3 * 4 * 5, 8)) == 4
+
+
+def _layer_norms(ratios_per_layer, dtype=torch.float64):
+    """Per layer, (weight, bias) of a norm1 whose channel j has bias = ratio_j * |weight_j|."""
+    generator = torch.Generator().manual_seed(5)
+    norms = []
+    for ratios in ratios_per_layer:
+        weight = (torch.rand(len(ratios), generator=generator, dtype=torch.float64) + 0.5).to(dtype)
+        norms.append((weight, torch.tensor(ratios, dtype=dtype) * weight.abs()))
+    return norms
+
+
+def test_norm1_sums_come_from_conv1s_weight_gradient_only_where_the_bias_allows():
+    """Per layer: a channel whose bias exceeds the bound times its weight's magnitude (1 in half precision,
+    4 in float32, 1024 in float64) sends the whole layer to the product-and-reduction path; negative biases
+    never do; a zero weight with a non-positive bias (a dead channel) does not."""
+    layers = [[0.0, 0.5, -0.3], [0.2, 1.5, 0.0], [-1e6, 0.9, 0.0], [2e3, 0.0, 0.0]]
+    weights, biases = zip(*_layer_norms(layers), strict=True)
+    weights[0][1] = biases[0][1] = 0.0  # (weight 0, bias 0: dead) in a serving layer
+    expected = {
+        torch.bfloat16: [True, False, True, False],
+        torch.float16: [True, False, True, False],
+        torch.float32: [True, True, True, False],
+        torch.float64: [True, True, True, False],
+    }
+    for compute_dtype, serves in expected.items():
+        assert torch_ops.norm1_weight_grad_serves(list(weights), list(biases), compute_dtype) == serves
+    dead = [torch.zeros(2, dtype=torch.float64)], [torch.tensor([0.0, 1e-3], dtype=torch.float64)]
+    assert torch_ops.norm1_weight_grad_serves(*dead, torch.float64) == [False]  # weight 0, bias above it
+    with FakeTensorMode():  # the traffic counter's: counted as serving
+        fake = [torch.empty(3)], [torch.empty(3)]
+        assert torch_ops.norm1_weight_grad_serves(*fake, torch.bfloat16) == [True]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_block_matches_torchvision_on_both_norm1_sum_paths(monkeypatch, training):
+    """A block whose layers take both paths of norm1's sums (from conv1's weight gradient, and the product
+    and reduction), with zero, negative and dead norm1 channels, against torchvision in float64."""
+    ref, fast = block_pair(4, 5, 2, 3)
+    # layer 0: a zero weight and bias, a negative weight; layer 1: a dead channel (weight 0, bias < 0);
+    # layer 2: a bias far above its weight (the product path); layer 3: as it is.
+    edits = {0: [(0, 0.0, 0.0), (2, -0.7, 0.2)], 1: [(1, 0.0, -0.4)], 2: [(3, 1e-4, 0.5)]}
+    for model in (ref, fast):
+        for layer, channels in edits.items():
+            norm1 = getattr(model, f"denselayer{layer + 1}").norm1
+            with torch.no_grad():
+                for channel, weight, bias in channels:
+                    norm1.weight[channel], norm1.bias[channel] = weight, bias
+    widths = []  # the prefix width of each layer that took its sums from conv1's weight gradient
+    sum_p_xhat = torch_ops._sum_p_xhat
+    monkeypatch.setattr(torch_ops, "_sum_p_xhat", lambda d_w1, *a: widths.append(d_w1.shape[1]) or sum_p_xhat(d_w1, *a))
+    tol = TOLERANCE[torch.float64]
+    for _, out_fast, out_ref, dx_fast, dx_ref in run_steps(
+        fast, ref, (2, 5, 7), 5, training=training, channels_last=True, steps=2
+    ):
+        assert_rel_close(out_fast, out_ref, tol, "output")
+        assert_rel_close(dx_fast, dx_ref, tol, "input grad")
+    assert_same_grads_and_buffers(fast, ref, tol)
+    assert widths == [14, 8, 5] * 2, widths  # layers 3, 1 and 0 of each step's backward; not layer 2 (width 11)
+
+
+def test_norm1_weight_gradient_from_conv1s_in_bfloat16_is_within_a_few_times_torchvisions_error():
+    """Operator level, bfloat16: norm1's weight gradient from conv1's weight gradient against float64 from
+    the same rounded inputs and masks, beside PyTorch's BatchNorm backward on the rounded output gradient
+    (torchvision's). At bias 0 within 2x its error, at the bound (bias = |weight|) within 3.5x (measured
+    1.4x and 2.8x: the rounding of the recomputed activation, which the bias term enlarges)."""
+    m, c, width = 20000, 96, 128
+    for ratio, times in ((0.0, 2.0), (torch_ops.WEIGHT_GRAD_BIAS_BOUND[torch.bfloat16], 3.5)):
+        ours, torchvisions = [], []
+        for seed in range(4):
+            generator = torch.Generator().manual_seed(seed)
+            x = torch.randn(m, c, generator=generator, dtype=torch.float64).to(torch.bfloat16)
+            d_y = torch.randn(m, width, generator=generator, dtype=torch.float64).to(torch.bfloat16)
+            w1 = (torch.randn(width, c, generator=generator, dtype=torch.float64) / c**0.5).to(torch.bfloat16)
+            weight = torch.rand(c, generator=generator, dtype=torch.float64) + 0.5
+            var, mean = torch.var_mean(x.double(), dim=0, correction=0)
+            rstd = (var + 1e-5).rsqrt()
+            norm1 = affine(*(t.float() for t in (weight, ratio * weight, mean, rstd)), training=True)
+            grad_sum = torch.zeros(m, c, dtype=torch.bfloat16)
+            d_g1, _, _ = torch_ops.norm1_backward(d_y, x, norm1, rstd.float(), w1, grad_sum, norm1.weight, True, True)
+            mask = torch_ops.normalized_relu(x, norm1, torch.bfloat16) > 0
+            gold = ((d_y.double() @ w1.double()) * mask * (x.double() - mean) * rstd).sum(0)
+            _, d_g1_tv, _ = torch.ops.aten.native_batch_norm_backward(
+                torch.mm(d_y, w1) * mask, x, weight.float(), None, None, mean.float(), rstd.float(), True, 1e-5,
+                [True, True, True],
+            )  # fmt: skip
+            ours.append(relative_error(d_g1, gold))
+            torchvisions.append(relative_error(d_g1_tv, gold))
+        assert sum(ours) <= times * sum(torchvisions), (ratio, ours, torchvisions)
