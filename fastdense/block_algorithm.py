@@ -82,6 +82,9 @@ class Ops:
         (``torch_ops.norm1_backward``); ``from_w1_grad``: as ``norm1_weight_grad_serves`` said of the layer;
         ``first`` (only with ``norm1_writes_first``): the block's last layer, which writes those columns.
     finalize(g, x, d_out, stats, noise) -> dx: a segment's input gradient (``torch_ops.finalize``).
+    norm2_relu_training(Y, weight, bias, eps) -> (relu(norm2(Y)), (var, mean), rstd) or None: training
+        mode's norm2 statistics and activation at once (``torch_ops.norm2_relu_training``); then
+        ``bottleneck`` is asked for no statistics and ``new_features`` gets the activation, norm2 None.
     norm1_weight_grad_serves(weights, biases, compute_dtype) -> list[bool] or None: per layer of a block,
         whether its norm1 backward may take ``sum(P * xhat)`` from conv1's weight gradient
         (``torch_ops.norm1_weight_grad_serves``); None: never.
@@ -98,6 +101,7 @@ class Ops:
     norm1_backward: Callable
     finalize: Callable
     norm1_weight_grad_serves: Callable | None = None
+    norm2_relu_training: Callable | None = None
     fuses_eval_norm2: bool = False
     grad_in_buffer_dtype: bool = False
     norm1_writes_first: bool = False
@@ -212,8 +216,11 @@ def block_forward(
         with stage("stats", x.device):
             record_segment_stats(0, c0, synced(ops.column_stats(rows[:, :c0])))
 
-    # Eval mode folds norm2 and relu2 into the GEMM's epilogue when the raw bottleneck is not kept.
+    # Eval mode folds norm2 and relu2 into the GEMM's epilogue when the raw bottleneck is not kept. Training
+    # takes norm2's statistics and its activation from one BatchNorm call where the ops have one (statistics
+    # over this process's rows only, of a non-empty batch).
     fuse_norm2 = ops.fuses_eval_norm2 and not plan.training and not (save and plan.keep_bottlenecks)
+    fuse_train_norm2 = plan.training and ops.norm2_relu_training is not None and sync is None and m > 0
     kept_layers = kept_bottleneck_layers(num_layers, c_total, params[2].shape[0], device_type(x), len(spatial))
     for layer in range(num_layers):
         g1, b1, w1, g2, b2, w2 = _layer_params(params, layer)
@@ -228,14 +235,21 @@ def block_forward(
         eval_norm2 = affine(g2, b2, mean2, rstd2, training=False) if fuse_norm2 else None
         with stage("gemm", x.device):
             bottleneck, stats2 = ops.bottleneck(
-                rows[:, :c_in], norm1_map, w1.to(cdt).view(-1, c_in), plan.training, eval_norm2
+                rows[:, :c_in], norm1_map, w1.to(cdt).view(-1, c_in), plan.training and not fuse_train_norm2, eval_norm2
             )  # M x 4k
 
-        if plan.training:
+        activated = None  # relu(norm2(bottleneck)), when its statistics came with it
+        if fuse_train_norm2:
+            with stage("conv", x.device):
+                activated, (var2, mean2), rstd2 = ops.norm2_relu_training(bottleneck, g2, b2, norm2.eps)
+            state.norm2_stats.append((var2, mean2))
+        elif plan.training:
             var2, mean2 = (s.to(acc) for s in synced(stats2))
             state.norm2_stats.append((var2, mean2))
             rstd2 = torch.rsqrt(var2 + norm2.eps)
-        norm2_map = None if fuse_norm2 else affine(g2, b2, mean2, rstd2, training=plan.training)
+        norm2_map = (
+            None if fuse_norm2 or activated is not None else affine(g2, b2, mean2, rstd2, training=plan.training)
+        )
 
         noise = None
         p = plan.drop_rates[layer]
@@ -244,8 +258,15 @@ def block_forward(
             noise = dropout_noise(grid, k, p, channelwise, cdt, x.device)
         with stage("conv", x.device):
             stats_new = ops.new_features(
-                bottleneck, norm2_map, w2.to(cdt), grid, rows[:, c_in : c_in + k], noise, plan.training
+                bottleneck if activated is None else activated,
+                norm2_map,
+                w2.to(cdt),
+                grid,
+                rows[:, c_in : c_in + k],
+                noise,
+                plan.training,
             )
+            del activated
         if plan.training:
             record_segment_stats(c_in, c_in + k, synced(stats_new))
         if save:

@@ -109,6 +109,23 @@ def bottleneck(x: Tensor, norm1: Affine, w1: Tensor, stats: bool, epilogue: Affi
     return out, column_stats(out) if stats else None
 
 
+def norm2_relu_training(bottleneck: Tensor, weight: Tensor, bias: Tensor, eps: float):
+    """``Ops.norm2_relu_training``: norm2's batch statistics and ``relu(norm2(Y))`` of the contiguous
+    bottleneck from PyTorch's BatchNorm in training mode (statistics, then the map: two passes over ``Y``
+    and one write) and an in-place ReLU, instead of the statistics and then ``normalized_relu``. Its vectors
+    are float32 (float64 for float64 data), so are the statistics. The backward recomputes the activation
+    with ``normalized_relu`` from the returned mean and rstd: PyTorch's CPU BatchNorm applies that folded
+    map itself (the same bits: tested). A GPU's kernel computes ``(Y - mean) * rstd * weight + bias`` in
+    float32: where that and the folded map round to different sides of a bfloat16/float16 value, or of zero
+    (the ReLU mask), the recomputed activation differs from the forward's by one unit in its last place.
+    Returns the activation, ``(var, mean)`` (biased) and ``rstd``."""
+    acc = torch.float64 if bottleneck.dtype == torch.float64 else torch.float32
+    act, mean, rstd = torch.native_batch_norm(bottleneck, weight.to(acc), bias.to(acc), None, None, True, 0.0, eps)
+    mean, rstd = mean.to(acc), rstd.to(acc)  # (no-ops but on fake tensors, whose statistics take Y's dtype)
+    var = rstd.pow(-2).sub_(eps).clamp_min_(0.0)  # (rstd = 1 / sqrt(var + eps))
+    return act.relu_(), (var, mean), rstd
+
+
 def conv3x3_into(bottleneck, norm2: Affine | None, w2, grid, out, noise, stats: bool, column_stats=column_stats):
     """``Ops.new_features`` with a 3x3 convolution from PyTorch (cuDNN on CUDA): the activation is
     materialised, convolved, multiplied by the dropout noise and copied into the buffer slice; the
@@ -166,7 +183,9 @@ def conv3x3_norm2_backward(
         d_pre2 = as_rows(d_act2)  # (a view: the convolution's gradient is channels-last, as its input)
         _aten.threshold_backward.grad_input(d_pre2, act2, 0, grad_input=d_pre2)  # through relu2, in place
         del d_act2, act2
-        if training and sync is None and d_pre2.numel() and batch_norm_backward_in_place_serves(d_pre2):
+        in_place = len(grid) == 4 and batch_norm_backward_in_place_serves(d_pre2)  # 3-D volumes only: in 2-D
+        # the bottleneck-sized third tensor is small, and PyTorch's kernel takes a quarter less time on the CPU
+        if training and sync is None and d_pre2.numel() and in_place:
             as_channels = (t.t().unsqueeze(0) for t in (d_pre2, bottleneck))  # (1, C, M) views of the rows
             d_bottleneck, d_g2, d_b2 = batch_norm_backward_in_place(
                 *as_channels, norm2.weight, norm2.mean, rstd2, CHUNK_ELEMENTS["cpu"]
@@ -286,6 +305,7 @@ TORCH_OPS = Ops(
     new_features_backward=conv3x3_norm2_backward,
     norm1_backward=norm1_backward,
     norm1_weight_grad_serves=norm1_weight_grad_serves,
+    norm2_relu_training=norm2_relu_training,
     finalize=finalize,
     grad_in_buffer_dtype=True,
     norm1_writes_first=True,
