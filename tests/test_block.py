@@ -313,3 +313,23 @@ def test_norm1_weight_gradient_from_conv1s_in_bfloat16_is_within_a_few_times_tor
             ours.append(relative_error(d_g1, gold))
             torchvisions.append(relative_error(d_g1_tv, gold))
         assert sum(ours) <= times * sum(torchvisions), (ratio, ours, torchvisions)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_norm2_statistics_and_activation_from_one_batchnorm_call(dtype):
+    """Training's norm2 from PyTorch's BatchNorm: the activation is, bit for bit, what the backward
+    recomputes with the folded map from the returned statistics (on the CPU), and the statistics are
+    the columns' (float32, float64 for float64 data)."""
+    generator = torch.Generator().manual_seed(4)
+    y = (torch.randn(3000, 24, generator=generator, dtype=torch.float64) * 3 + 1).to(dtype)
+    weight, bias = torch.rand(24, generator=generator) + 0.5, torch.rand(24, generator=generator) - 0.5
+    act, (var, mean), rstd = torch_ops.norm2_relu_training(y, weight, bias, 1e-5)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert act.dtype == dtype and var.dtype == mean.dtype == rstd.dtype == acc
+    norm2 = affine(weight.to(acc), bias.to(acc), mean, rstd, training=True)
+    assert torch.equal(act, torch_ops.normalized_relu(y, norm2, dtype))
+    ref_var, ref_mean = torch.var_mean(y.double(), dim=0, correction=0)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(mean.double(), ref_mean, rtol=tol, atol=tol) and torch.allclose(
+        var.double(), ref_var, rtol=tol
+    )
