@@ -5,11 +5,14 @@ layer loop that calls them, the saved state and the backward's order are ``block
 with the triton backend (``triton_ops``), which fuses the same operations into kernels.
 
 Lean by construction: every operation is a few whole-matrix ATen operators, each one pass over memory
-(``python -m fastdense traffic`` counts them). A layer's BatchNorm-ReLU is two passes in the compute
-dtype (a folded affine map computed in the accumulation dtype and rounded once, then an in-place ReLU);
-the backward's per-channel sums are reductions over whole matrices; the ReLU masks are PyTorch's own
-``threshold_backward``; norm2's backward over the contiguous bottleneck is PyTorch's BatchNorm backward;
-the gradient buffer G is in the buffer's dtype (as autograd accumulates torchvision's gradients).
+(``python -m fastdense traffic`` counts them). A layer's norm1-ReLU is two passes in the compute dtype
+(a folded affine map computed in the accumulation dtype and rounded once, then an in-place ReLU); in
+training norm2's statistics and map are one PyTorch BatchNorm call over the contiguous bottleneck. In
+the backward, norm1's ``sum(P)`` is a reduction over the whole prefix and ``sum(P * xhat)`` comes from
+conv1's weight gradient, with no pass at all, where the layer's parameters keep that exact (else a
+product and a reduction); the ReLU masks are PyTorch's own ``threshold_backward``; norm2's backward is
+PyTorch's BatchNorm backward; the gradient buffer G is in the buffer's dtype (as autograd accumulates
+torchvision's gradients), written, not zeroed then added to, by the first layer to reach it.
 
 Precision: GEMMs and convolutions run in the compute dtype (the autocast dtype under autocast, else the
 input's dtype); statistics and per-channel sums in the accumulation dtype (float64 for float64 inputs,

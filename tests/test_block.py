@@ -39,6 +39,18 @@ def run_steps(fast, ref, shape, c0, *, training, channels_last, steps=3, dtype=t
         yield step, out_fast, out_ref, x_fast.grad, x_ref.grad
 
 
+def assert_steps_match(fast, ref, shape, c0, *, training, channels_last, steps=2, dtype=torch.float64):
+    """``run_steps`` with outputs and input gradients checked at each step, then every accumulated
+    gradient and buffer, within the dtype's tolerance."""
+    tol = TOLERANCE[dtype]
+    for _, out_fast, out_ref, dx_fast, dx_ref in run_steps(
+        fast, ref, shape, c0, training=training, channels_last=channels_last, steps=steps, dtype=dtype
+    ):
+        assert_rel_close(out_fast, out_ref, tol, "output")
+        assert_rel_close(dx_fast, dx_ref, tol, "input grad")
+    assert_same_grads_and_buffers(fast, ref, tol)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "L{}-C{}-bn{}-k{}".format(*c))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-H{}-W{}".format(*s))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -64,13 +76,7 @@ def test_block_row_chunks_match(monkeypatch, training, memory_efficient):
     they take many chunks."""
     monkeypatch.setitem(torch_ops.CHUNK_ELEMENTS, "cpu", 40)
     ref, fast = block_pair(3, 5, 2, 3, memory_efficient=memory_efficient)
-    tol = TOLERANCE[torch.float64]
-    for _, out_fast, out_ref, dx_fast, dx_ref in run_steps(
-        fast, ref, (2, 5, 7), 5, training=training, channels_last=False, steps=2
-    ):
-        assert_rel_close(out_fast, out_ref, tol, "output")
-        assert_rel_close(dx_fast, dx_ref, tol, "input grad")
-    assert_same_grads_and_buffers(fast, ref, tol)
+    assert_steps_match(fast, ref, (2, 5, 7), 5, training=training, channels_last=False)
 
 
 @pytest.mark.parametrize("momentum", [None, 0.3])
@@ -185,14 +191,8 @@ def test_block_with_a_gpus_operator_choices_matches(training):
     """The torch backend's operator choices for a GPU (``counted_as("cuda")``: one-reduction statistics,
     large row chunks), run here on CPU tensors in float32, against torchvision."""
     ref, fast = block_pair(3, 5, 2, 3, dtype=torch.float32)
-    tol = TOLERANCE[torch.float32]
     with counted_as("cuda"):
-        for _, out_fast, out_ref, dx_fast, dx_ref in run_steps(
-            fast, ref, (2, 5, 7), 5, training=training, channels_last=True, steps=2, dtype=torch.float32
-        ):
-            assert_rel_close(out_fast, out_ref, tol, "output")
-            assert_rel_close(dx_fast, dx_ref, tol, "input grad")
-    assert_same_grads_and_buffers(fast, ref, tol)
+        assert_steps_match(fast, ref, (2, 5, 7), 5, training=training, channels_last=True, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -275,13 +275,7 @@ def test_block_matches_torchvision_on_both_norm1_sum_paths(monkeypatch, training
     widths = []  # the prefix width of each layer that took its sums from conv1's weight gradient
     sum_p_xhat = torch_ops._sum_p_xhat
     monkeypatch.setattr(torch_ops, "_sum_p_xhat", lambda d_w1, *a: widths.append(d_w1.shape[1]) or sum_p_xhat(d_w1, *a))
-    tol = TOLERANCE[torch.float64]
-    for _, out_fast, out_ref, dx_fast, dx_ref in run_steps(
-        fast, ref, (2, 5, 7), 5, training=training, channels_last=True, steps=2
-    ):
-        assert_rel_close(out_fast, out_ref, tol, "output")
-        assert_rel_close(dx_fast, dx_ref, tol, "input grad")
-    assert_same_grads_and_buffers(fast, ref, tol)
+    assert_steps_match(fast, ref, (2, 5, 7), 5, training=training, channels_last=True)
     assert widths == [14, 8, 5] * 2, widths  # layers 3, 1 and 0 of each step's backward; not layer 2 (width 11)
 
 

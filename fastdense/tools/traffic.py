@@ -8,7 +8,9 @@ Views, aliases and allocations are free and not counted as launches; a conversio
 tensor already has dispatches nothing. fastdense's registered block operators are opened: their own
 implementation runs under the counter, so the operators inside a dense block count like any other.
 fastdense's torch backend takes the operator choices of the device named by ``--as-device`` (a GPU's
-by default: what the count is for).
+by default: what the count is for). Where it would choose by the data (which layers may take norm1's
+sums from conv1's weight gradient: ``torch_ops.norm1_weight_grad_serves``), fake tensors have none: the
+count takes the path of ordinary parameters (fresh ones, and torchvision's pretrained DenseNet-121's).
 
 Each operator is attributed to a stage: inside fastdense, the stage it runs in (``fastdense.stages``);
 elsewhere (torchvision, the loss, the optimizer) by what it is: a convolution by its kernel (1x1: gemm,
