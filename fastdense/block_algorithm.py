@@ -90,8 +90,8 @@ class Ops:
         (``torch_ops.norm1_weight_grad_serves``); None: never.
     fuses_eval_norm2: whether ``bottleneck`` applies an ``epilogue``.
     grad_in_buffer_dtype: whether G is in the buffer's dtype (else in the accumulation dtype).
-    norm1_writes_first: whether the last layer's ``norm1_backward`` writes G's prefix (G starts as zeros in
-        the last layer's columns only, instead of everywhere).
+    norm1_writes_first: whether the last layer's ``norm1_backward`` writes G's prefix (``first``), so that G
+        starts uninitialised instead of as zeros (its last ``k`` columns are never read).
     """
 
     column_stats: Callable
