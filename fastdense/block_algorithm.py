@@ -351,9 +351,9 @@ def block_backward(
 
     grads: list[Tensor | None] = [None] * len(params)
     from_w1_grad = [False] * num_layers
-    if ops.norm1_weight_grad_serves is not None:
-        norms1 = [_layer_params(params, layer)[:2] for layer in range(num_layers)]
-        from_w1_grad = ops.norm1_weight_grad_serves(*zip(*norms1, strict=True), cdt) if norms1 else []
+    if ops.norm1_weight_grad_serves is not None:  # every norm1's weight, and every norm1's bias
+        norms1 = list(params[0::PARAMS_PER_LAYER]), list(params[1::PARAMS_PER_LAYER])
+        from_w1_grad = ops.norm1_weight_grad_serves(*norms1, cdt)
     for layer in reversed(range(num_layers)):
         g1, b1, w1, g2, b2, w2 = _layer_params(params, layer)
         saved, c_in = state.layers[layer], c0 + layer * k
