@@ -54,7 +54,7 @@ def _without_aliases(tensors: list[Tensor], others: Sequence[Tensor]) -> list[Te
     """``tensors`` with a copy in place of any that shares memory with ``others`` or an earlier one:
     an operator's outputs may alias neither its inputs nor each other (the vectors are tiny). Fake tensors
     (shape-only, as ``fastdense.tools.traffic`` runs the operator) have no memory to share."""
-    if any(is_fake(t) for t in tensors):
+    if tensors and is_fake(tensors[0]):  # (one op's outputs: all fake or none)
         return tensors
     seen = {t.untyped_storage().data_ptr() for t in others if t.numel()}
     result = []

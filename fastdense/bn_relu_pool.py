@@ -229,14 +229,47 @@ def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d
     """``(pooled, indices, mean, rstd)``: a 2-D or 3-D max pool's window indices are kept for the backward
     (a quarter (an eighth) of the input's elements; int32 on the CPU, PyTorch's int64 elsewhere), so
     that it recomputes nothing; None for other pools."""
-    mean, rstd = norm_statistics(x, norm)
-    act = _normalized_relu(x, weight, bias, mean, rstd, norm.training)
-    if type(pool) in _MAX_POOL_BACKWARD:
+    max_pool = type(pool) in _MAX_POOL_BACKWARD
+    if max_pool and _native_norm_serves(x, norm):
+        act, mean, rstd = _native_training_norm(x, weight, bias, norm)
+        act.relu_()
+    else:
+        mean, rstd = norm_statistics(x, norm)
+        act = _normalized_relu(x, weight, bias, mean, rstd, norm.training)
+    if max_pool:
         out, indices = _MAX_POOL[type(pool)](act, *_max_window(pool), return_indices=True)
         if device_type(x) == "cpu" and math.prod(x.shape[2:]) < 2**31:  # half the memory; on a GPU, traffic
             indices = indices.to(torch.int32)  # (an index into one channel's map)
         return out, indices, mean, rstd
     return _pooled(act, pool), None, mean, rstd
+
+
+def _native_norm_serves(x: Tensor, norm: nn.BatchNorm2d) -> bool:
+    """Whether a training forward takes its batch statistics and normalised output from one PyTorch
+    BatchNorm call (``_native_training_norm``): when no statistics of ``x`` are known (the stem's; a
+    transition reads its block's), the batch is not empty, the momentum is a number (the cumulative
+    average, ``momentum=None``, would read ``num_batches_tracked`` on the host) and the running statistics
+    are in the accumulation dtype (PyTorch's mixed-precision BatchNorm takes them so). Only before a max pool,
+    whose backward keeps the window indices and recomputes nothing: an average pool's backward
+    recomputes the activation with the folded map, which must give the forward's ReLU masks."""
+    return (
+        norm.training
+        and x.numel() > 0
+        and norm.momentum is not None
+        and norm.running_mean.dtype == norm.running_var.dtype == accumulation_dtype(x.dtype)
+        and shared_batch_stats(x) is None
+    )
+
+
+def _native_training_norm(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d):
+    """``(norm(x), mean, rstd)`` from ``torch.native_batch_norm`` in training mode: statistics and the
+    normalised output in two passes over ``x`` instead of a reduction of several passes then the folded
+    map; it updates the running statistics as ``nn.BatchNorm2d`` does (the same operator)."""
+    norm.num_batches_tracked.add_(1)
+    acc = accumulation_dtype(x.dtype)
+    running = (norm.running_mean, norm.running_var)
+    out, mean, rstd = torch.native_batch_norm(x, weight.to(acc), bias.to(acc), *running, True, norm.momentum, norm.eps)
+    return out, mean.to(acc), rstd.to(acc)  # (no-ops but on fake tensors, whose statistics take x's dtype)
 
 
 _MAX_POOL = {nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}
@@ -332,7 +365,7 @@ def _backward(grad_out, x, weight, bias, mean, rstd, max_pooled, pool, training:
             d_pre = _pool_backward(grad_out, act, pool)
             torch.ops.aten.threshold_backward.grad_input(d_pre, act, 0, grad_input=d_pre)  # through the ReLU
             del act
-        if training and x.numel() and x.dim() > 2 and batch_norm_backward_in_place_serves(x):
+        if training and x.numel() and x.dim() > 4 and batch_norm_backward_in_place_serves(x):
             d_x, d_weight, d_bias = batch_norm_backward_in_place(d_pre, x, weight, mean, rstd, CHUNK_ELEMENTS["cpu"])
         elif training and x.numel():  # (PyTorch's kernel divides by zero on an empty batch)
             d_x, d_weight, d_bias = torch.ops.aten.native_batch_norm_backward(

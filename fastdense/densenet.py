@@ -92,6 +92,15 @@ class Transition(NotScriptable, nn.Sequential):
         return self.conv(bn_relu_pool(x, self.norm, self.pool, backend, part="transition"))
 
 
+def recomputes_conv0(x: Tensor) -> bool:
+    """Whether the fused stem computes conv0's output again in backward instead of keeping it, for an
+    input ``x``: on a GPU, where the convolution costs a sliver of a step, and for volumes, where the
+    full-resolution output is what memory runs out on. A 2-D stem on the CPU keeps it: computing it
+    again costs about a fiftieth of a DenseNet-121 training step there, keeping it a fortieth of
+    torchvision's peak memory (torchvision keeps it twice)."""
+    return x.dim() != 4 or x.device.type != "cpu"
+
+
 class Features(NotScriptable, nn.Sequential):
     """torchvision's ``features`` Sequential; runs norm0-relu0-pool0 as one op that recomputes the
     normalised stem output in backward instead of keeping it (falls back to the plain sequence when
@@ -104,13 +113,14 @@ class Features(NotScriptable, nn.Sequential):
     def forward_stem(self, x: Tensor) -> Tensor:
         """conv0, then norm0-relu0-pool0 as one op when they are the plain modules (else one by one); a
         plain bias-free conv0 joins that op, which computes its output again in backward instead of
-        keeping it (the largest activation of the network, a full-resolution volume in 3-D). The fused
-        stem runs channels-last, the layout of every block buffer after it (PyTorch's CPU max pool is
-        more than ten times faster on it than on a contiguous map)."""
+        keeping it (the largest activation of the network, a full-resolution volume in 3-D), except in
+        2-D on the CPU (``recomputes_conv0``). The fused stem runs channels-last, the layout of every
+        block buffer after it (PyTorch's CPU max pool is more than ten times faster on it than on a
+        contiguous map)."""
         conv0, norm0, relu0, pool0 = (self._modules[name] for name in ("conv0", "norm0", "relu0", "pool0"))
         if fusable(norm0, relu0, pool0):
             backend = resolve_backend(self.backend, x.device)
-            if recomputable(conv0):  # conv0's output, the largest activation, is computed again in backward
+            if recomputable(conv0) and recomputes_conv0(x):  # conv0's output is computed again in backward
                 return bn_relu_pool(channels_last(x), norm0, pool0, backend, conv=conv0)
             return bn_relu_pool(conv0(channels_last(x)), norm0, pool0, backend)
         return pool0(relu0(norm0(conv0(x))))

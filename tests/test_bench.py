@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -49,9 +50,37 @@ def test_bench_rows_for_every_provider_and_mode(bench_result):
             assert row["max_rel_err"] <= 1e-4, row
         if row["mode"] == "infer":
             assert 0 < row["roofline_fraction"] < 1, row
+        paired = [base / t for base, t in zip(_baseline(rows, row)["ms_all"], row["ms_all"], strict=True)]
+        assert min(paired) <= row["speed_vs_eager_p20"] <= row["speed_vs_eager"] <= row["speed_vs_eager_p80"]
+        assert row["speed_vs_eager_p80"] <= max(paired), row
     assert result["environment"]["torch"] and result["environment"]["commit"]
     assert result["peaks"]["matmul_flops"] > 0 and result["peaks"]["copy_bytes_per_s"] > 0
     assert "speed vs eager" in stdout and "fastdense-memory-efficient" in stdout
+
+
+def _baseline(rows: list[dict], row: dict) -> dict:
+    return next(r for r in rows if r["provider"] == "torchvision-eager" and r["mode"] == row["mode"])
+
+
+def test_speed_against_eager_is_the_median_of_per_round_ratios():
+    """Round by round, not the ratio of the medians: here the machine slows down over the rounds and one round
+    of the other provider runs fast, so its median round is a faster one than eager's and the ratio of the
+    medians says 1.8x where four rounds of five say 1.2x."""
+    from fastdense.tools.bench import add_speedups
+
+    eager = [100.0, 200.0, 300.0, 400.0, 500.0]
+    other = [t / 1.2 for t in eager[:2]] + [100.0 / 1.2] + [t / 1.2 for t in eager[3:]]  # round 3: 3.6x
+    rows = [
+        {"provider": "torchvision-eager", "mode": "train", "batch": 8, "ms_all": eager},
+        {"provider": "fastdense", "mode": "train", "batch": 8, "ms_all": other},
+        {"provider": "fastdense", "mode": "infer", "batch": 8, "ms_all": other},  # no eager row: no ratio
+    ]
+    assert statistics.median(eager) / statistics.median(other) == pytest.approx(1.8)
+    add_speedups(rows)
+    assert rows[0]["speed_vs_eager"] == 1.0
+    assert rows[1]["speed_vs_eager"] == pytest.approx(1.2)
+    assert rows[1]["speed_vs_eager_p20"] == pytest.approx(1.2) and rows[1]["speed_vs_eager_p80"] > 1.2
+    assert "speed_vs_eager" not in rows[2]
 
 
 def test_bench_plot_renders(bench_result):

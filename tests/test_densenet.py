@@ -112,6 +112,22 @@ def test_sgd_training_tracks_torchvision():
         assert_rel_close(buf, ref_buf, TOLERANCE[torch.float64], name)
 
 
+@pytest.mark.parametrize("momentum", [None, 0.3], ids=["cumulative", "momentum-0.3"])
+def test_every_batchnorms_momentum_variant_tracks_torchvision(momentum):
+    """The stem's norm0 takes PyTorch's BatchNorm (with its running statistics) for a numeric momentum and
+    fastdense's update for the cumulative average; either way, and for every other BatchNorm, three training
+    steps leave the running statistics and num_batches_tracked as torchvision's, and the gradients match."""
+    ref, fast = network_pair()
+    for model in (ref, fast):
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = momentum
+    inputs = [torch.randn(3, 3, 32, 32, dtype=torch.float64) for _ in range(3)]
+    errors = compare(fast, ref, inputs, training=True)
+    assert max(errors.values()) <= TOLERANCE[torch.float64], errors
+    assert int(fast.features.norm0.num_batches_tracked) == int(ref.features.norm0.num_batches_tracked) == 3
+
+
 def test_replaced_stem_and_transition_modules_are_respected():
     """Users swap pool0 for Identity (small medical images) or change a transition's pool: the fused
     stem and pool-first transition step aside and the model still matches torchvision."""
@@ -149,14 +165,28 @@ def _saved_shapes(model, x):
     return shapes
 
 
-def test_the_stem_keeps_neither_conv0s_output_nor_its_normalised_copy():
-    """conv0's output is computed again in backward: no tensor of its shape is saved (torchvision saves
-    it twice: for norm0 and for the max pool), and the model still matches torchvision."""
+@pytest.mark.parametrize("recompute", [False, True], ids=["keeps-conv0", "recomputes-conv0"])
+def test_the_stem_keeps_conv0s_output_at_most_once_and_never_its_normalised_copy(monkeypatch, recompute):
+    """torchvision saves three tensors of conv0's output shape (conv0's output for norm0, the ReLU's output
+    for the ReLU and for the max pool). The fused stem keeps conv0's output once, for norm0's backward (a
+    2-D stem on the CPU), or computes it again in backward (on a GPU and for volumes: ``recomputes_conv0``,
+    forced here), and never the normalised copy; both ways match torchvision, every gradient and running
+    statistic."""
+    monkeypatch.setattr(fastdense.densenet, "recomputes_conv0", lambda x: recompute)
     ref, fast = network_pair()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     conv0_out = (2, SMALL["num_init_features"], 16, 16)
-    assert conv0_out in _saved_shapes(ref.train(), x)
-    assert conv0_out not in _saved_shapes(fast.train(), x)
+    assert _saved_shapes(ref.train(), x).count(conv0_out) == 3
+    assert _saved_shapes(fast.train(), x).count(conv0_out) == (0 if recompute else 1)
+    errors = compare(fast, ref, [x, torch.randn_like(x)], training=True)
+    assert max(errors.values()) <= TOLERANCE[torch.float64], errors
+
+
+def test_a_2d_stem_recomputes_conv0_only_off_the_cpu():
+    image, volume = torch.empty(1, 3, 8, 8), torch.empty(1, 1, 8, 8, 8)
+    assert not fastdense.densenet.recomputes_conv0(image)
+    assert fastdense.densenet.recomputes_conv0(volume)
+    assert fastdense.densenet.recomputes_conv0(torch.empty(1, 3, 8, 8, device="meta"))
 
 
 @pytest.mark.parametrize("input_grad", [False, True], ids=["input", "input-grad"])

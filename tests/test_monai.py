@@ -16,7 +16,6 @@ from fastdense.sequential_layer import SequentialDenseLayer
 from fastdense.tools.verify import compare, randomize_batchnorm, relative_error
 
 from .test_dtypes import check_precision
-from .test_structure import RecordOps
 
 SMALL_3D = {"init_features": 8, "growth_rate": 4, "block_config": (2, 3), "bn_size": 2}
 
@@ -57,21 +56,34 @@ def test_monai_densenet121_3d_converts_and_checkpoints_load_both_ways():
     assert max(errors.values()) <= 1e-9, errors
 
 
+def _graph_nodes(output: torch.Tensor) -> list[str]:
+    """The names of every node of ``output``'s autograd graph."""
+    seen, todo, names = set(), [output.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
 @pytest.mark.parametrize("spatial_dims", [1, 2, 3])
 def test_monai_stem_and_transitions_keep_no_batchnorm_output(spatial_dims):
-    """After conversion no BatchNorm of the network runs as PyTorch's op (whose output autograd keeps):
-    the stem's and the transitions' run as fastdense's recomputing BN-ReLU-pool, reading the block's
-    statistics; only MONAI's norm5, before the head, stays."""
+    """After conversion no BatchNorm of the network is an autograd node of PyTorch's (which keeps its
+    input and, through the ReLU after it, its output): the stem's and the transitions' run inside
+    fastdense's BN-ReLU-pool nodes, which recompute what they need, reading the block's statistics; only
+    MONAI's norm5, before the head, stays. Both still match MONAI."""
     original, converted = monai_pair(spatial_dims)
     x = torch.randn(2, 1, *[14] * spatial_dims, dtype=torch.float64)
-    # PyTorch's BatchNorm forward operators (the recomputing ops' backward runs PyTorch's BatchNorm backward)
-    norms = lambda ops: sum("batch_norm" in op and "backward" not in op for op in ops)  # noqa: E731
-    with RecordOps() as monai_ops:
-        original.train()(x).sum().backward()
-    with RecordOps() as fast_ops:
-        converted.train()(x).sum().backward()
-    # norm5's forward; MONAI's also the stem's, the transitions' and the dense layers'
-    assert norms(fast_ops.calls) == 1 and norms(monai_ops.calls) == 2 + 1 + 2 * 5, fast_ops.calls
+    errors = compare(converted, original, [x], training=True)
+    assert max(errors.values()) <= 1e-9, errors
+    fast_nodes, monai_nodes = _graph_nodes(converted.train()(x)), _graph_nodes(original.train()(x))
+    # norm5; MONAI's also the stem's, the transitions' and the dense layers'
+    assert fast_nodes.count("NativeBatchNormBackward0") == 1
+    assert monai_nodes.count("NativeBatchNormBackward0") == 2 + 1 + 2 * 5
+    assert fast_nodes.count("BatchNormReLUPoolBackward") == 2  # the stem's and the transition's
 
 
 def test_a_monai_model_with_another_pool_keeps_its_modules_and_stays_exact():

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -134,6 +135,7 @@ def run(plan: Plan, progress: bool = True, json_path: str | None = None) -> dict
                     merged.update(row | versions)
                     _add_roofline(merged, Peaks(**result["peaks"]))
             result["rows"] = list(rows.values())
+            add_speedups(result["rows"])
             if json_path:
                 write_json(result, json_path)
     result["complete"] = True
@@ -151,12 +153,40 @@ def _ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}x" if value and base else "-"
 
 
+def add_speedups(rows: list[dict]) -> None:
+    """Each timed row's speed against torchvision eager's (``BASELINE``) measured in the same process: the
+    median and 20th/80th percentiles of the per-round ratios (``speed_vs_eager``, ``..._p20``, ``..._p80``).
+    The rounds interleave the providers, so a round's ratio compares steps run side by side, and the
+    machine's drift between rounds, which moves both steps alike, cancels out of it."""
+    for row in rows:
+        base = next(
+            (r for r in rows if r["provider"] == BASELINE and r["mode"] == row["mode"] and r["batch"] == row["batch"]),
+            None,
+        )
+        if base is None or not row.get("ms_all") or len(base.get("ms_all", [])) != len(row["ms_all"]):
+            continue
+        ratios = sorted(b / t for b, t in zip(base["ms_all"], row["ms_all"], strict=True))
+        quantiles = statistics.quantiles(ratios, n=5, method="inclusive") if len(ratios) > 1 else ratios * 4
+        row |= {
+            "speed_vs_eager": statistics.median(ratios),
+            "speed_vs_eager_p20": quantiles[0],
+            "speed_vs_eager_p80": quantiles[-1],
+        }
+
+
+def _speedup_cell(row: dict, base: dict) -> str:
+    """``speed_vs_eager`` with its 20th-80th percentiles, or the ratio of the medians without per-round times."""
+    if "speed_vs_eager" not in row:
+        return _ratio(base.get("ms_median"), row["ms_median"])
+    return f"{row['speed_vs_eager']:.2f}x ({row['speed_vs_eager_p20']:.2f}-{row['speed_vs_eager_p80']:.2f})"
+
+
 def print_table(result: dict) -> None:
     plan, rows, peaks = result["plan"], result["rows"], result["peaks"]
     layout = "channels_last" if plan["channels_last"] else "contiguous"
     print(
         f"\n{plan['model']}, {plan['resolution']}x{plan['resolution']}, {plan['dtype']}, {layout}, "
-        f"device {rows[0]['device_name']}; median of {plan['repeats']} interleaved runs after warm-up; "
+        f"device {rows[0]['device_name']}; median of {plan['repeats']} interleaved rounds after warm-up; "
         f"measured peaks: matmul {peaks['matmul_flops'] / 1e12:.2f} TFLOP/s, "
         f"copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s"
     )
@@ -176,7 +206,7 @@ def print_table(result: dict) -> None:
                         r["backend"],
                         f"{r['ms_median']:.1f} ({r['ms_p20']:.1f}-{r['ms_p80']:.1f})",
                         f"{r['images_per_s']:.1f}",
-                        _ratio(base.get("ms_median"), r["ms_median"]),
+                        _speedup_cell(r, base),
                         "-" if peak is None else f"{peak:.1f}",
                         _ratio(peak, base.get("peak_mem_mb")),
                         f"{r['first_step_s']:.2f}",
@@ -187,9 +217,10 @@ def print_table(result: dict) -> None:
                 )
             tables.print_table(f"{mode}, batch {batch}", headers, cells, text_columns=2)
     print(
-        "speed vs eager: torchvision eager's time over this one (higher is faster); memory vs eager: this peak "
-        "over eager's.\npeak MiB: extra peak memory of one step. max_rel_err: max |out - ref| / max |ref| of the "
-        "logits against torchvision in float64\non the same weights and input. roofline: floor time over "
+        "speed vs eager: torchvision eager's time over this one in the same round, median (p20-p80) over the "
+        "rounds;\nhigher is faster. memory vs eager: this peak over eager's. peak MiB: extra peak memory of one "
+        "step.\nmax_rel_err: max |out - ref| / max |ref| of the logits against torchvision in float64 on the same "
+        "weights and input.\nroofline: floor time over "
         "measured time (inference; see fastdense.tools.roofline)."
     )
 
@@ -210,7 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_providers_note: st
     every_provider = sorted(set(PROVIDERS) | set(VOLUME_PROVIDERS))
     parser.add_argument("--providers", nargs="+", choices=every_provider, default=None, help=default_providers_note)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: CUDA 20, CPU 5; --quick 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: CUDA 20, CPU 10; --quick 3)")
     parser.add_argument("--quick", action="store_true", help="small sizes and few rounds: a smoke run")
     parser.add_argument("--json", help="write every figure to this JSON file")
 
@@ -255,7 +286,7 @@ def plan_from_args(args: argparse.Namespace, default_providers: list[str] | None
         dtype=args.dtype or defaults["dtype"],
         device=device,
         channels_last=defaults["channels_last"] if args.channels_last is None else args.channels_last,
-        repeats=args.repeats or (3 if args.quick else 20 if cuda else 5),
+        repeats=args.repeats or (3 if args.quick else 20 if cuda else 10),
         max_batch=getattr(args, "max_batch", False),
     )
 
