@@ -97,7 +97,7 @@ def recomputes_conv0(x: Tensor) -> bool:
     input ``x``: on a GPU, where the convolution costs a sliver of a step, and for volumes, where the
     full-resolution output is what memory runs out on. A 2-D stem on the CPU keeps it: computing it
     again costs about a fiftieth of a DenseNet-121 training step there, keeping it a fortieth of
-    torchvision's peak memory (torchvision keeps it twice)."""
+    torchvision's peak memory (torchvision keeps it and the ReLU's output of its size)."""
     return x.dim() != 4 or x.device.type != "cpu"
 
 
