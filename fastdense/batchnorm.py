@@ -38,6 +38,16 @@ def batch_stats(x: Tensor, dim: int | tuple[int, ...]) -> tuple[Tensor, Tensor]:
     return var.flatten(), mean.add_(correction).flatten()
 
 
+def native_training_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, running=(None, None), momentum=0.0):
+    """``(norm(x), mean, rstd)`` of a training BatchNorm from one ``torch.native_batch_norm`` call: batch
+    statistics and the normalised output in two passes over ``x``, the vectors (and the statistics) in the
+    accumulation dtype; ``running``: ``(running_mean, running_var)`` to update with ``momentum`` as
+    ``nn.BatchNorm2d`` does (the same operator), or none."""
+    acc = accumulation_dtype(x.dtype)
+    out, mean, rstd = torch.native_batch_norm(x, weight.to(acc), bias.to(acc), *running, True, momentum, eps)
+    return out, mean.to(acc), rstd.to(acc)  # (no-ops but on fake tensors, whose statistics take x's dtype)
+
+
 def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int | Tensor) -> None:
     """The running-statistics update of ``nn.BatchNorm2d`` in training mode, from given batch stats:
     momentum (or the cumulative average for ``momentum=None``), unbiased variance, num_batches_tracked.

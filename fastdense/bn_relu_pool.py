@@ -25,6 +25,7 @@ from .batchnorm import (
     batch_norm_backward_in_place,
     batch_stats,
     input_grad_from_sums,
+    native_training_norm,
     running_stats,
     shared_batch_stats,
     update_running_stats,
@@ -262,14 +263,12 @@ def _native_norm_serves(x: Tensor, norm: nn.BatchNorm2d) -> bool:
 
 
 def _native_training_norm(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d):
-    """``(norm(x), mean, rstd)`` from ``torch.native_batch_norm`` in training mode: statistics and the
-    normalised output in two passes over ``x`` instead of a reduction of several passes then the folded
-    map; it updates the running statistics as ``nn.BatchNorm2d`` does (the same operator)."""
+    """``(norm(x), mean, rstd)`` from ``batchnorm.native_training_norm``, which also updates ``norm``'s
+    running statistics (``num_batches_tracked`` here), instead of a reduction of several passes then the
+    folded map."""
     norm.num_batches_tracked.add_(1)
-    acc = accumulation_dtype(x.dtype)
     running = (norm.running_mean, norm.running_var)
-    out, mean, rstd = torch.native_batch_norm(x, weight.to(acc), bias.to(acc), *running, True, norm.momentum, norm.eps)
-    return out, mean.to(acc), rstd.to(acc)  # (no-ops but on fake tensors, whose statistics take x's dtype)
+    return native_training_norm(x, weight, bias, norm.eps, running, norm.momentum)
 
 
 _MAX_POOL = {nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}

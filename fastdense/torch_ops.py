@@ -28,11 +28,11 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .batchnorm import (
     Affine,
-    accumulation_dtype,
     batch_norm_backward_in_place,
     batch_stats,
     folded_input_grad,
     input_grad_from_sums,
+    native_training_norm,
 )
 from .block_algorithm import Ops
 from .devices import device_type
@@ -129,9 +129,7 @@ def norm2_relu_training(bottleneck: Tensor, weight: Tensor, bias: Tensor, eps: f
     float32: where that and the folded map round to different sides of a bfloat16/float16 value, or of zero
     (the ReLU mask), the recomputed activation differs from the forward's by one unit in its last place.
     Returns the activation, ``(var, mean)`` (biased) and ``rstd``."""
-    acc = accumulation_dtype(bottleneck.dtype)
-    act, mean, rstd = torch.native_batch_norm(bottleneck, weight.to(acc), bias.to(acc), None, None, True, 0.0, eps)
-    mean, rstd = mean.to(acc), rstd.to(acc)  # (no-ops but on fake tensors, whose statistics take Y's dtype)
+    act, mean, rstd = native_training_norm(bottleneck, weight, bias, eps)
     var = rstd.pow(-2).sub_(eps).clamp_min_(0.0)  # (rstd = 1 / sqrt(var + eps))
     return act.relu_(), (var, mean), rstd
 
