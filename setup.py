@@ -17,8 +17,9 @@ setup(
     packages=["fastdense", "fastdense.tools", "kernels"],
     python_requires=">=3.10",
     # Loose here so the library installs beside the user's PyTorch; requirements.txt pins the exact
-    # CPU environment that CI and the README's commands use.
-    install_requires=["torch>=2.4", "torchvision>=0.19"],
+    # CPU environment that CI and the README's commands use. The oldest tested: torch 2.11 with torchvision
+    # 0.26 and triton 3.6 (the GPU machine's; the CPU suite runs on them too), the newest torch 2.14.1.
+    install_requires=["torch>=2.11", "torchvision>=0.26"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6"],
         "bench": ["pytest-benchmark>=4", "rich>=13", "matplotlib>=3.7"],

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from .devices import device_kind
+
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "FASTDENSE_BACKEND"
 
@@ -29,8 +31,13 @@ def check_backend_name(backend: str, *, what: str = "backend") -> str:
     return backend
 
 
+# Looked up once, at import: a block's forward asks on every call, and Dynamo (torch 2.11) refuses to
+# trace importlib's find_spec, so a compiled triton-backend block must find the answer already known.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def triton_interpreter_enabled() -> bool:
@@ -44,13 +51,14 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         env = os.environ.get(ENV_VAR, "").strip().lower()
         if env:
             requested = check_backend_name(env, what=f"environment variable {ENV_VAR}")
+    kind = device_kind(device)
     if requested == "auto":
-        use_triton = device.type == "cuda" and TRITON_DEFAULT_ON_CUDA and triton_importable()
+        use_triton = kind == "cuda" and TRITON_DEFAULT_ON_CUDA and triton_importable()
         return "triton" if use_triton else "torch"
     if requested == "triton":
         if not triton_importable():
             raise RuntimeError("backend='triton' needs the triton package, which is not installed; use backend='torch'")
-        if device.type != "cuda" and not triton_interpreter_enabled():
+        if kind != "cuda" and not triton_interpreter_enabled():
             raise RuntimeError(
                 f"backend='triton' runs on CUDA tensors, got a {device.type} tensor; use backend='torch' "
                 "(or set TRITON_INTERPRET=1 before importing triton to run the kernels in the slow interpreter)"

@@ -19,7 +19,7 @@ from .batchnorm import share_batch_stats
 from .block_algorithm import BatchStats, BlockPlan, batch_stats_of, block_forward, update_block_running_stats
 from .block_op import backend_ops, run_dense_block
 from .sync_batchnorm import StatsSync, sync_group_name
-from .tracing import NotScriptable, call_module_node, is_traced, refuse_torchscript
+from .tracing import NotScriptable, call_module_node, exporting, is_traced, refuse_torchscript
 from .triton_ops import check_dtypes
 from .validation import check_block_input, compute_dtype
 
@@ -222,7 +222,7 @@ class FastDenseBlock(NotScriptable, nn.ModuleDict):
         if is_traced(x):  # FX: one call_module node, run with real tensors later
             return call_module_node(self, x)
         refuse_torchscript("FastDenseBlock")
-        if torch.compiler.is_exporting() and not self.training:
+        if exporting() and not self.training:
             return self._exported_forward(x)
         backend, cdt, sync_group = self._check(x)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))

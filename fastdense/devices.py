@@ -9,23 +9,33 @@ device type here.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 
+import torch
 from torch import Tensor
 
-# The device type the choices follow; None: the tensors' own.
-_COUNTED_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastdense_counted_as", default=None)
+# The device type the choices follow; None: the tensors' own. A plain module global, not a ContextVar:
+# torch.compile reads it inside every block's forward, and Dynamo (torch 2.11) cannot trace
+# ``ContextVar.get`` (fullgraph=True raised, a plain compile broke the graph at every block). Only the
+# counting tools set it, for the duration of one count.
+_counted_as: str | None = None
 
 
 @contextlib.contextmanager
 def counted_as(device_type: str):
     """Take the operator choices of ``device_type`` ("cuda" or "cpu") whatever the tensors' device."""
-    token = _COUNTED_AS.set(device_type)
+    global _counted_as
+    previous, _counted_as = _counted_as, device_type
     try:
         yield
     finally:
-        _COUNTED_AS.reset(token)
+        _counted_as = previous
+
+
+def device_kind(device: torch.device) -> str:
+    """The device type whose choices tensors on ``device`` get (the backend too: counting a GPU's step on
+    fake CPU tensors runs the backend a GPU would run)."""
+    return _counted_as or device.type
 
 
 def device_type(t: Tensor) -> str:
-    return _COUNTED_AS.get() or t.device.type
+    return device_kind(t.device)

@@ -24,8 +24,8 @@ def sync_group_name(norms: list[nn.Module], training: bool, what: str) -> str:
         return ""
     if not all(synced):
         raise ValueError(f"{what}: mixes SyncBatchNorm with other BatchNorms; convert every norm of the block or none")
-    groups = {id(norm.process_group) for norm in norms}
-    if len(groups) > 1:
+    # ``is``, not a set of ids: Dynamo (torch 2.11) cannot trace id() of None, the default group.
+    if any(norm.process_group is not norms[0].process_group for norm in norms):
         raise ValueError(f"{what}: its SyncBatchNorms use different process groups (statistics are shared)")
     if not (training and dist.is_available() and dist.is_initialized()):
         return ""

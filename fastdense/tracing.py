@@ -22,6 +22,15 @@ TORCHSCRIPT_HELP = (
 )
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` is tracing (strict or not), and not ``torch.compile``. Reads the flag
+    export sets instead of calling ``torch.compiler.is_exporting()``: Dynamo in torch 2.11 answers that
+    call with a constant True inside every ``torch.compile``, while it reads a module attribute's real value
+    (False under compile, True under export) on every version since the flag exists."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def is_traced(x) -> bool:
     """Whether ``x`` is an FX tracing proxy (symbolic tracing), not a tensor."""
     return isinstance(x, torch.fx.Proxy)

@@ -29,6 +29,7 @@ from .launch import (
     check_kernel_tensors,
     check_rows,
     dot_precision,
+    row_bucket,
     smallest,
     tuned,
     unit_columns,
@@ -54,10 +55,24 @@ _CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=5),
 ]
+# float32 with TF32 off (PRECISION="ieee") multiplies on the FMA units: the accumulator and both operand
+# tiles live in registers, and every configuration above with a 64-wide K step or 4 warps on a 128-row
+# tile spilled (24-280 B per thread), and 64x64x32 on 5 or 4 stages 8 B in triton 3.6. Cost on sm_90
+# (compile_for_hopper.py --all --match ieee, triton 3.8 and 3.6; no spills):
+#   128x64x32,  8 warps, 3 stages: 104-110 regs, 65 KB
+#   64x128x32,  8 warps, 3 stages: 106-114 regs, 57 KB
+#   128x128x32, 8 warps, 3 stages: 192-198 regs, 81 KB
+#   64x64x32,   4 warps, 3 stages:  95-96 regs,  41 KB
+_IEEE_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+]
 # The pooled transition loads four A tiles (the 2x2 window) per step, and the pipeline buffers each of
 # them num_stages times: fewer stages and more warps than the layer GEMM keep it within shared memory
 # (with the layer's configurations fp32 needed up to 461 KB) and without spills (the layer's 128x64x64
-# on 4 warps spilled 112 B per thread in bf16):
+# on 4 warps spilled 112 B per thread in bf16); with TF32 off too (168-255 regs, no spills):
 #   128x128x32, 8 warps, 2 stages: 154-208 regs, 48-96 KB
 #   64x128x64,  8 warps, 2 stages: 135-254 regs, 64-128 KB
 #   128x64x32,  8 warps, 3 stages: 114-169 regs, 76-152 KB
@@ -68,7 +83,7 @@ _POOL_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
 ]
-_MIN_BLOCK_M = smallest([*_CONFIGS, *_POOL_CONFIGS, _INTERPRET_CONFIG], "BLOCK_M")
+_MIN_BLOCK_M = smallest([*_CONFIGS, *_IEEE_CONFIGS, *_POOL_CONFIGS, _INTERPRET_CONFIG], "BLOCK_M")
 
 
 @triton.jit
@@ -121,16 +136,17 @@ def _bn_relu_gemm(
         store_tile_statistics(y, row_mask, cols, col_mask, mean_ptr, m2_ptr, count_ptr, N)
 
 
-def _tuned(configs):
+def _tuned(configs, name, ieee=None):
+    # The epilogue variants (eval's norm2, training's statistics) are other kernels: tuned apart.
     return tuned(
-        configs, key=["N", "M_BUCKET", "K_BUCKET"], reset_to_zero=["mean_ptr", "m2_ptr", "count_ptr"],
-        interpret=_INTERPRET_CONFIG,
+        configs, key=["N", "M_BUCKET", "K_BUCKET", "EPILOGUE", "STATS"],
+        reset_to_zero=["mean_ptr", "m2_ptr", "count_ptr"], interpret=_INTERPRET_CONFIG, ieee=ieee, name=name,
     )(_bn_relu_gemm)  # fmt: skip
 
 
 # One kernel, two sets of configurations: a dense layer's GEMM and the pooled transition.
-_bn_relu_gemm_kernel = _tuned(_CONFIGS)
-_pooled_gemm_kernel = _tuned(_POOL_CONFIGS)
+_bn_relu_gemm_kernel = _tuned(_CONFIGS, "bn_relu_gemm", _IEEE_CONFIGS)
+_pooled_gemm_kernel = _tuned(_POOL_CONFIGS, "pooled_gemm")
 
 
 def bn_relu_gemm(
@@ -179,7 +195,7 @@ def bn_relu_gemm(
         kernel = _bn_relu_gemm_kernel if pool_hw is None else _pooled_gemm_kernel
         kernel[grid](
             x, *norm, w_t, out, *second, *partials,
-            m, n_out, k, x.stride(0), out.stride(0), h, w, bucket(m), bucket(k),
+            m, n_out, k, x.stride(0), out.stride(0), h, w, row_bucket(m), bucket(k),
             POOL=pool_hw is not None, EPILOGUE=epilogue is not None, STATS=stats,
             INTERPRETED=INTERPRET, PRECISION=dot_precision(weight.dtype),
         )  # fmt: skip

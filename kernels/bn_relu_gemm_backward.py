@@ -27,6 +27,7 @@ from .launch import (
     check_kernel_tensors,
     check_rows,
     dot_precision,
+    row_bucket,
     smallest,
     tuned,
     unit_columns,
@@ -49,20 +50,24 @@ _DGRAD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
 ]
+# float32 with TF32 off (PRECISION="ieee"): FMA products; 128x64x64 spilled 8 B per thread there in
+# triton 3.6, the other three do not (128-144 regs, 48-96 KB; compile_for_hopper.py --all --match ieee).
+_DGRAD_IEEE_CONFIGS = _DGRAD_CONFIGS[1:]
 _DGRAD_MIN_BLOCK_M = smallest([*_DGRAD_CONFIGS, _DGRAD_INTERPRET], "BLOCK_M")
 
 
 @tuned(
     _DGRAD_CONFIGS,
-    key=["N", "K", "M_BUCKET"],
+    key=["N_BUCKET", "K", "M_BUCKET"],
     reset_to_zero=["sum_p_ptr", "sum_px_ptr"],
     restore_value=["g_ptr"],
     interpret=_DGRAD_INTERPRET,
+    ieee=_DGRAD_IEEE_CONFIGS,
 )
 @triton.jit
 def _dgrad_kernel(
     dy_ptr, w_ptr, x_ptr, shift_ptr, scale_ptr, bias_ptr, mean_ptr, coef_ptr, g_ptr, sum_p_ptr, sum_px_ptr,
-    M, N, K, stride_x, stride_g, M_BUCKET,
+    M, N, K, stride_x, stride_g, N_BUCKET, M_BUCKET,
     INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -97,14 +102,28 @@ _WGRAD_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 64, "SPLIT_M": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_C": 128, "BLOCK_M": 32, "SPLIT_M": 16}, num_warps=8, num_stages=3),
 ]
-_WGRAD_MAX_SPLIT = max(c.kwargs["SPLIT_M"] for c in [*_WGRAD_CONFIGS, _WGRAD_INTERPRET])
+# float32 with TF32 off (PRECISION="ieee"): dY^T @ act on the FMA units spilled 4.6-11.3 KB per thread
+# with the configurations above. Short row steps on 8 warps do not (compile_for_hopper.py --all --match
+# ieee): 64x64 by 16 rows 128 regs, 128x64 by 16 rows 249, 64x64 by 32 rows 254; 20-41 KB.
+_WGRAD_IEEE_CONFIGS = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 16, "SPLIT_M": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_C": 64, "BLOCK_M": 16, "SPLIT_M": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 32, "SPLIT_M": 64}, num_warps=8, num_stages=3),
+]
+_WGRAD_MAX_SPLIT = max(c.kwargs["SPLIT_M"] for c in [*_WGRAD_CONFIGS, *_WGRAD_IEEE_CONFIGS, _WGRAD_INTERPRET])
 
 
-@tuned(_WGRAD_CONFIGS, key=["N", "C", "M_BUCKET"], reset_to_zero=["dw_ptr"], interpret=_WGRAD_INTERPRET)
+@tuned(
+    _WGRAD_CONFIGS,
+    key=["N", "C_BUCKET", "M_BUCKET"],
+    reset_to_zero=["dw_ptr"],
+    interpret=_WGRAD_INTERPRET,
+    ieee=_WGRAD_IEEE_CONFIGS,
+)
 @triton.jit
 def _wgrad_kernel(
     dy_ptr, x_ptr, shift_ptr, scale_ptr, bias_ptr, dw_ptr,
-    M, N, C, stride_x, M_BUCKET,
+    M, N, C, stride_x, C_BUCKET, M_BUCKET,
     INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_M: tl.constexpr,
 ):  # fmt: skip
@@ -173,7 +192,7 @@ def norm1_gemm_backward(
 
         _dgrad_kernel[dgrad_grid](
             d_y, weight, x, *vectors, grad_sum, sums[0], sums[1],
-            m, c, k, x.stride(0), grad_sum.stride(0), bucket(m),
+            m, c, k, x.stride(0), grad_sum.stride(0), bucket(c), row_bucket(m),
             INTERPRETED=INTERPRET, PRECISION=precision,
         )  # fmt: skip
         if need_weight:
@@ -182,7 +201,7 @@ def norm1_gemm_backward(
                 return triton.cdiv(k, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"]), meta["SPLIT_M"]
 
             _wgrad_kernel[wgrad_grid](
-                d_y, x, *vectors[:3], d_w, m, k, c, x.stride(0), bucket(m),
+                d_y, x, *vectors[:3], d_w, m, k, c, x.stride(0), bucket(c), row_bucket(m),
                 INTERPRETED=INTERPRET, PRECISION=precision,
             )  # fmt: skip
     total = sums.sum(1)

@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .affine import bn_relu, load_affine, rounded
-from .launch import INTERPRET, bucket, check_kernel_tensors, check_rows, tuned, unit_columns
+from .launch import INTERPRET, bucket, check_kernel_tensors, check_rows, row_bucket, tuned, unit_columns
 from .offsets import row_offsets
 
 
@@ -28,13 +28,13 @@ from .offsets import row_offsets
         triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_C": 32}, num_warps=4),
     ],
-    key=["C", "KH", "KW", "M_BUCKET"],
+    key=["C_BUCKET", "KH", "KW", "M_BUCKET", "IS_MAX"],
     interpret=triton.Config({"BLOCK_M": 16, "BLOCK_C": 16}),
 )
 @triton.jit
 def _bn_relu_pool_kernel(
     x_ptr, shift_ptr, scale_ptr, bias_ptr, out_ptr,
-    M, C, H, W, H_OUT, W_OUT, stride_x, stride_out, KH, KW, STRIDE, PAD, M_BUCKET,
+    M, C, H, W, H_OUT, W_OUT, stride_x, stride_out, KH, KW, STRIDE, PAD, C_BUCKET, M_BUCKET,
     IS_MAX: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_c = tl.program_id(0), tl.program_id(1)
@@ -98,7 +98,8 @@ def bn_relu_pool(x: Tensor, norm: tuple[Tensor, Tensor, Tensor], kernel: int | t
             return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"])
 
         _bn_relu_pool_kernel[grid](
-            x, *norm, out, m, c, h, w, h_out, w_out, c, out.stride(0), kh, kw, stride, padding, bucket(m),
+            x, *norm, out, m, c, h, w, h_out, w_out, c, out.stride(0), kh, kw, stride, padding, bucket(c),
+            row_bucket(m),
             IS_MAX=is_max, INTERPRETED=INTERPRET,
         )  # fmt: skip
     return out.unflatten(0, (n, h_out, w_out)).permute(0, 3, 1, 2)

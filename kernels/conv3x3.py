@@ -18,10 +18,10 @@ from torch import Tensor
 from .affine import bn_relu, load_affine, rounded
 from .launch import (
     INTERPRET,
-    bucket,
     check_kernel_tensors,
     check_rows,
     dot_precision,
+    row_bucket,
     smallest,
     tuned,
     unit_columns,
@@ -43,14 +43,25 @@ _CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=4),
 ]
-_MIN_BLOCK_M = smallest([*_CONFIGS, _INTERPRET_CONFIG], "BLOCK_M")
+# float32 with TF32 off (PRECISION="ieee"): FMA products. The first two above spilled there (8-40 B per
+# thread); these do not (compile_for_hopper.py --all --match ieee):
+#   128x64x64, 8 warps, 4 stages: 178-185 regs, 144-178 KB
+#   64x64x64,  8 warps, 3 stages: 103-126 regs,  64-82 KB
+#   64x32x32,  4 warps, 4 stages:  96-128 regs,  36-45 KB
+_IEEE_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+]
+_MIN_BLOCK_M = smallest([*_CONFIGS, *_IEEE_CONFIGS, _INTERPRET_CONFIG], "BLOCK_M")
 
 
 @tuned(
     _CONFIGS,
-    key=["N", "C", "M_BUCKET"],
+    key=["N", "C", "M_BUCKET", "PROLOGUE", "DROPOUT", "STATS"],
     reset_to_zero=["mean_ptr", "m2_ptr", "count_ptr"],
     interpret=_INTERPRET_CONFIG,
+    ieee=_IEEE_CONFIGS,
 )
 @triton.jit
 def _conv3x3_kernel(
@@ -137,7 +148,7 @@ def conv3x3(
 
         _conv3x3_kernel[grid](
             y, *norm, conv3x3_weight_matrix(weight), out, noise if noise is not None else y, *partials,
-            m, k, c, h, w, out.stride(0), bucket(m),
+            m, k, c, h, w, out.stride(0), row_bucket(m),
             PROLOGUE=prologue is not None, DROPOUT=noise is not None, STATS=stats,
             INTERPRETED=INTERPRET, PRECISION=dot_precision(weight.dtype),
         )  # fmt: skip

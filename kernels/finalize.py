@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import check_kernel_tensors, check_rows, tuned, unit_columns
+from .launch import bucket, check_kernel_tensors, check_rows, tuned, unit_columns
 from .offsets import row_offsets
 
 
@@ -25,13 +25,13 @@ from .offsets import row_offsets
         triton.Config({"BLOCK_M": 64, "BLOCK_C": 32}, num_warps=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_C": 64}, num_warps=8),
     ],
-    key=["C"],
+    key=["C_BUCKET", "TRAINING", "DROPOUT"],
     interpret=triton.Config({"BLOCK_M": 32, "BLOCK_C": 16}),
 )
 @triton.jit
 def _finalize_kernel(
     g_ptr, x_ptr, dout_ptr, noise_ptr, out_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gx_ptr,
-    M, C, stride_g, stride_x, stride_dout, stride_out, inv_m,
+    M, C, stride_g, stride_x, stride_dout, stride_out, inv_m, C_BUCKET,
     TRAINING: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -83,7 +83,7 @@ def finalize(
 
         _finalize_kernel[grid](
             grad_sum, x, d_out, noise if noise is not None else grad_sum, out, *vectors,
-            m, c, grad_sum.stride(0), x.stride(0), d_out.stride(0), out.stride(0), 1.0 / m,
+            m, c, grad_sum.stride(0), x.stride(0), d_out.stride(0), out.stride(0), 1.0 / m, bucket(c),
             TRAINING=stats is not None, DROPOUT=noise is not None,
         )  # fmt: skip
     return out

@@ -1,4 +1,4 @@
-"""How the kernels are launched: autotuned on a GPU, one fixed configuration under the interpreter.
+"""How the kernels are launched: autotuned on a GPU, one fixed configuration otherwise.
 
 ``TRITON_INTERPRET=1`` (read by Triton when it is first imported) runs every program instance with
 NumPy on CPU tensors. ``triton.autotune`` cannot run there (no GPU driver), so interpreted launches use
@@ -6,20 +6,176 @@ one small fixed configuration per kernel; compiled launches are autotuned. Two i
 (triton 3.8) are worked around behind the kernels' ``INTERPRETED`` flag: ``tl.dot`` on bfloat16
 operands returns garbage (operands are upcast to float32) and fp32 -> bf16 casts truncate instead of
 rounding to nearest even (``kernels.affine.rounded`` rounds on the bits first).
+
+Autotuning on a GPU is budgeted (``benchmarks/gpu_check.sh`` has minutes, not hours):
+
+* keys take sizes rounded to powers of two (``bucket``), rows capped at ``ROW_BUCKET_CAP``, so a
+  network's dozens of layer widths and every batch past a few share a handful of tuning runs;
+* each trial is timed for ``TRIAL_WARMUP_MS`` + ``TRIAL_REPEAT_MS`` instead of Triton's 25 + 100 ms;
+* results are kept on disk (Triton's ``cache_results``, under ``TRITON_CACHE_DIR``), so the processes of
+  one benchmark tune each key once between them.
+
+``FASTDENSE_AUTOTUNE=0`` launches compiled kernels with each kernel's first configuration (the one sized
+for Hopper) instead of tuning; the interpreter always uses its own small one. float32 products in full
+precision (``PRECISION="ieee"``: TF32 turned off) cannot use the tensor cores, so they run their own,
+smaller configurations (``ieee=``): the TF32 ones spilled up to 11.6 KB per thread there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language
+import triton.testing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# FASTDENSE_AUTOTUNE=0 launches compiled kernels with the fixed configuration too: GPU tests over many
-# small shapes then compile one variant per kernel instead of tuning every shape.
+# FASTDENSE_AUTOTUNE=0 launches compiled kernels with one fixed configuration: GPU tests over many small
+# shapes then compile one variant per kernel instead of tuning every shape.
 AUTOTUNE = not INTERPRET and os.environ.get("FASTDENSE_AUTOTUNE", "1") != "0"
+
+# Past 2^16 rows a GEMM's 128-row tiles make 512 programs per column tile, about four waves over an
+# H100/H200's 132 SMs: the configurations' ranking stops depending on the row count, so larger row
+# counts share the key of 2^16 (and a batch past 64 at 224x224 retunes only its smaller blocks).
+ROW_BUCKET_CAP = 2**16
+# A trial's warm-up and timed repetitions (Triton's defaults: 25 and 100 ms): a kernel of 0.01-1 ms
+# still repeats 20-2000 times, and a tuning run of five configurations costs ~0.15 s instead of ~0.65.
+TRIAL_WARMUP_MS, TRIAL_REPEAT_MS = 5, 20
+
+
+def _trial(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=TRIAL_WARMUP_MS, rep=TRIAL_REPEAT_MS, quantiles=quantiles)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a GPU would make it, recorded instead of run (``recording``)."""
+
+    kernel: str  # the launcher's name
+    args: dict  # every argument by name (tensors as passed, sizes, constexpr flags)
+    key: tuple  # the autotuning key, formed as Triton's autotuner forms it
+    configs: tuple  # the configurations the launch chooses among (one when it is not tuned)
+    variant: tuple  # what a compiled binary is specialised on, besides its configuration (``_variant``)
+
+
+_recorded: list[Launch] | None = None
+_recorded_run = False
+
+
+@contextlib.contextmanager
+def recording(run: bool = False):
+    """Record every launch (``Launch``, with the configurations a GPU would choose among) in the list this
+    yields. ``run=False``: instead of running it (the counting tools run the triton backend on fake tensors,
+    where nothing can launch; device checks pass meanwhile); ``run=True``: and run it."""
+    global _recorded, _recorded_run
+    previous, _recorded, _recorded_run = (_recorded, _recorded_run), [], run
+    try:
+        yield _recorded
+    finally:
+        _recorded, _recorded_run = previous
+
+
+class Launcher:
+    """``launcher[grid](*args, **kwargs)`` runs one ``@triton.jit`` kernel with the configuration that
+    fits: autotuned over ``configs`` (or ``ieee`` when ``PRECISION="ieee"``) on a GPU, the first of them
+    with ``FASTDENSE_AUTOTUNE=0``, ``interpret`` under the interpreter, or the one ``forced`` sets."""
+
+    def __init__(
+        self, fn, configs, key, *, reset_to_zero=None, restore_value=None, interpret=None, ieee=None, name=None
+    ):
+        self.fn, self.key = fn, list(key)
+        # What tables and test ids call it: the kernel's name without its underscores and "_kernel".
+        self.name = name or fn.__name__.strip("_").removesuffix("_kernel")
+        self.configs = list(configs)
+        self.ieee_configs = list(ieee) if ieee else self.configs
+        self.interpret_config = interpret or self.configs[0]
+        self._tuning = {"reset_to_zero": reset_to_zero, "restore_value": restore_value}
+        self._forced: triton.Config | None = None
+
+    def configs_for(self, precision: str | None) -> list[triton.Config]:
+        """The configurations a launch with this ``PRECISION`` chooses among."""
+        return self.ieee_configs if precision == "ieee" else self.configs
+
+    @functools.cached_property
+    def _autotuners(self) -> dict[bool, triton.runtime.Autotuner]:
+        def autotuner(configs):
+            return triton.autotune(configs, key=self.key, do_bench=_trial, cache_results=True, **self._tuning)(self.fn)
+
+        tf32 = autotuner(self.configs)
+        return {False: tf32, True: autotuner(self.ieee_configs) if self.ieee_configs is not self.configs else tf32}
+
+    def config(self, precision: str | None) -> triton.Config | None:
+        """The fixed configuration a launch uses, or None when it is autotuned."""
+        if self._forced is not None:
+            return self._forced
+        if INTERPRET:
+            return self.interpret_config
+        return None if AUTOTUNE else self.configs_for(precision)[0]
+
+    @contextlib.contextmanager
+    def forced(self, config: triton.Config):
+        """Launch with ``config`` (the tests run every configuration this way, under the interpreter too)."""
+        previous, self._forced = self._forced, config
+        try:
+            yield
+        finally:
+            self._forced = previous
+
+    def _record(self, args, kwargs) -> None:
+        named = dict(zip(self.fn.arg_names, args, strict=False)) | kwargs  # positional first, then flags
+        key = [named[k] for k in self.key if k in named] + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+        precision = kwargs.get("PRECISION")
+        tunes_on_gpu = os.environ.get("FASTDENSE_AUTOTUNE", "1") != "0"
+        configs = self.configs_for(precision) if tunes_on_gpu else self.configs_for(precision)[:1]
+        configs = tuple([self._forced] if self._forced else configs)
+        _recorded.append(Launch(self.name, named, tuple(key), configs, self._variant(named)))
+
+    def _variant(self, named: dict) -> tuple:
+        """The compiled kernel's identity as Triton's launcher specialises it: each constexpr's value, each
+        tensor's dtype, each integer as 1, a multiple of 16 or other (pointers counted 16-byte aligned)."""
+        constexprs = _constexpr_names(self.fn)
+
+        def kind(name, value):
+            if name in constexprs:
+                return value
+            if hasattr(value, "dtype"):
+                return str(value.dtype)
+            if isinstance(value, bool) or not isinstance(value, int):
+                return type(value).__name__
+            return "1" if value == 1 else "16n" if value % 16 == 0 else "int"
+
+        return tuple((name, kind(name, value)) for name, value in named.items())
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if _recorded is not None:
+                self._record(args, kwargs)
+                if not _recorded_run:
+                    return None
+            precision = kwargs.get("PRECISION")
+            config = self.config(precision)
+            if config is None:
+                return self._autotuners[precision == "ieee"][grid](*args, **kwargs)
+            meta = dict(config.kwargs)
+            resolved = grid(meta) if callable(grid) else grid
+            return self.fn[resolved](*args, **kwargs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+
+        return launch
+
+
+def _constexpr_names(fn) -> set[str]:
+    """The ``tl.constexpr`` parameters of a jitted kernel (or of the interpreter's wrapper of one)."""
+    if hasattr(fn, "params"):
+        return {p.name for p in fn.params if p.is_constexpr}
+    import inspect
+
+    parameters = inspect.signature(fn.fn).parameters.values()
+    return {p.name for p in parameters if p.annotation in (triton.language.constexpr, "tl.constexpr")}
 
 
 def tuned(
@@ -28,32 +184,20 @@ def tuned(
     reset_to_zero: list[str] | None = None,
     interpret: triton.Config | None = None,
     restore_value: list[str] | None = None,
+    ieee: list[triton.Config] | None = None,
+    name: str | None = None,
 ):
-    """``triton.autotune`` on a GPU; under the interpreter (or without ``AUTOTUNE``) a launcher that
-    always uses ``interpret`` (default: the first configuration)."""
+    """A ``Launcher`` for the decorated kernel (see its docstring). ``key``: the arguments a tuning result
+    holds for; ``reset_to_zero`` / ``restore_value``: arguments a trial writes, zeroed or put back after
+    each trial."""
 
     def wrap(kernel):
-        if not AUTOTUNE:
-            return _FixedConfig(kernel, interpret or configs[0])
-        # restore_value: arguments a kernel accumulates into, put back after each timed trial.
-        return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, restore_value=restore_value)(kernel)
+        return Launcher(
+            kernel, configs, key, reset_to_zero=reset_to_zero, restore_value=restore_value, interpret=interpret,
+            ieee=ieee, name=name,
+        )  # fmt: skip
 
     return wrap
-
-
-class _FixedConfig:
-    """``kernel[grid](...)`` with one configuration's meta-parameters filled in."""
-
-    def __init__(self, kernel, config: triton.Config) -> None:
-        self.kernel, self.meta = kernel, dict(config.kwargs)
-        self.options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            resolved = grid(self.meta) if callable(grid) else grid
-            return self.kernel[resolved](*args, **kwargs, **self.meta, **self.options)
-
-        return launch
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -67,7 +211,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 def check_kernel_tensors(*tensors: torch.Tensor) -> None:
     """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter only."""
     for t in tensors:
-        if t.device.type != "cuda" and not INTERPRET:
+        if t.device.type != "cuda" and not INTERPRET and (_recorded is None or _recorded_run):
             raise RuntimeError(
                 f"fastdense Triton kernels need CUDA tensors (got a {t.device} tensor); on the CPU they run only "
                 "under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
@@ -92,6 +236,11 @@ def bucket(n: int) -> int:
     """A size rounded up to a power of two: autotuning keys on it (``*_BUCKET`` kernel arguments), so a
     network's dozens of layer widths share a few tuning runs instead of one each."""
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def row_bucket(m: int) -> int:
+    """A row count's tuning key: ``bucket(m)``, at most ``ROW_BUCKET_CAP``."""
+    return min(bucket(m), ROW_BUCKET_CAP)
 
 
 def smallest(configs: list[triton.Config], *names: str) -> int:

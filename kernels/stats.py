@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import bucket, check_kernel_tensors, check_rows, smallest, tuned, unit_columns
+from .launch import bucket, check_kernel_tensors, check_rows, row_bucket, smallest, tuned, unit_columns
 from .offsets import row_offsets
 
 
@@ -50,12 +50,12 @@ _MIN_ROWS_PER_PROGRAM = smallest(_CONFIGS, "BLOCK_M", "ROW_TILES")
 
 @tuned(
     _CONFIGS,
-    key=["C", "M_BUCKET"],
+    key=["C_BUCKET", "M_BUCKET"],
     reset_to_zero=["mean_ptr", "m2_ptr", "count_ptr"],
 )
 @triton.jit
 def _column_stats_kernel(
-    x_ptr, mean_ptr, m2_ptr, count_ptr, M, C, stride_x, M_BUCKET,
+    x_ptr, mean_ptr, m2_ptr, count_ptr, M, C, stride_x, C_BUCKET, M_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ROW_TILES: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_c = tl.program_id(0), tl.program_id(1)
@@ -114,7 +114,7 @@ def column_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_TILES"]), triton.cdiv(c, meta["BLOCK_C"])
 
-    _column_stats_kernel[grid](x, mean, m2, count, m, c, x.stride(0), bucket(m))
+    _column_stats_kernel[grid](x, mean, m2, count, m, c, x.stride(0), bucket(c), row_bucket(m))
     return merge_partials(mean, m2, count)
 
 

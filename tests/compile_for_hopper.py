@@ -14,7 +14,10 @@ Each kernel is compiled as a DenseNet launch specialises it (``ALIGNED_INTS``). 
 the same variants without those marks, as launches on other channel counts get them, and reports them
 without failing: see ``UNALIGNED_NOTE``.
 
-    PYTHONPATH=. python tests/compile_for_hopper.py [--all] [--unaligned]
+    PYTHONPATH=. python tests/compile_for_hopper.py [--all] [--unaligned] [--match TEXT]
+
+``--match TEXT`` keeps the variants whose name contains TEXT (``--all --match ieee``: every float32
+variant with TF32 off).
 """
 
 from __future__ import annotations
@@ -74,47 +77,58 @@ def problems(name: str, used: Resources) -> list[str]:
         found.append(f"spills ({used.stack} B of stack per thread)")
     if used.shared > SHARED_MEMORY_LIMIT:
         found.append(f"needs {used.shared} B of shared memory, over {SHARED_MEMORY_LIMIT} B")
-    if name.split()[0] in MATMUL_KERNELS and (not used.wgmma or used.mma_sync):
+    # Full-precision float32 products (TF32 off) have no tensor-core instruction: FMA loops, by design.
+    needs_wgmma = name.split()[0] in MATMUL_KERNELS and "ieee" not in name.split()
+    if needs_wgmma and (not used.wgmma or used.mma_sync):
         found.append(f"matrix product without wgmma ({used.wgmma} wgmma, {used.mma_sync} mma.sync)")
     return found
 
 
+def _precisions(dtype: str, launcher) -> list[tuple[str, str]]:
+    """(name suffix, PRECISION) of each product precision a launch in ``dtype`` can take: float32 follows
+    the TF32 switch (``kernels.launch.dot_precision``), with its own configurations when it is off."""
+    if dtype != "fp32" or "PRECISION" not in launcher.fn.arg_names:
+        return [("", "tf32")]
+    return [("", "tf32"), (" ieee", "ieee")]
+
+
+def _launches(name: str, launcher, dtype: str, pointers: dict, flags: dict):
+    for suffix, precision in _precisions(dtype, launcher):
+        for config in launcher.configs_for(precision):
+            yield f"{name}{suffix}", launcher, pointers, flags | {"PRECISION": precision}, config
+
+
 def variants():
-    """(name, autotuner, pointer dtypes, constexprs, config) for each launch fastdense can make."""
+    """(name, launcher, pointer dtypes, constexprs, config) for each launch fastdense can make."""
     conv = conv3x3._conv3x3_kernel
     for dtype, (pool, epilogue, stat) in itertools.product(DTYPES, [(0, 0, 1), (0, 1, 0), (0, 0, 0), (1, 0, 0)]):
         gemm = bn_relu_gemm._pooled_gemm_kernel if pool else bn_relu_gemm._bn_relu_gemm_kernel
-        for config in gemm.configs:
-            flags = {"POOL": bool(pool), "EPILOGUE": bool(epilogue), "STATS": bool(stat)}
-            yield f"bn_relu_gemm {dtype} {flags}", gemm, {"x_ptr": dtype, "w_ptr": dtype, "y_ptr": dtype}, flags, config
+        flags = {"POOL": bool(pool), "EPILOGUE": bool(epilogue), "STATS": bool(stat)}
+        pointers = {"x_ptr": dtype, "w_ptr": dtype, "y_ptr": dtype}
+        yield from _launches(f"bn_relu_gemm {dtype} {flags}", gemm, dtype, pointers, flags)
     for (dtype, out), (prologue, dropout, stat) in itertools.product(
         [("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("bf16", "fp32")],
         [(1, 0, 1), (1, 1, 1), (0, 0, 0), (1, 0, 0)],
     ):
-        for config in conv.configs:
-            flags = {"PROLOGUE": bool(prologue), "DROPOUT": bool(dropout), "STATS": bool(stat)}
-            pointers = {"y_ptr": dtype, "w_ptr": dtype, "noise_ptr": dtype, "out_ptr": out}
-            yield f"conv3x3 {dtype}->{out} {flags}", conv, pointers, flags, config
-    for dtype, config in itertools.product(DTYPES, stats._column_stats_kernel.configs):
-        yield f"column_stats {dtype}", stats._column_stats_kernel, {"x_ptr": dtype}, {}, config
+        flags = {"PROLOGUE": bool(prologue), "DROPOUT": bool(dropout), "STATS": bool(stat)}
+        pointers = {"y_ptr": dtype, "w_ptr": dtype, "noise_ptr": dtype, "out_ptr": out}
+        yield from _launches(f"conv3x3 {dtype}->{out} {flags}", conv, dtype, pointers, flags)
+    for dtype in DTYPES:
+        yield from _launches(f"column_stats {dtype}", stats._column_stats_kernel, dtype, {"x_ptr": dtype}, {})
     for dtype, is_max in itertools.product(DTYPES, (True, False)):
         kernel, pointers = bn_relu_pool._bn_relu_pool_kernel, {"x_ptr": dtype, "out_ptr": dtype}
-        for config in kernel.configs:
-            yield f"bn_relu_pool {dtype} max={is_max}", kernel, pointers, {"IS_MAX": is_max}, config
+        yield from _launches(f"bn_relu_pool {dtype} max={is_max}", kernel, dtype, pointers, {"IS_MAX": is_max})
 
 
 def backward_variants():
     dgrad, wgrad = bn_relu_gemm_backward._dgrad_kernel, bn_relu_gemm_backward._wgrad_kernel
     for dtype in DTYPES:
-        for config in dgrad.configs:
-            yield f"dgrad {dtype}", dgrad, {"dy_ptr": dtype, "w_ptr": dtype, "x_ptr": dtype}, {}, config
-        for config in wgrad.configs:
-            yield f"wgrad {dtype}", wgrad, {"dy_ptr": dtype, "x_ptr": dtype}, {}, config
+        yield from _launches(f"dgrad {dtype}", dgrad, dtype, {"dy_ptr": dtype, "w_ptr": dtype, "x_ptr": dtype}, {})
+        yield from _launches(f"wgrad {dtype}", wgrad, dtype, {"dy_ptr": dtype, "x_ptr": dtype}, {})
         for training, dropout in itertools.product((True, False), repeat=2):
             kernel, flags = finalize._finalize_kernel, {"TRAINING": training, "DROPOUT": dropout}
             pointers = {"x_ptr": dtype, "dout_ptr": dtype, "noise_ptr": dtype}
-            for config in kernel.configs:
-                yield f"finalize {dtype} {flags}", kernel, pointers, flags, config
+            yield from _launches(f"finalize {dtype} {flags}", kernel, dtype, pointers, flags)
 
 
 # What Triton's launcher tells the compiler about a DenseNet-shaped launch: every pointer is 16-byte
@@ -132,13 +146,13 @@ def divisibility(fn, aligned: bool) -> dict:
     return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in names}
 
 
-def compile_variant(autotuner, pointers, flags, config, aligned=True):
-    fn = autotuner.fn
+def compile_variant(launcher, pointers, flags, config, aligned=True):
+    fn = launcher.fn
     constexprs = {**flags, **config.kwargs}
     if "INTERPRETED" in fn.arg_names:
         constexprs["INTERPRETED"] = False
-    if "PRECISION" in fn.arg_names:
-        constexprs["PRECISION"] = "tf32"
+    if "PRECISION" not in fn.arg_names:
+        constexprs.pop("PRECISION", None)
     constexpr_names = {p.name for p in fn.params if p.is_constexpr}
     signature = {}
     for name in fn.arg_names:
@@ -167,6 +181,9 @@ QUICK = {
     "dgrad bf16",
     "wgrad bf16",
     "finalize bf16 {'TRAINING': True, 'DROPOUT': True}",
+    # float32 with TF32 off: the FMA products with their own configurations (once spilled 4-11 KB).
+    "bn_relu_gemm fp32 {'POOL': False, 'EPILOGUE': False, 'STATS': True} ieee",
+    "wgrad fp32 ieee",
 }
 
 
@@ -179,18 +196,19 @@ UNALIGNED_NOTE = "unaligned launches (channel counts not multiples of 16): repor
 
 def main(argv: list[str]) -> int:
     everything, aligned = "--all" in argv, "--unaligned" not in argv
+    match = argv[argv.index("--match") + 1] if "--match" in argv else ""
     failures, seen = 0, set()
     print(f"triton {triton.__version__}, target sm_{HOPPER.arch}; registers and stack per thread, shared per block")
     print("launches specialised as DenseNet's (16-aligned channel counts, row strides)" if aligned else UNALIGNED_NOTE)
     print(f"{'verdict':7} {'regs':>4} {'stack':>5} {'shared':>7} {'wgmma':>5} {'s':>5}  variant and configuration")
-    for name, autotuner, pointers, flags, config in itertools.chain(variants(), backward_variants()):
-        if not everything and (name not in QUICK or name in seen):
+    for name, launcher, pointers, flags, config in itertools.chain(variants(), backward_variants()):
+        if (not everything and (name not in QUICK or name in seen)) or match not in name:
             continue
         seen.add(name)
         label = f"{name} {config.kwargs} warps={config.num_warps} stages={config.num_stages}"
         start = time.perf_counter()
         try:
-            used = resources(compile_variant(autotuner, pointers, flags, config, aligned))
+            used = resources(compile_variant(launcher, pointers, flags, config, aligned))
         except Exception as error:  # report every variant, then fail
             print(f"FAIL {label}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
             failures += 1

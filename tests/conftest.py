@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 import fastdense
@@ -20,3 +21,15 @@ settings.load_profile("ci")
 def _no_backend_override(monkeypatch):
     """Tests choose backends explicitly; a developer's FASTDENSE_BACKEND must not leak in."""
     monkeypatch.delenv(fastdense.BACKEND_ENV_VAR, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _full_float32():
+    """float32 tests compare at float32 accuracy (1e-5, 1e-6): no TF32 on a GPU, where cuDNN's switch is on
+    by default and the Triton kernels' products follow it (``kernels.launch.dot_precision``); without this
+    about 14 float32 kernel cases failed there. A test of TF32 itself turns it on."""
+    # cuBLAS's switch is a property-like module attribute that monkeypatch cannot restore: kept by hand.
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -26,10 +26,12 @@ def test_kernels_compile_for_hopper(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("ok ")]
-    assert len(rows) == 11, result.stdout
-    for _verdict, registers, stack, shared, wgmma, _seconds, kernel, *_ in rows:
+    assert len(rows) == 13, result.stdout
+    assert sum("ieee" in row for row in rows) == 2, result.stdout
+    for _verdict, registers, stack, shared, wgmma, _seconds, kernel, *_rest in rows:
         assert 0 < int(registers) <= 255 and int(stack) == 0 and int(shared) <= 227 * 1024, result.stdout
-        assert int(wgmma) > 0 or kernel not in ("bn_relu_gemm", "conv3x3", "dgrad", "wgrad"), result.stdout
+        ieee = "ieee" in _rest  # float32 with TF32 off multiplies on the FMA units, without wgmma
+        assert int(wgmma) > 0 or ieee or kernel not in ("bn_relu_gemm", "conv3x3", "dgrad", "wgrad"), result.stdout
 
 
 def test_the_check_fails_spills_shared_memory_and_products_without_wgmma():
@@ -46,3 +48,5 @@ def test_the_check_fails_spills_shared_memory_and_products_without_wgmma():
     assert check.problems("dgrad bf16", fine.__class__(200, 0, 1000, 0, 4))  # mma.sync, no wgmma
     assert check.problems("wgrad bf16", fine.__class__(200, 0, 1000, 8, 2))  # part of it without wgmma
     assert check.problems("bn_relu_pool bf16 max=True", fine.__class__(96, 0, 0, 0, 0)) == []  # no product
+    assert check.problems("wgrad fp32 ieee", fine.__class__(200, 0, 1000, 0, 0)) == []  # FMA, by design
+    assert check.problems("wgrad fp32 ieee", fine.__class__(255, 8, 1000, 0, 0))  # but it may not spill

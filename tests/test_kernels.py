@@ -135,6 +135,17 @@ def test_nan_and_inf_propagate_like_pytorch(window):
     assert torch.equal(y.isnan(), y_ref.isnan())
 
 
+def test_float32_products_follow_cudnns_tf32_switch(monkeypatch):
+    """The suite turns TF32 off (tests/conftest.py); a float32 model otherwise gets what cuDNN's
+    convolutions get, and the half-precision products are tensor-core products either way."""
+    from kernels.launch import dot_precision
+
+    assert dot_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert dot_precision(torch.float32) == "tf32"
+    assert dot_precision(torch.bfloat16) == dot_precision(torch.float16) == "tf32"
+
+
 def test_bad_arguments_are_refused_clearly():
     x = randn(10, 6)
     with pytest.raises(ValueError, match=r"weight must be 4 x 6 to match x's 6 columns"):

@@ -126,3 +126,27 @@ def test_compiled_triton_backend_block():
     fast.compile(fullgraph=True, backend="aot_eager")
     errors = compare(fast, ref, [torch.randn(2, 3, 6, 5)], training=True)
     assert max(errors.values()) <= 1e-5, errors
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compiled_model_is_one_graph_around_the_block_operator(training):
+    """Without fullgraph too: one graph, no break, and each dense block in it as fastdense's operator (the
+    exported path, standard ATen operators, is for torch.export only). On torch 2.11 Dynamo answered
+    ``torch.compiler.is_exporting()`` with True inside every compile, and could not trace the ContextVar
+    and importlib calls a block's forward made: eval-mode blocks ran the exported path, and 27 breaks split
+    a small network."""
+    torch.manual_seed(0)
+    model = fastdense.FastDenseNet(**SMALL, backend="torch").train(training)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        compiled(torch.randn(2, 3, 32, 32))
+    assert len(graphs) == 1, [g.code for g in graphs]
+    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.fastdense.dense_block.default) == len(SMALL["block_config"]), targets

@@ -27,12 +27,6 @@ def conv3x3(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def _full_float32(monkeypatch):
-    """fp32 tests compare at fp32 accuracy: no TF32 in cuDNN or in the kernels' dots on a GPU."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
 def to_device(pair):
     return tuple(model.to(DEVICE) for model in pair)
 

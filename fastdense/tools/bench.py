@@ -26,7 +26,7 @@ import torchvision
 import fastdense
 
 from . import tables
-from .measure import DTYPES, MODES, run_worker
+from .measure import DTYPES, MODES, describe, run_worker
 from .providers import BASELINE, MODELS, PROVIDERS, providers_for
 from .roofline import Peaks, inference_work
 from .timing import default_device, device_defaults
@@ -76,6 +76,7 @@ class Plan:
     channels_last: bool
     repeats: int
     max_batch: bool = False
+    roofline: bool = True  # measure the device's peaks (one process) for the inference rows' roofline fraction
 
 
 def _measure(metric: str, providers: list[str], plan: Plan, mode: str, batch: int) -> list[dict]:
@@ -91,16 +92,30 @@ def _measure(metric: str, providers: list[str], plan: Plan, mode: str, batch: in
 
 
 def jobs(plan: Plan) -> list[tuple[str, list[str], str, int]]:
-    """(metric, providers, mode, batch) for every measurement process, in the order they run."""
-    todo = [("peaks", [], "infer", plan.batches[0])]
+    """(metric, providers, mode, batch) for every measurement process, in the order they run. With
+    ``max_batch`` only the largest-batch searches run, one process per provider, from the first batch."""
+    if plan.max_batch:
+        return [("max-batch", [p], "train", plan.batches[0]) for p in plan.providers]
+    todo = [("peaks", [], "infer", plan.batches[0])] if plan.roofline else []
     cuda = plan.device.startswith("cuda")  # there the timing process measures peak memory too
     for batch in plan.batches:
         for mode in plan.modes:
             todo.append(("time", plan.providers, mode, batch))
             todo += [] if cuda else [("memory", [p], mode, batch) for p in plan.providers]
-            if plan.max_batch and mode == "train":
-                todo += [("max-batch", [p], mode, batch) for p in plan.providers]
     return todo
+
+
+def _measure_each(metric: str, providers: list[str], plan: Plan, mode: str, batch: int) -> list[dict]:
+    """The rows of one measurement process. When the process dies (a crash takes every provider in it
+    down, whatever failed), each provider is measured again in a process of its own, so that one
+    provider's crash costs only its own rows; a provider that fails alone is a row with its ``error``."""
+    try:
+        return _measure(metric, providers, plan, mode, batch)
+    except RuntimeError as error:
+        if len(providers) > 1:
+            return [row for p in providers for row in _measure_each(metric, [p], plan, mode, batch)]
+        setting = {"model": plan.model, "mode": mode, "batch": batch, "device": plan.device, "dtype": plan.dtype}
+        return [{"provider": providers[0] if providers else None, **setting, "error": describe(error)}]
 
 
 def _add_roofline(row: dict, peaks: Peaks) -> None:
@@ -126,14 +141,15 @@ def run(plan: Plan, progress: bool = True, json_path: str | None = None) -> dict
     with tables.progress(len(todo), enabled=progress) as step:
         for metric, providers, mode, batch in todo:
             step(f"{metric} {mode} batch {batch}: {', '.join(providers) or 'device'}")
-            measured = _measure(metric, providers, plan, mode, batch)
+            measured = _measure_each(metric, providers, plan, mode, batch)
             if metric == "peaks":
-                result["peaks"] = measured[0]
+                result["peaks"] = None if "error" in measured[0] else measured[0]
             else:
                 for row in measured:
                     merged = rows.setdefault((row["provider"], mode, batch), {})
                     merged.update(row | versions)
-                    _add_roofline(merged, Peaks(**result["peaks"]))
+                    if result["peaks"]:
+                        _add_roofline(merged, Peaks(**result["peaks"]))
             result["rows"] = list(rows.values())
             add_speedups(result["rows"])
             if json_path:
@@ -184,14 +200,22 @@ def _speedup_cell(row: dict, base: dict) -> str:
 def print_table(result: dict) -> None:
     plan, rows, peaks = result["plan"], result["rows"], result["peaks"]
     layout = "channels_last" if plan["channels_last"] else "contiguous"
-    print(
-        f"\n{plan['model']}, {plan['resolution']}x{plan['resolution']}, {plan['dtype']}, {layout}, "
-        f"device {rows[0]['device_name']}; median of {plan['repeats']} interleaved rounds after warm-up; "
-        f"measured peaks: matmul {peaks['matmul_flops'] / 1e12:.2f} TFLOP/s, "
-        f"copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s"
-    )
+    device = next((r["device_name"] for r in rows if "device_name" in r), plan["device"])
+    measured_peaks = "device peaks not measured"
+    if peaks:
+        matmul, copy = peaks["matmul_flops"] / 1e12, peaks["copy_bytes_per_s"] / 1e9
+        measured_peaks = f"measured peaks: matmul {matmul:.2f} TFLOP/s, copy {copy:.0f} GB/s"
+    print(f"\n{plan['model']}, {plan['resolution']}x{plan['resolution']}, {plan['dtype']}, {layout}, device {device}")
+    if plan["max_batch"]:
+        cells = [
+            [r["provider"], str(r.get("max_batch", "-")), str(r.get("max_batch_fails") or "-"), r.get("error", "")]
+            for r in rows
+        ]
+        tables.print_table("largest training batch", ["provider", "fits", "fails", "error"], cells, text_columns=1)
+        return
+    print(f"median of {plan['repeats']} interleaved rounds after warm-up; {measured_peaks}")
     headers = ["provider", "backend", "ms (p20-p80)", "images/s", "speed vs eager", "peak MiB", "memory vs eager"]
-    headers += ["first step s", "max_rel_err", "roofline"] + (["max batch"] if plan["max_batch"] else [])
+    headers += ["first step s", "max_rel_err", "roofline"]
     for mode in plan["modes"]:
         for batch in plan["batches"]:
             group = [r for r in rows if r["mode"] == mode and r["batch"] == batch and "ms_median" in r]
@@ -213,9 +237,11 @@ def print_table(result: dict) -> None:
                         "-" if err is None else f"{err:.1e}",
                         f"{100 * r['roofline_fraction']:.1f}%" if "roofline_fraction" in r else "-",
                     ]
-                    + ([str(r.get("max_batch", "-"))] if plan["max_batch"] else [])
                 )
             tables.print_table(f"{mode}, batch {batch}", headers, cells, text_columns=2)
+            for r in rows:
+                if r["mode"] == mode and r["batch"] == batch and "error" in r:
+                    print(f"  {r['provider']}: FAILED: {r['error']}")
     print(
         "speed vs eager: torchvision eager's time over this one in the same round, median (p20-p80) over the "
         "rounds;\nhigher is faster. memory vs eager: this peak over eager's. peak MiB: extra peak memory of one "
@@ -288,6 +314,7 @@ def plan_from_args(args: argparse.Namespace, default_providers: list[str] | None
         channels_last=defaults["channels_last"] if args.channels_last is None else args.channels_last,
         repeats=args.repeats or (3 if args.quick else 20 if cuda else 10),
         max_batch=getattr(args, "max_batch", False),
+        roofline=not getattr(args, "no_roofline", False),
     )
 
 
@@ -295,7 +322,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastdense bench", description=__doc__.splitlines()[0])
     add_arguments(parser, default_providers_note="default: every provider the device supports")
     parser.add_argument("--plot", help="write PNG plots to this path (…/name.png)")
-    parser.add_argument("--max-batch", action="store_true", help="CUDA: largest batch each provider trains")
+    parser.add_argument(
+        "--no-roofline", action="store_true", help="skip measuring the device's peaks (and the roofline column)"
+    )
+    parser.add_argument(
+        "--max-batch", action="store_true",
+        help="CUDA: instead of timing, the largest batch each provider trains (searched from the first --batch)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.model in VOLUME_MODELS:
         volume_benchmark(parser, args)

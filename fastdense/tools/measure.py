@@ -19,6 +19,12 @@ list with a row per provider. Every measurement runs in a fresh process:
   step (weights, gradients, optimizer state) is not counted.
 * max-batch (CUDA, training): the largest batch one training step fits in, by doubling then bisection.
 * peaks: the device's matmul rate in the benchmark dtype and its copy bandwidth (``fastdense.tools.roofline``).
+* warm: build and run one step of each provider, nothing timed: fills the compile caches
+  (``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR``) that a later process on the same setting then reads.
+
+A provider that fails (an exception while building, warming up or timing it) becomes a row with its
+``error``; the others are measured on. A process that dies outright (a crash) is handled by the caller
+(``fastdense.tools.bench``), which then measures each of its providers in a process of its own.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from .timing import StepTimer
 
 MODES = ("infer", "train")
 WARMUP_STEPS = 3
-METRICS = ("time", "memory", "max-batch", "peaks")
+METRICS = ("time", "memory", "max-batch", "peaks", "warm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "0"}  # for CPU memory runs
 
@@ -53,8 +59,21 @@ def run_worker(command: list[str], *, memory: bool, what: str):
     env = dict(os.environ) | (ALLOCATOR_ENV if memory else {})
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{what} failed:\n{done.stderr}")
+        raise WorkerFailed(f"{what} failed (exit status {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class WorkerFailed(RuntimeError):
+    """A measuring process that exited with an error; its message ends with the process's error output."""
+
+
+def describe(error: BaseException) -> str:
+    """An exception as a table cell and a JSON field: its type and the first line of its message (for a
+    failed measuring process, the last line of its error output: the exception that ended it)."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if isinstance(error, WorkerFailed):
+        return f"process failed: {lines[-1][:300]}" if len(lines) > 1 else lines[0]
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
 @dataclass(frozen=True)
@@ -181,33 +200,60 @@ def max_rel_err(prepared: Prepared, setting: Setting) -> float:
 
 def measure_time(providers: list[str], setting: Setting, repeats: int) -> list[dict]:
     timer = StepTimer(setting.torch_device)
-    prepared = {provider: prepare(provider, setting) for provider in providers}
-    times: dict[str, list[float]] = {provider: [] for provider in providers}
+    prepared, failed = {}, {}
+    for provider in providers:
+        try:
+            prepared[provider] = prepare(provider, setting)
+        except Exception as error:  # a row with its error; the others are measured on
+            failed[provider] = describe(error)
+            _release(setting.torch_device)
+    times: dict[str, list[float]] = {provider: [] for provider in prepared}
     for _ in range(repeats):
-        for provider, p in prepared.items():
-            times[provider].append(timer(p.step))
-    rows = []
+        for provider, p in list(prepared.items()):
+            try:
+                times[provider].append(timer(p.step))
+            except Exception as error:
+                failed[provider] = describe(error)
+                del prepared[provider]
+                _release(setting.torch_device)
+    rows = [setting.row(provider) | {"error": failed[provider]} for provider in providers if provider in failed]
     for provider, p in prepared.items():
-        peak_mb = _peak_mb(p, setting.torch_device) if setting.torch_device.type == "cuda" else None
-        ms = sorted(t * 1e3 for t in times[provider])
-        median = statistics.median(ms)
-        quantiles = statistics.quantiles(ms, n=5, method="inclusive") if len(ms) > 1 else [median] * 4
-        rows.append(
-            setting.row(provider)
-            | {
-                "backend": PROVIDERS[provider].backend(p.model),
-                "repeats": repeats,
-                "ms_median": median,
-                "ms_p20": quantiles[0],
-                "ms_p80": quantiles[-1],
-                "ms_all": [t * 1e3 for t in times[provider]],
-                "images_per_s": setting.batch / (median / 1e3),
-                "first_step_s": p.first_step_s,
-                "max_rel_err": None if PROVIDERS[provider].compile_mode else max_rel_err(p, setting),
-            }
-            | ({} if peak_mb is None else {"peak_mem_mb": peak_mb})
-        )
+        try:
+            rows.append(_timed_row(provider, p, times[provider], setting, repeats))
+        except Exception as error:
+            rows.append(setting.row(provider) | {"error": describe(error)})
     return rows
+
+
+def _release(device: torch.device) -> None:
+    """Give the memory of a failed provider back before the next one runs."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _timed_row(provider: str, p: Prepared, seconds: list[float], setting: Setting, repeats: int) -> dict:
+    peak_mb = _peak_mb(p, setting.torch_device) if setting.torch_device.type == "cuda" else None
+    ms = sorted(t * 1e3 for t in seconds)
+    median = statistics.median(ms)
+    quantiles = statistics.quantiles(ms, n=5, method="inclusive") if len(ms) > 1 else [median] * 4
+    return (
+        setting.row(provider)
+        | {
+            "backend": PROVIDERS[provider].backend(p.model),
+            "repeats": repeats,
+            "ms_median": median,
+            "ms_p20": quantiles[0],
+            "ms_p80": quantiles[-1],
+            "ms_all": [t * 1e3 for t in seconds],
+            "images_per_s": setting.batch / (median / 1e3),
+            "first_step_s": p.first_step_s,
+            "max_rel_err": None if PROVIDERS[provider].compile_mode else max_rel_err(p, setting),
+        }
+        | ({} if peak_mb is None else {"peak_mem_mb": peak_mb})
+    )
 
 
 def _peak_mb(prepared: Prepared, device: torch.device) -> float:
@@ -222,33 +268,41 @@ def measure_memory(provider: str, setting: Setting) -> dict:
 
 
 def _fits(provider: str, setting: Setting, batch: int) -> bool:
+    """Whether one training step at ``batch`` fits in the device's memory; any error but running out of
+    memory is raised (and ends the search with that error)."""
     try:
         prepare(provider, Setting(**(asdict(setting) | {"batch": batch})), warmup_steps=1)
         return True
     except torch.cuda.OutOfMemoryError:
         return False
     finally:
-        torch.cuda.empty_cache()
+        _release(setting.torch_device)
 
 
 def measure_max_batch(provider: str, setting: Setting, limit: int = 1 << 14) -> dict:
     """The largest batch one training step of ``setting`` fits in (CUDA only), to within about 6%
-    (``max_batch`` fits; ``max_batch_fails``, when found, does not)."""
+    (``max_batch`` fits; ``max_batch_fails``, when found, does not), searched from ``setting.batch`` by
+    doubling, then bisection. An error other than running out of memory ends the search: the row keeps
+    the largest batch found so far and the ``error``."""
     if setting.torch_device.type != "cuda":
         raise ValueError("max-batch search needs a CUDA device")
     setting = Setting(**(asdict(setting) | {"mode": "train"}))
-    good, bad = 0, None
+    good, bad, error = 0, None, None
     batch = max(setting.batch, 1)
-    while bad is None and batch <= limit:  # double until a step fails
-        if _fits(provider, setting, batch):
-            good, batch = batch, batch * 2
-        else:
-            bad = batch
-    if bad is not None:
-        while bad - good > max(1, good // 16):  # bisect between the last fit and the first failure, to ~6%
-            middle = (good + bad) // 2
-            good, bad = (middle, bad) if _fits(provider, setting, middle) else (good, middle)
-    return setting.row(provider) | {"max_batch": good, "max_batch_fails": bad, "max_batch_limit_reached": bad is None}
+    try:
+        while bad is None and batch <= limit:  # double until a step fails
+            if _fits(provider, setting, batch):
+                good, batch = batch, batch * 2
+            else:
+                bad = batch
+        if bad is not None:
+            while bad - good > max(1, good // 16):  # bisect between the last fit and the first failure, to ~6%
+                middle = (good + bad) // 2
+                good, bad = (middle, bad) if _fits(provider, setting, middle) else (good, middle)
+    except Exception as failure:
+        error = describe(failure)
+    row = {"max_batch": good, "max_batch_fails": bad, "max_batch_limit_reached": bad is None and error is None}
+    return setting.row(provider) | row | ({"error": error} if error else {})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = [asdict(measure_peaks(setting.torch_device, DTYPES[setting.dtype]))]
     elif args.metric == "time":
         rows = measure_time(args.provider, setting, args.repeats)
+    elif args.metric == "warm":
+        rows = [setting.row(p) | {"first_step_s": prepare(p, setting, 1).first_step_s} for p in args.provider]
     elif len(args.provider) != 1:
         parser.error(f"--metric {args.metric} measures one provider per process")
     elif args.metric == "memory":

@@ -157,10 +157,28 @@ def count_step(
     ``provider``'s ``model`` on fake tensors, counted. ``as_device``: the device type whose operator
     choices fastdense's torch backend takes (the fake tensors themselves are CPU tensors: PyTorch's
     autograd engine needs a real GPU for CUDA ones)."""
+    return _counted_step(provider, model, mode, batch, resolution, dtype, as_device)[0]
+
+
+def step_launches(provider: str, model: str, mode: str, batch: int, resolution: int, dtype: str) -> list:
+    """The Triton kernel launches (``kernels.launch.Launch``) of one step of ``provider`` as a GPU would
+    make them, recorded on fake tensors (none for providers without the triton backend). float32 counts
+    with TF32 off, the products' full precision (as the GPU check's correctness stage runs it)."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _counted_step(provider, model, mode, batch, resolution, dtype, "cuda")[1]
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _counted_step(provider, model, mode, batch, resolution, dtype, as_device) -> tuple[Traffic, list]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from kernels.launch import recording
+
     compute = DTYPES[dtype]
-    with FakeTensorMode(allow_non_fake_inputs=True), counted_as(as_device):
+    with FakeTensorMode(allow_non_fake_inputs=True), counted_as(as_device), recording() as launches:
         net = PROVIDERS[provider].build(model).train(mode == "train")
         x = torch.randn(batch, 3, resolution, resolution).to(memory_format=torch.channels_last)
         labels = torch.zeros(batch, dtype=torch.long)
@@ -177,7 +195,7 @@ def count_step(
                 loss.backward()
                 torch.optim.SGD(params, lr=0.01).step()
     c = counter.count
-    return Traffic(provider, model, mode, batch, resolution, dtype, as_device, c.ops, c.bytes, c.rows)
+    return Traffic(provider, model, mode, batch, resolution, dtype, as_device, c.ops, c.bytes, c.rows), launches
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ table, JSON and a memory-vs-volume plot.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -236,6 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-volume", action="store_true", help="CUDA: the largest volume each provider trains")
     parser.add_argument("--memory-of", choices=PROVIDERS, help=argparse.SUPPRESS)  # the fresh-process worker
     args = vars(parser.parse_args(argv))
+    if importlib.util.find_spec("monai") is None:
+        parser.exit(
+            2,
+            "python -m fastdense volumes: monai is not installed; the 3-D benchmark builds MONAI's "
+            "DenseNets (pip install monai, or put its wheel on PYTHONPATH: benchmarks/fetch_gpu_extras.sh)\n",
+        )
     memory_of, max_volume = args.pop("memory_of"), args.pop("max_volume")
     options = Options(**args)
     if memory_of:

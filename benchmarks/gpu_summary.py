@@ -1,0 +1,120 @@
+"""The GPU check's ``summary.txt``: the stages, then each stage's short table, from what its logs and JSON hold.
+
+Written after every stage (and while one runs), so it says what was measured so far: a stage that has not
+finished shows what its JSON holds already. Rows with an ``error`` (a provider that failed) are listed with
+it; pytest stages show their result line and the tests that failed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+BASELINE = "torchvision-eager"
+
+
+def summary(results: Path, rows: list[dict], budget: int, elapsed: float, rehearse: bool) -> str:
+    lines = ["fastdense GPU check" + (" REHEARSAL on the CPU (stand-ins, tiny sizes)" if rehearse else "")]
+    environment = results / "environment.log"
+    if environment.exists():
+        lines += [line for line in environment.read_text().splitlines()[1:4] if line.strip()]
+    lines.append(f"budget {budget} s, {elapsed:.0f} s elapsed")
+    lines.append(f"{'stage':22} {'limit':>5} {'used':>5}  {'status':8} {'tuning':28} note")
+    for row in rows:
+        lines.append(
+            f"{row['stage']:22} {row['limit']:5d} {row['seconds']:5.0f}  {row['status']:8} {row['tuning']:28} "
+            f"{row.get('note', '')}".rstrip()
+        )
+    for row in rows:
+        name = row["stage"]
+        try:
+            json_file = results / f"{name}.json"
+            detail = _pytest(results / f"{name}.log") + _kernels(results, name)
+            detail += _volumes(json_file) if name.startswith("volumes") else _bench(json_file)
+        except Exception as error:  # a summary must never cost the run: say what could not be read
+            detail = [f"(this stage's results could not be summarised: {type(error).__name__}: {error})"]
+        if detail:
+            lines += ["", f"== {name}", *detail]
+    return "\n".join(lines) + "\n"
+
+
+def _pytest(log: Path) -> list[str]:
+    if not log.exists() or "pytest" not in log.read_text().splitlines()[0]:
+        return []
+    text = log.read_text().splitlines()
+    result = [line for line in text if re.search(r"\d+ (passed|failed|error|skipped)|no tests ran", line)]
+    failed = [line[:200] for line in text if line.startswith(("FAILED", "ERROR"))]
+    return failed + result[-1:]
+
+
+def _bench(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError:  # being rewritten this moment
+        return []
+    if not isinstance(result, dict) or "plan" not in result:  # not a benchmark's JSON
+        return []
+    rows = result.get("rows", [])
+    if result["plan"].get("max_batch"):
+        return [
+            f"{r['provider']:36} largest training batch {r.get('max_batch')} (fails at {r.get('max_batch_fails')})"
+            + (f"; ERROR {r['error']}" if "error" in r else "")
+            for r in rows
+        ]
+    lines = [f"{'mode':5} {'batch':>5} {'provider':34} {'ms':>8} {'img/s':>8} {'speed':>6} {'peak MiB':>9} "
+             f"{'memory':>6} {'first s':>7} {'max_rel_err':>11}"]  # fmt: skip
+    if not result.get("complete"):
+        lines[0] += "   (stage cut: the rows measured so far)"
+    for r in rows:
+        head = f"{r['mode']:5} {r['batch']:5d} {r['provider']:34}"
+        if "error" in r and "ms_median" not in r:
+            lines.append(f"{head} FAILED: {r['error']}")
+            continue
+        if "ms_median" not in r:
+            continue
+        base = next((b for b in rows if b["provider"] == BASELINE and b["mode"] == r["mode"]
+                     and b["batch"] == r["batch"] and "ms_median" in b), None)  # fmt: skip
+        speed = r.get("speed_vs_eager") or (base["ms_median"] / r["ms_median"] if base else None)
+        peak, base_peak = r.get("peak_mem_mb"), (base or {}).get("peak_mem_mb")
+        err = r.get("max_rel_err")
+        lines.append(
+            f"{head} {r['ms_median']:8.1f} {r['images_per_s']:8.1f} {_x(speed):>6} {_num(peak):>9} "
+            f"{_x(peak / base_peak if peak and base_peak else None):>6} {r['first_step_s']:7.1f} "
+            f"{'-' if err is None else f'{err:.1e}':>11}"
+        )
+    return lines
+
+
+def _kernels(results: Path, name: str) -> list[str]:
+    path = results / "kernels.json"
+    if name != "kernels" or not path.exists():
+        return []
+    result = json.loads(path.read_text())
+    return [
+        f"{r['kernel']:13} {r['shape']:28} {r['candidate']:34} {r['ms']:8.3f} ms {r['GB_per_s']:6.0f} GB/s "
+        f"{r['TFLOP_per_s']:6.1f} TFLOP/s"
+        for r in result["rows"]
+    ]
+
+
+def _volumes(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())
+    rows = rows.get("rows", rows) if isinstance(rows, dict) else rows
+    return [
+        f"{r['provider']:30} {r['volume']}^3 batch {r['batch']}: {_num(r.get('ms_median'))} ms, "
+        f"{_num(r.get('peak_mem_mb'))} MiB extra peak"
+        for r in rows
+    ]
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"

@@ -1,0 +1,140 @@
+"""Every configuration the autotuner may pick computes the right answer.
+
+On a GPU the autotuner chooses among each kernel's configurations (``configs``, and ``ieee_configs`` for
+float32 products with TF32 off); the interpreter otherwise runs one small configuration only. Here each
+kernel runs with each of its configurations in turn (``Launcher.forced``), on odd shapes that leave a
+partial tile in every dimension of every configuration (rows, output columns, the reduction), against
+its PyTorch reference. All of them, every run: 36 configurations in about 20 s under the interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdense.tools.verify import relative_error
+from kernels import bn_relu_gemm, bn_relu_gemm_backward, bn_relu_pool, conv3x3, finalize, stats
+
+from .test_kernels import norm_vectors, randn
+
+# No power of two divides these: every tiling leaves a partial last tile, and most leave several tiles.
+M, N, K = 253, 131, 133
+TOL = 1e-5  # float32, fp32 accumulation; only the summation order differs from the reference
+
+
+def _every_config(*launchers):
+    cases = []
+    for launcher in launchers:
+        configs = launcher.configs + [c for c in launcher.ieee_configs if c not in launcher.configs]
+        cases += [pytest.param(launcher, c, id=f"{launcher.name}-{i}") for i, c in enumerate(configs)]
+    return cases
+
+
+def _gemm_case():
+    buf = randn(M, K + 3)
+    x, norm, weight = buf[:, :K], norm_vectors(K), randn(N, K, seed=7) * 0.1
+    y, (var, mean) = bn_relu_gemm.bn_relu_gemm(x, norm, weight, stats=True)
+    assert relative_error(y, bn_relu_gemm.bn_relu_gemm_reference(x, norm, weight)) <= TOL
+    ref_var, ref_mean = stats.column_stats_reference(y)
+    assert relative_error(mean, ref_mean) <= TOL and relative_error(var, ref_var) <= TOL
+    epilogue = norm_vectors(N, seed=11)
+    y, _ = bn_relu_gemm.bn_relu_gemm(x, norm, weight, epilogue=epilogue)
+    assert relative_error(y, bn_relu_gemm.bn_relu_gemm_reference(x, norm, weight, epilogue=epilogue)) <= TOL
+
+
+def _pooled_gemm_case():
+    hw = (22, 19)  # 11 x 9 pooled pixels per image, 297 output rows
+    x, norm, weight = randn(3 * 22 * 19, K), norm_vectors(K), randn(N, K, seed=7) * 0.1
+    y, _ = bn_relu_gemm.bn_relu_gemm(x, norm, weight, pool_hw=hw)
+    assert relative_error(y, bn_relu_gemm.bn_relu_gemm_reference(x, norm, weight, pool_hw=hw)) <= TOL
+
+
+def _conv3x3_case():
+    nhw, c, k = (3, 9, 11), 67, 37  # 297 rows; channels leave a partial K step; 37 new channels
+    m = nhw[0] * nhw[1] * nhw[2]
+    y, weight, prologue = randn(m, c), randn(k, c, 3, 3, seed=5) * 0.1, norm_vectors(c)
+    out = torch.zeros(m, k + 3, device=y.device)
+    var, mean = conv3x3.conv3x3(y, weight, nhw, out[:, 1 : 1 + k], prologue=prologue, stats=True)
+    expected = conv3x3.conv3x3_reference(y, weight, nhw, prologue=prologue)
+    assert relative_error(out[:, 1 : 1 + k], expected) <= TOL
+    ref_var, ref_mean = stats.column_stats_reference(expected)
+    assert relative_error(mean, ref_mean) <= TOL and relative_error(var, ref_var) <= TOL
+
+
+def _column_stats_case():
+    cols = randn(1100, N + 4, scale=3.0, offset=50.0)[:, 2 : 2 + N]  # rows past one program's 1024
+    var, mean = stats.column_stats(cols)
+    ref_var, ref_mean = stats.column_stats_reference(cols)
+    assert relative_error(mean, ref_mean) <= 1e-6 and relative_error(var, ref_var) <= TOL
+
+
+def _bn_relu_pool_case():
+    x, norm = randn(2, N, 19, 23).contiguous(memory_format=torch.channels_last), norm_vectors(N)
+    for window in ((3, 2, 1, True), (2, 2, 0, False)):  # the stem's max pool, a transition's average
+        out = bn_relu_pool.bn_relu_pool(x, norm, *window)
+        assert relative_error(out, bn_relu_pool.bn_relu_pool_reference(x, norm, *window)) <= TOL
+
+
+def _norm1_backward_case():
+    c, k = N, K  # dgrad: M x C output tiles over a K-long reduction; wgrad: K x C tiles over M rows
+    buf = randn(M, c + 3)
+    x, norm, mean, coef = buf[:, :c], norm_vectors(c), randn(c, seed=21), randn(c, seed=22)
+    weight, d_y = randn(k, c, seed=23), randn(M, k, seed=24)
+    grad_sum = randn(M, c + 5, seed=25)
+    expected_sum = grad_sum.clone()
+    got = bn_relu_gemm_backward.norm1_gemm_backward(d_y, x, norm, mean, coef, weight, grad_sum, True)
+    want = bn_relu_gemm_backward.norm1_gemm_backward_reference(d_y, x, norm, mean, coef, weight, expected_sum, True)
+    assert relative_error(grad_sum, expected_sum) <= TOL
+    for name, a, b in zip(("sum(P)", "sum(P x)", "dW"), got, want, strict=True):
+        assert relative_error(a, b) <= TOL, name
+
+
+def _finalize_case():
+    grad_sum, x, d_out = randn(M, N + 9, seed=31), randn(M, N + 5, seed=32), randn(M, N + 2, seed=33)
+    vectors = (randn(N, seed=34), randn(N, seed=35).abs() + 0.5, randn(N, seed=36), randn(N, seed=37))
+    g, xs, dy = grad_sum[:, 3 : 3 + N], x[:, 5:], d_out[:, 1 : 1 + N]
+    for state in (vectors, None):  # training, eval
+        out = torch.empty(M, N, device=g.device)
+        finalize.finalize(g, xs, dy, out, state)
+        assert relative_error(out, finalize.finalize_reference(g, xs, dy, state)) <= 1e-6
+
+
+CASES = {
+    "bn_relu_gemm": _gemm_case,
+    "pooled_gemm": _pooled_gemm_case,
+    "conv3x3": _conv3x3_case,
+    "column_stats": _column_stats_case,
+    "bn_relu_pool": _bn_relu_pool_case,
+    "dgrad": _norm1_backward_case,
+    "wgrad": _norm1_backward_case,
+    "finalize": _finalize_case,
+}
+
+
+@pytest.mark.parametrize(
+    "launcher,config",
+    _every_config(
+        bn_relu_gemm._bn_relu_gemm_kernel,
+        bn_relu_gemm._pooled_gemm_kernel,
+        conv3x3._conv3x3_kernel,
+        stats._column_stats_kernel,
+        bn_relu_pool._bn_relu_pool_kernel,
+        bn_relu_gemm_backward._dgrad_kernel,
+        bn_relu_gemm_backward._wgrad_kernel,
+        finalize._finalize_kernel,
+    ),
+)
+def test_every_configuration_matches_its_reference(launcher, config):
+    with launcher.forced(config):
+        CASES[launcher.name]()
+
+
+def test_forcing_a_configuration_changes_the_launch():
+    """The check above would prove nothing if ``forced`` did not reach the launch: a configuration whose
+    tiles do not fit the kernel's shape rules (BLOCK_K not a power of two) must make the launch fail."""
+    import triton
+
+    launcher = bn_relu_gemm._bn_relu_gemm_kernel
+    broken = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 24})
+    with launcher.forced(broken), pytest.raises(Exception, match=r"power of (2|two)"):
+        _gemm_case()
