@@ -168,7 +168,7 @@ def stages() -> list[Stage]:
             why="MONAI's DenseNet121 on 128^3 volumes against its conversion (needs monai)",
         ),
         Stage(
-            "small-shapes", 60, [*PYTEST, "tests/test_kernels.py", "tests/test_kernel_configs.py"], FIXED,
+            "small-shapes", 70, [*PYTEST, "tests/test_kernels.py", "tests/test_kernel_configs.py"], FIXED,
             env=FIXED_ENV, why="the kernels on the interpreter's small odd shapes, compiled; every configuration",
         ),
         Stage(
