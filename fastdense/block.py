@@ -6,8 +6,6 @@ the state_dict are exactly torchvision's; only the block's forward differs. ``sp
 3x3x3 convolutions, the same buffer, shared statistics and backward.
 """
 
-from __future__ import annotations
-
 import math
 
 import torch
@@ -19,15 +17,14 @@ from .batchnorm import share_batch_stats
 from .block_algorithm import BatchStats, BlockPlan, batch_stats_of, block_forward, update_block_running_stats
 from .block_op import backend_ops, run_dense_block
 from .sync_batchnorm import StatsSync, sync_group_name
-from .tracing import NotScriptable, call_module_node, exporting, is_traced, refuse_torchscript
+from .tracing import call_module_node, exporting, is_traced, jit_compiling
 from .triton_ops import check_dtypes
-from .validation import check_block_input, compute_dtype
+from .validation import autocast_off, check_block_input, compute_dtype
 
 SPATIAL_DIMS = (1, 2, 3)
 # The layer modules per number of spatial dimensions (convert checks foreign layers against them too).
 BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_CHANNEL_DROPOUTS = {1: F.dropout1d, 2: F.dropout2d, 3: F.dropout3d}
 
 
 def check_spatial_dims(spatial_dims: int) -> int:
@@ -70,18 +67,37 @@ class FastDenseLayer(nn.Module):
         self.memory_efficient = memory_efficient
         self.channelwise_dropout = channelwise_dropout
 
-    def forward(self, input: Tensor | list[Tensor]) -> Tensor:  # noqa: A002 - torchvision's name
-        # Stand-alone use only (a FastDenseBlock never calls this): the plain reference computation.
-        x = input if isinstance(input, Tensor) else torch.cat(input, 1)
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - torchvision's name
+        # Stand-alone use only (a FastDenseBlock never calls this): the plain reference computation, on the
+        # concatenation of a list of feature maps too (torchvision's layers take either).
+        if torch.jit.is_scripting():
+            return self.new_features(input)
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input):  # noqa: A002
+        return self.new_features(input if isinstance(input, Tensor) else torch.cat(input, 1))
+
+    @torch.jit.export
+    def new_features(self, x: Tensor) -> Tensor:
+        """The layer's new feature maps from the concatenation ``x`` of the earlier ones, computed as
+        torchvision's ``_DenseLayer`` computes them: what TorchScript, ``torch.jit.trace`` and stand-alone
+        calls run (the fused block runs every layer on its buffer instead)."""
         bottleneck = self.conv1(self.relu1(self.norm1(x)))
-        new_features = self.conv2(self.relu2(self.norm2(bottleneck)))
+        new = self.conv2(self.relu2(self.norm2(bottleneck)))
         if self.drop_rate > 0:
-            dropout = _CHANNEL_DROPOUTS[x.dim() - 2] if self.channelwise_dropout else F.dropout
-            new_features = dropout(new_features, p=self.drop_rate, training=self.training)
-        return new_features
+            if not self.channelwise_dropout:
+                new = F.dropout(new, p=self.drop_rate, training=self.training)
+            elif new.dim() == 3:
+                new = F.dropout1d(new, p=self.drop_rate, training=self.training)
+            elif new.dim() == 4:
+                new = F.dropout2d(new, p=self.drop_rate, training=self.training)
+            else:
+                new = F.dropout3d(new, p=self.drop_rate, training=self.training)
+        return new
 
 
-class FastDenseBlock(NotScriptable, nn.ModuleDict):
+class FastDenseBlock(nn.ModuleDict):
     """A dense block whose layers share one preallocated channels_last buffer.
 
     Same signature and state_dict as torchvision's ``_DenseBlock``; ``backend`` picks the
@@ -89,10 +105,13 @@ class FastDenseBlock(NotScriptable, nn.ModuleDict):
     output is the block's buffer: an ``(N, num_input_features + num_layers * growth_rate, H, W)`` tensor
     (``(N, C, D, H, W)`` in 3-D) in channels-last memory format.
     The output is saved for backward, so modifying it in place before ``backward()`` raises autograd's
-    usual error.
+    usual error. TorchScript (``torch.jit.script``, ``torch.jit.trace``) compiles the original library's
+    computation, ``torch.cat`` and the layers one by one, on the very same parameters (``reference``).
     """
 
     _version = 2
+    # Python-only properties TorchScript must not try to compile.
+    __jit_unused_properties__ = ("backend", "active_backend", "num_layers")
 
     def __init__(
         self,
@@ -219,9 +238,23 @@ class FastDenseBlock(NotScriptable, nn.ModuleDict):
         update_block_running_stats(norms1, norms2, stats, count, self.growth_rate)
 
     def forward(self, x: Tensor) -> Tensor:
+        if jit_compiling():  # TorchScript, torch.jit.trace
+            return self.reference(x)
+        return self._fused_forward(x)
+
+    def reference(self, x: Tensor) -> Tensor:
+        """The block as torchvision's ``_DenseBlock`` computes it (timm's and MONAI's blocks compute the
+        same): each layer's new features from the concatenation of the earlier ones. What TorchScript
+        compiles; exact to rounding against the fused forward."""
+        features = [x]
+        for layer in self.values():
+            features.append(layer.new_features(torch.cat(features, 1)))
+        return torch.cat(features, 1)
+
+    @torch.jit.unused
+    def _fused_forward(self, x):  # not annotated: TorchScript reads an unused method's real annotations
         if is_traced(x):  # FX: one call_module node, run with real tensors later
             return call_module_node(self, x)
-        refuse_torchscript("FastDenseBlock")
         if exporting() and not self.training:
             return self._exported_forward(x)
         backend, cdt, sync_group = self._check(x)
@@ -243,7 +276,7 @@ class FastDenseBlock(NotScriptable, nn.ModuleDict):
         so the exported program lowers to core ATen and to ONNX with no fastdense operator in it."""
         _, cdt, _ = self._check(x)
         plan = self._plan("torch", cdt, "")
-        with torch.autocast(x.device.type, enabled=False), torch.no_grad():  # an inference graph
+        with autocast_off(x.device.type), torch.no_grad():  # an inference graph
             out, _ = block_forward(x, self.layer_params(), plan, save=False)
         return out
 
@@ -255,7 +288,7 @@ class FastDenseBlock(NotScriptable, nn.ModuleDict):
         x = buffer[..., : self.num_input_features].movedim(-1, 1)
         backend, cdt, sync_group = self._check(x)
         plan = self._plan(backend, cdt, sync_group)
-        with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        with autocast_off(x.device.type), torch.no_grad():
             out, state = block_forward(x, self.layer_params(), plan, save=False, buffer=buffer)
         if not self.training:
             return out, None

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
+from . import flops
 from .batchnorm import accumulation_dtype
 from .block_algorithm import (
     PARAMS_PER_LAYER,
@@ -37,6 +38,7 @@ from .devices import device_type
 from .sync_batchnorm import StatsSync
 from .torch_ops import TORCH_OPS
 from .triton_ops import triton_ops
+from .validation import autocast_off
 
 
 def backend_ops(backend: str, spatial_dims: int) -> Ops:
@@ -104,7 +106,7 @@ def dense_block(
         channelwise_dropout=tuple(channelwise_dropout),
         sync=StatsSync(sync_group) if sync_group else None,
     )
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         out, state = block_forward(x, tuple(params), plan, save=save)
     stats = list(batch_stats_of(state)) if training else [*(state_vector(x) for _ in range(4)), _row_count(x, 0)]
     saved = [state_vector(x) if t is None else t for t in state.flatten()] if save else []
@@ -165,7 +167,7 @@ def dense_block_backward(
     """The input's and the parameters' gradients (zero-size where ``needs_input_grad`` says none:
     ``[input, *params]``)."""
     state = BlockState.unflatten([_present(t) for t in saved])
-    with torch.autocast(out.device.type, enabled=False):
+    with autocast_off(out.device.type):
         d_x, grads = block_backward(
             grad_out, out, tuple(params), state, tuple(needs_input_grad),
             growth_rate=growth_rate, training=training, compute_dtype=compute_dtype,
@@ -257,3 +259,7 @@ def run_dense_block(
         sync_group,
     )
     return out, BatchStats(*stats) if block.training else None
+
+
+# FlopCounterMode sees each operator as one call: the formulas count the convolutions inside.
+flops.register(torch.ops.fastdense.dense_block, torch.ops.fastdense.dense_block_backward)

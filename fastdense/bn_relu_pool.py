@@ -35,6 +35,7 @@ from .stages import stage
 from .torch_ops import CHUNK_ELEMENTS, batch_norm_backward_in_place_serves, device_type, normalized_relu
 from .torch_ops import column_stats as torch_column_stats
 from .triton_ops import check_dtypes
+from .validation import autocast_enabled, autocast_off
 
 # BatchNorm and the pools that go with it, per number of spatial dimensions.
 NORMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
@@ -353,7 +354,7 @@ def _backward(grad_out, x, weight, bias, mean, rstd, max_pooled, pool, training:
     output gradient is masked first (a pooled-size pass) and scattered back by the indices. Otherwise
     ``relu(norm(x))`` is recomputed for the pool's backward and the mask."""
     indices, pooled = max_pooled
-    with torch.autocast(x.device.type, enabled=False), stage("bn_relu_pool_backward", x.device):
+    with autocast_off(x.device.type), stage("bn_relu_pool_backward", x.device):
         if indices is not None:
             masked = torch.ops.aten.threshold_backward(grad_out.to(pooled.dtype), pooled, 0)  # through the ReLU
             backward = _MAX_POOL_BACKWARD[type(pool)]
@@ -404,7 +405,7 @@ def bn_relu_pool(
     ("stem", "transition" or "head", and its backward "<part>_backward"). ``conv`` (``recomputable``):
     ``pool(relu(norm(conv(x))))``, the convolution's output computed again in backward, not kept."""
     cast = None
-    if conv is not None and x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+    if conv is not None and x.dtype == torch.float32 and autocast_enabled(x.device.type):
         cast = torch.get_autocast_dtype(x.device.type)  # the convolution runs in it, as nn.Conv would
         x = x.to(cast)
     positions = math.prod(x.shape[2:]) if conv is None else _positions(x, conv)
@@ -414,7 +415,7 @@ def bn_relu_pool(
             f"got input size {tuple(x.shape)}"
         )
     conv_weight = None if conv is None else conv.weight
-    with torch.autocast(x.device.type, enabled=False), stage(part, x.device), stage("bn_relu_pool", x.device):
+    with autocast_off(x.device.type), stage(part, x.device), stage("bn_relu_pool", x.device):
         return BatchNormReLUPool.apply(x, conv_weight, norm.weight, norm.bias, norm, pool, backend, part, conv, cast)
 
 

@@ -227,7 +227,10 @@ def convert(module: nn.Module, *, backend: str = "auto", strict: bool = False) -
         else:
             _refuse(f"left {full_name!r} unchanged: {reasons[full_name]}", strict)
     for network in [m for m in module.modules() if _is_monai_densenet(m)]:
-        _convert_stem_and_transitions(network, backend)
+        # Only together with blocks that converted: a network whose blocks all stayed MONAI's keeps every
+        # module it had (same types, same repr), the stem and transitions included.
+        if any(isinstance(m, FastDenseBlock) for m in network.features.children()):
+            _convert_stem_and_transitions(network, backend)
     return module
 
 

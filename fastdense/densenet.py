@@ -5,8 +5,6 @@ strictly into these models and theirs into torchvision's. Pretrained weights loa
 (``weights=DenseNet121_Weights.IMAGENET1K_V1`` ...), including its legacy-key remap.
 """
 
-from __future__ import annotations
-
 from collections import OrderedDict
 from typing import Any
 
@@ -31,11 +29,11 @@ from .bn_relu_pool import (
     triton_bn_relu_pool_into,
 )
 from .layout import channels_last
-from .tracing import NotScriptable, call_module_node, is_traced, refuse_torchscript
+from .tracing import call_module_node, is_traced, jit_compiling
 from .validation import compute_dtype
 
 
-class Transition(NotScriptable, nn.Sequential):
+class Transition(nn.Sequential):
     """BN-ReLU-1x1 conv-2x2 average pool, torchvision's ``_Transition`` with the same names.
 
     The pool runs before the conv: both are linear and the conv has no bias, so the result is the
@@ -53,7 +51,7 @@ class Transition(NotScriptable, nn.Sequential):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
     @classmethod
-    def of_modules(cls, modules: OrderedDict[str, nn.Module], *, backend: str = "auto") -> Transition:
+    def of_modules(cls, modules: OrderedDict[str, nn.Module], *, backend: str = "auto") -> "Transition":
         """A transition holding the given ``norm``, ``relu``, ``conv`` and ``pool`` modules themselves (any
         number of spatial dimensions: MONAI's 3-D transitions convert to one)."""
         transition = cls.__new__(cls)
@@ -81,6 +79,18 @@ class Transition(NotScriptable, nn.Sequential):
         return isinstance(self.pool, AVERAGE_POOLS) and plain_conv and conv.bias is None
 
     def forward(self, x: Tensor) -> Tensor:
+        if jit_compiling():  # TorchScript, torch.jit.trace
+            return self.reference(x)
+        return self._fused_forward(x)
+
+    def reference(self, x: Tensor) -> Tensor:
+        """The modules one after the other, as torchvision's (and MONAI's) transition runs them."""
+        for module in self:
+            x = module(x)
+        return x
+
+    @torch.jit.unused
+    def _fused_forward(self, x):  # not annotated: TorchScript reads an unused method's real annotations
         if is_traced(x):  # FX: one call_module node
             return call_module_node(self, x)
         if not self.exact():
@@ -101,7 +111,7 @@ def recomputes_conv0(x: Tensor) -> bool:
     return x.dim() != 4 or x.device.type != "cpu"
 
 
-class Features(NotScriptable, nn.Sequential):
+class Features(nn.Sequential):
     """torchvision's ``features`` Sequential; runs norm0-relu0-pool0 as one op that recomputes the
     normalised stem output in backward instead of keeping it (falls back to the plain sequence when
     those modules were replaced or carry hooks). ``backend`` picks that op's kernels."""
@@ -125,7 +135,21 @@ class Features(NotScriptable, nn.Sequential):
             return bn_relu_pool(conv0(channels_last(x)), norm0, pool0, backend)
         return pool0(relu0(norm0(conv0(x))))
 
-    def forward(self, x: Tensor, *, skip_last: bool = False) -> Tensor:
+    def forward(self, x: Tensor, skip_last: bool = False) -> Tensor:
+        if jit_compiling():  # TorchScript, torch.jit.trace: every module, one after the other
+            return self.reference(x)
+        return self._fused_forward(x, skip_last)
+
+    def reference(self, x: Tensor) -> Tensor:
+        """The modules one after the other, as the original ``features`` Sequential runs them."""
+        for module in self:
+            x = module(x)
+        return x
+
+    # A type comment: TorchScript cannot resolve an unused method's string annotations.
+    @torch.jit.unused
+    def _fused_forward(self, x, skip_last):
+        # type: (Tensor, bool) -> Tensor
         modules = list(self._modules.items())
         if skip_last:  # the network's fused head runs the last module (norm5) itself
             modules = modules[:-1]
@@ -141,8 +165,11 @@ class FastDenseNet(nn.Module):
     """DenseNet-BC with fast dense blocks; arguments and module tree as torchvision's ``DenseNet``.
 
     ``backend`` ("auto", "torch" or "triton") is passed to every dense block and can be changed later
-    through the ``backend`` property; ``active_backend`` says what the last forward ran.
+    through the ``backend`` property; ``active_backend`` says what the last forward ran. TorchScript
+    compiles torchvision's ``DenseNet.forward`` on the same modules (``reference``).
     """
+
+    __jit_unused_properties__ = ("backend", "active_backend")  # Python only: not for TorchScript
 
     def __init__(
         self,
@@ -291,18 +318,22 @@ class FastDenseNet(nn.Module):
                 maps[name] = x
         return maps
 
-    def __prepare_scriptable__(self) -> nn.Module:
-        """``torch.jit.script`` compiles torchvision's DenseNet holding this model's modules (fastdense's
-        fused operators do not script); this model itself is left as it is."""
-        from .revert import revert
-
-        return revert(self)
-
     def forward(self, x: Tensor) -> Tensor:
+        if jit_compiling():  # TorchScript, torch.jit.trace
+            return self.reference(x)
+        return self._fused_forward(x)
+
+    def reference(self, x: Tensor) -> Tensor:
+        """torchvision's ``DenseNet.forward`` on these modules (each of them then runs its own reference)."""
+        out = F.relu(self.features(x), inplace=True)
+        out = F.adaptive_avg_pool2d(out, (1, 1))
+        return self.classifier(torch.flatten(out, 1))
+
+    @torch.jit.unused
+    def _fused_forward(self, x):  # not annotated: TorchScript reads an unused method's real annotations
         if is_traced(x):  # FX: torchvision's sequence, blocks and transitions as call_module nodes
             out = F.adaptive_avg_pool2d(F.relu(self.features(x)), (1, 1))
             return self.classifier(torch.flatten(out, 1))
-        refuse_torchscript("FastDenseNet")
         self._active_backend = resolve_backend(self._backend, x.device)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         chain = self._chain() if self._active_backend == "triton" and not needs_grad else None

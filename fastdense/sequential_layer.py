@@ -6,8 +6,6 @@ then ``layers.dropout`` when ``dropout_prob > 0``), so its state_dict keys are
 a converted model stay the original's, and shows its modules under the names the block reads.
 """
 
-from __future__ import annotations
-
 import torch
 from torch import Tensor, nn
 
@@ -23,6 +21,9 @@ class SequentialDenseLayer(nn.Module):
     """
 
     memory_efficient = False
+    # Python-only properties TorchScript must not try to compile.
+    __jit_unused_properties__ = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2", "dropout", "drop_rate",
+                                 "channelwise_dropout")  # fmt: skip
 
     def __init__(self, layers: nn.Sequential) -> None:
         super().__init__()
@@ -52,3 +53,9 @@ class SequentialDenseLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x, self.layers(x)], 1)
+
+    @torch.jit.export
+    def new_features(self, x: Tensor) -> Tensor:
+        """The layer's new feature maps from the concatenation ``x``: MONAI's ``layers`` (what TorchScript
+        and ``torch.jit.trace`` run; ``FastDenseBlock.reference``)."""
+        return self.layers(x)

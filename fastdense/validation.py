@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for a device autocast does not know (``meta``:
+    models built and run there for their shapes, where PyTorch's own query raises)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
+def autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``, or no context at all for a device autocast does not
+    know (``meta``, where constructing one raises)."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype GEMMs and convolutions run in: autocast's when it applies to ``x``, else ``x``'s."""
     device_type = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+    if x.dtype != torch.float64 and autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
@@ -47,7 +67,7 @@ def check_block_input(
         )
     if x.device != weight.device:
         raise ValueError(f"{name}: input is on {x.device} but the block's parameters are on {weight.device}")
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+    if x.dtype != weight.dtype and not autocast_enabled(x.device.type):
         raise TypeError(
             f"{name}: input dtype {x.dtype} does not match the parameters' dtype {weight.dtype} "
             "(convert one of them, or run under torch.autocast)"

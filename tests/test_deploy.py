@@ -159,32 +159,76 @@ def _quiet_torchscript_deprecation():
         yield
 
 
-def test_torch_jit_script_of_a_fastdense_network_compiles_torchvisions():
-    ref, fast = network_pair()
-    scripted = torch.jit.script(fast.eval())
-    x = x64(2, 3, 32, 32)
-    assert relative_error(scripted(x), ref.eval()(x)) <= 1e-12
-    assert type(fast.features.denseblock1) is fastdense.FastDenseBlock  # scripting changed nothing in place
+def _module_types(model):
+    return [(name, type(module)) for name, module in model.named_modules()]
 
 
-def test_torchscript_of_fastdense_blocks_raises_fastdenses_error_naming_revert():
+def _saved_and_loaded(scripted, tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(scripted, path)
+    return torch.jit.load(path)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+@pytest.mark.parametrize("what", ["network", "converted", "block", "transition", "features"])
+def test_torchscript_compiles_every_fastdense_module_and_leaves_it_as_it_is(what, how, tmp_path):
+    """torch.jit.script and torch.jit.trace of a fastdense network, a converted torchvision model and each
+    fastdense module on its own compile the original computation on the same parameters: outputs equal
+    eager in float64; the scripted module saves and loads; the eager model keeps its modules."""
     ref, fast = network_pair()
     converted = fastdense.convert(copy.deepcopy(ref))
     x = x64(2, 3, 32, 32)
-    attempts = (
-        lambda: torch.jit.script(converted),
-        lambda: torch.jit.trace(converted, x),
-        lambda: torch.jit.trace(fast, x),
-        lambda: torch.jit.script(converted.features.denseblock1),
-        lambda: torch.jit.script(fast.features.transition1),
-        lambda: torch.jit.script(fast.features),
-    )
-    for attempt in attempts:
-        with pytest.raises(RuntimeError, match=r"fastdense\.revert"):
-            attempt()
+    module, inputs, expected = {
+        "network": (fast, x, ref),
+        "converted": (converted, x, ref),
+        "block": (fast.features.denseblock1, x64(2, 8, 8, 8), ref.features.denseblock1),
+        "transition": (fast.features.transition1, x64(2, 16, 8, 8), ref.features.transition1),
+        "features": (fast.features, x, ref.features),
+    }[what]
+    module.eval(), expected.eval()
+    types, objects = _module_types(module), state_objects(module)
+    compiled = torch.jit.script(module) if how == "script" else torch.jit.trace(module, (inputs,))
+    assert _module_types(module) == types
+    assert_same_objects(module, objects)
+    want = expected(inputs)
+    assert relative_error(compiled(inputs), want) <= 1e-12
+    assert relative_error(module(inputs), want) <= 1e-12  # the eager module still runs fastdense's path
+    assert relative_error(_saved_and_loaded(compiled, tmp_path)(inputs), want) <= 1e-12
 
 
-def test_a_converted_monai_model_reaches_torchscript_through_revert():
+def test_a_scripted_model_trains_the_shared_parameters():
+    """Scripting shares the parameters (no copies): a training step of the scripted model updates the eager
+    model's, exactly as the same step of torchvision's model updates its own."""
+    ref, fast = network_pair()
+    scripted = torch.jit.script(fast.train())
+    x, target = x64(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for model in (scripted, ref.train()):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        optimizer.step()
+    for (name, param), ref_param in zip(fast.named_parameters(), ref.parameters(), strict=True):
+        assert relative_error(param, ref_param) <= 1e-12, name
+    for (name, buffer), ref_buffer in zip(fast.named_buffers(), ref.buffers(), strict=True):
+        assert relative_error(buffer.double(), ref_buffer.double()) <= 1e-12, name
+
+
+@pytest.mark.parametrize("library", ["timm", "monai-2d", "monai-3d"])
+def test_converted_timm_and_monai_models_script_directly(library, tmp_path):
+    if library == "timm":
+        original, converted = timm_pair()
+        x = x64(2, 3, 32, 32)
+    else:
+        spatial_dims = int(library[-2])
+        original, converted = monai_pair(spatial_dims, dropout_prob=0.0)
+        x = x64(2, 1, *[12] * spatial_dims)
+    original.eval(), converted.eval()
+    scripted = torch.jit.script(converted)
+    assert any(isinstance(m, fastdense.FastDenseBlock) for m in converted.modules())  # still converted
+    assert relative_error(scripted(x), original(x)) <= 1e-12
+    assert relative_error(_saved_and_loaded(scripted, tmp_path)(x), original(x)) <= 1e-12
+
+
+def test_a_converted_monai_model_reaches_torchscript_through_revert_too():
     original, converted = monai_pair(3, dropout_prob=0.0)
     scripted = torch.jit.script(fastdense.revert(converted).eval())
     x = x64(2, 1, 12, 12, 12)
@@ -216,10 +260,20 @@ def test_onnx_export_runs_in_onnxruntime_like_eager():
     assert relative_error(torch.from_numpy(out), expected) <= 1e-4
 
 
-def test_the_legacy_onnx_exporter_raises_fastdenses_error():
-    _, fast = network_pair(dtype=torch.float32)
-    with pytest.raises(RuntimeError, match=r"fastdense\.revert"):
-        torch.onnx.export(fast.eval(), (torch.randn(2, 3, 32, 32),), dynamo=False)
+def test_the_legacy_onnx_exporter_traces_the_original_computation(tmp_path):
+    """``torch.onnx.export(..., dynamo=False)`` is built on torch.jit.trace, which records the original
+    computation: the file runs in onnxruntime like eager."""
+    import onnxruntime
+
+    ref, fast = network_pair(dtype=torch.float32)
+    x = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "legacy.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fast.eval(), (x,), str(path), dynamo=False)
+    session = onnxruntime.InferenceSession(str(path))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert relative_error(torch.from_numpy(out), ref.eval()(x).detach()) <= 1e-4
 
 
 def test_the_readmes_deployment_snippet_runs(tmp_path, monkeypatch):
@@ -233,5 +287,6 @@ def test_the_readmes_deployment_snippet_runs(tmp_path, monkeypatch):
     x = namespace["x"]
     model, scripted = namespace["model"], namespace["scripted"]
     assert relative_error(scripted(x), model(x)) <= 1e-4
+    assert set(namespace["scripted_body"](x)) == {"c5"}
     assert set(namespace["maps"]) == {"c3", "c4"} and (tmp_path / "densenet121.onnx").stat().st_size > 1e6
     assert not any(isinstance(m, fastdense.FastDenseBlock) for m in namespace["original"].modules())

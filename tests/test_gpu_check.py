@@ -56,8 +56,8 @@ def test_rehearsal_leaves_a_summary_and_one_archive_within_the_return_limits(reh
     assert done.stdout.rstrip().endswith(summary.rstrip()), "the summary is printed last"
     with tarfile.open(out / "results.tar.gz") as tar:
         names = set(tar.getnames())
-    for stage in _stage_rows(summary):
-        assert f"results/{stage}.log" in names, stage
+    for stage, row in _stage_rows(summary).items():
+        assert f"results/{stage}.log" in names or row[3] == "SKIPPED", stage
     for bench in ("headline-train", "headline-infer", "headline-compile"):
         assert f"results/{bench}.json" in names
     assert "results/kernels.json" in names
@@ -70,7 +70,7 @@ def test_rehearsal_goes_on_past_a_failing_stage_a_cut_stage_and_a_failing_provid
     rows = _stage_rows(summary)
     assert rows["rehearse-fails"][3] == "FAILED"
     assert rows["rehearse-cut"][3] == "CUT" and "ignored SIGTERM" in " ".join(rows["rehearse-cut"])
-    assert 20 <= int(rows["rehearse-cut"][2]) <= 30  # its 20 s limit and the 5 s before SIGKILL
+    assert 8 <= int(rows["rehearse-cut"][2]) <= 16  # its 8 s limit and the 5 s before SIGKILL
     stages = list(rows)
     assert stages.index("headline-infer") > stages.index("rehearse-cut")
     for stage in ("environment", "correctness", "headline-train", "headline-infer", "headline-compile", "kernels"):
