@@ -14,7 +14,10 @@ setup(
     description="Fused DenseNet blocks for PyTorch: one shared buffer per block, exact against torchvision",
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
-    packages=["fastdense", "fastdense.tools", "kernels"],
+    # The kernels live in the repository's kernels/ folder and install as fastdense.kernels: one top-level
+    # name, fastdense (a top-level "kernels" would collide with the kernel-hub client of that name).
+    packages=["fastdense", "fastdense.tools", "fastdense.kernels"],
+    package_dir={"fastdense.kernels": "kernels"},
     python_requires=">=3.10",
     # Loose here so the library installs beside the user's PyTorch; requirements.txt pins the exact
     # CPU environment that CI and the README's commands use. The oldest tested: torch 2.11 with torchvision

@@ -182,7 +182,7 @@ def _test_launches(paths: list[str]) -> list:
     configuration per kernel, ``FASTDENSE_AUTOTUNE=0``)."""
     import pytest
 
-    from kernels.launch import recording
+    from fastdense.kernels.launch import recording
 
     os.environ["FASTDENSE_AUTOTUNE"] = "0"
     try:
@@ -198,8 +198,8 @@ def _kernel_bench_launches() -> list:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from fastdense.kernels.launch import recording
     from fastdense.tools import kernel_bench
-    from kernels.launch import recording
 
     with FakeTensorMode(allow_non_fake_inputs=True), recording() as launches:
         for _, side, c_in in kernel_bench.DENSENET121_LAYERS:

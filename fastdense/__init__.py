@@ -5,6 +5,7 @@ from .backend import resolve_backend
 from .block import FastDenseBlock, FastDenseBlock3d, FastDenseLayer
 from .convert import convert
 from .densenet import FastDenseNet, Transition, densenet121, densenet161, densenet169, densenet201, densenet264
+from .memory import PeakMemory, estimate_peak_memory
 from .revert import revert
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __all__ = [
     "FastDenseBlock3d",
     "FastDenseLayer",
     "FastDenseNet",
+    "PeakMemory",
     "Transition",
     "convert",
     "densenet121",
@@ -22,6 +24,7 @@ __all__ = [
     "densenet169",
     "densenet201",
     "densenet264",
+    "estimate_peak_memory",
     "resolve_backend",
     "revert",
 ]

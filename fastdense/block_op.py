@@ -234,6 +234,10 @@ def _fail_if_differentiated(grads: list[Tensor | None]) -> list[Tensor | None]:
 
 dense_block.register_autograd(_backward, setup_context=_setup_context)
 
+# The operators' own implementations by overload: the counting tools run these under their dispatch modes
+# (fake tensors), so that what a block allocates and launches inside is seen, not just its outputs.
+OPENED = {op._opoverload: op._init_fn for op in (dense_block, dense_block_backward)}
+
 
 def run_dense_block(
     block, x: Tensor, *, backend: str, compute_dtype: torch.dtype, save: bool, sync_group: str = ""

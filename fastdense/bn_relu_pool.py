@@ -301,8 +301,8 @@ def _normalized_relu(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd
 
 def _triton_norm(x: Tensor, norm: nn.BatchNorm2d, compute_dtype: torch.dtype, known=None):
     """Statistics (the Triton reduction when none are known), and the kernels' ``(shift, scale, bias)``."""
-    from kernels.affine import affine_vectors
-    from kernels.stats import column_stats
+    from fastdense.kernels.affine import affine_vectors
+    from fastdense.kernels.stats import column_stats
 
     check_dtypes(x, compute_dtype)
     mean, rstd = norm_statistics(x, norm, column_stats, known)
@@ -313,7 +313,7 @@ def _triton_forward(x: Tensor, norm: nn.BatchNorm2d, window, out: Tensor | None 
     """``pool(relu(norm(x)))`` by the Triton kernel (``window``: ``kernel_window(pool)``), written into
     ``out`` rows when given; ``known``: batch statistics ``(var, mean)`` of ``x``. Returns the result
     and the statistics used."""
-    from kernels.bn_relu_pool import bn_relu_pool as pool_kernel
+    from fastdense.kernels.bn_relu_pool import bn_relu_pool as pool_kernel
 
     x = x.contiguous(memory_format=torch.channels_last)  # the stem's conv0 output may not be
     mean, rstd, vectors = _triton_norm(x, norm, x.dtype, known)
@@ -334,7 +334,7 @@ def fused_transition(
     for inference and ``torch.no_grad``), written into ``out`` rows when given (the next block's buffer);
     ``known``: batch statistics ``(var, mean)`` of ``x``.
     Returns a channels_last ``(N, C_out, H // 2, W // 2)`` tensor (a view of ``out`` when given)."""
-    from kernels.bn_relu_gemm import bn_relu_gemm
+    from fastdense.kernels.bn_relu_gemm import bn_relu_gemm
 
     n, c, h, w = x.shape
     _, _, vectors = _triton_norm(x, norm, compute_dtype, known)

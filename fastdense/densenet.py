@@ -279,7 +279,7 @@ class FastDenseNet(nn.Module):
         """Inference on the triton backend with no autograd: the stem's pool writes into block 1's
         buffer, each transition into the next block's buffer (no copies at block boundaries), and
         the BatchNorms after a block reuse its batch statistics in training mode."""
-        from kernels.bn_relu_pool import pooled_size
+        from fastdense.kernels.bn_relu_pool import pooled_size
 
         features = self.features
         stem = features.conv0(x)

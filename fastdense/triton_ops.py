@@ -49,7 +49,7 @@ def check_dtypes(x: torch.Tensor, compute_dtype: torch.dtype) -> None:
 
 @functools.cache
 def _kernels() -> SimpleNamespace:
-    from kernels import affine, bn_relu_gemm, bn_relu_gemm_backward, conv3x3, finalize, stats
+    from fastdense.kernels import affine, bn_relu_gemm, bn_relu_gemm_backward, conv3x3, finalize, stats
 
     return SimpleNamespace(
         affine=affine, gemm=bn_relu_gemm, backward=bn_relu_gemm_backward, conv=conv3x3, finalize=finalize, stats=stats

@@ -65,19 +65,21 @@ class Launch:
 
 _recorded: list[Launch] | None = None
 _recorded_run = False
+_recorded_keep = True
 
 
 @contextlib.contextmanager
-def recording(run: bool = False):
+def recording(run: bool = False, keep: bool = True):
     """Record every launch (``Launch``, with the configurations a GPU would choose among) in the list this
     yields. ``run=False``: instead of running it (the counting tools run the triton backend on fake tensors,
-    where nothing can launch; device checks pass meanwhile); ``run=True``: and run it."""
-    global _recorded, _recorded_run
-    previous, _recorded, _recorded_run = (_recorded, _recorded_run), [], run
+    where nothing can launch; device checks pass meanwhile); ``run=True``: and run it. ``keep=False``: skip
+    the launches without keeping them (a ``Launch`` holds its tensors: a memory count must not)."""
+    global _recorded, _recorded_run, _recorded_keep
+    previous, _recorded, _recorded_run, _recorded_keep = (_recorded, _recorded_run, _recorded_keep), [], run, keep
     try:
         yield _recorded
     finally:
-        _recorded, _recorded_run = previous
+        _recorded, _recorded_run, _recorded_keep = previous
 
 
 class Launcher:
@@ -154,7 +156,8 @@ class Launcher:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             if _recorded is not None:
-                self._record(args, kwargs)
+                if _recorded_keep:
+                    self._record(args, kwargs)
                 if not _recorded_run:
                     return None
             precision = kwargs.get("PRECISION")

@@ -35,7 +35,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import bn_relu_gemm, bn_relu_gemm_backward, bn_relu_pool, conv3x3, finalize, stats
+from fastdense.kernels import bn_relu_gemm, bn_relu_gemm_backward, bn_relu_pool, conv3x3, finalize, stats
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on an H100/H200

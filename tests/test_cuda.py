@@ -68,9 +68,9 @@ def test_triton_backend_imagenet_variants_bf16_autocast(name, training):
 def test_triton_kernels_past_2_31_elements():
     """A buffer whose M * C_total exceeds 2^31 elements: the kernels' int64 row offsets reach its last
     rows (checked there against PyTorch), and the statistics cover every row."""
-    from kernels.bn_relu_gemm import bn_relu_gemm, bn_relu_gemm_reference
-    from kernels.conv3x3 import conv3x3, conv3x3_reference
-    from kernels.stats import column_stats
+    from fastdense.kernels.bn_relu_gemm import bn_relu_gemm, bn_relu_gemm_reference
+    from fastdense.kernels.conv3x3 import conv3x3, conv3x3_reference
+    from fastdense.kernels.stats import column_stats
 
     m, c_total, c_in = 8_400_000, 264, 256  # M * C_total = 2.2e9 > 2^31 (4.4 GB in bf16)
     assert m * c_total > 2**31
@@ -99,8 +99,8 @@ def test_triton_kernels_past_2_31_elements():
     del bottleneck
     # Backward: dgrad accumulates into an fp32 G of M x C_total (8.9 GB), wgrad reduces over every row,
     # finalize reads the last rows of G and the buffer.
-    from kernels.bn_relu_gemm_backward import norm1_gemm_backward, norm1_gemm_backward_reference
-    from kernels.finalize import finalize, finalize_reference
+    from fastdense.kernels.bn_relu_gemm_backward import norm1_gemm_backward, norm1_gemm_backward_reference
+    from fastdense.kernels.finalize import finalize, finalize_reference
 
     grad_sum = torch.zeros(m, c_total, device="cuda")
     d_y = torch.randn(m, 128, device="cuda", dtype=torch.bfloat16, generator=g)

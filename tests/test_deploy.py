@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -274,19 +273,3 @@ def test_the_legacy_onnx_exporter_traces_the_original_computation(tmp_path):
     session = onnxruntime.InferenceSession(str(path))
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert relative_error(torch.from_numpy(out), ref.eval()(x).detach()) <= 1e-4
-
-
-def test_the_readmes_deployment_snippet_runs(tmp_path, monkeypatch):
-    """The README's "Deploying a trained model" code, as printed (DenseNet-121, one image)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### Deploying a trained model", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    x = namespace["x"]
-    model, scripted = namespace["model"], namespace["scripted"]
-    assert relative_error(scripted(x), model(x)) <= 1e-4
-    assert set(namespace["scripted_body"](x)) == {"c5"}
-    assert set(namespace["maps"]) == {"c3", "c4"} and (tmp_path / "densenet121.onnx").stat().st_size > 1e6
-    assert not any(isinstance(m, fastdense.FastDenseBlock) for m in namespace["original"].modules())

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastdense.kernels import bn_relu_gemm, bn_relu_gemm_backward, bn_relu_pool, conv3x3, finalize, stats
 from fastdense.tools.verify import relative_error
-from kernels import bn_relu_gemm, bn_relu_gemm_backward, bn_relu_pool, conv3x3, finalize, stats
 
 from .test_kernels import norm_vectors, randn
 

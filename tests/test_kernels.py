@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastdense.kernels.bn_relu_gemm import bn_relu_gemm, bn_relu_gemm_reference
+from fastdense.kernels.bn_relu_pool import bn_relu_pool, bn_relu_pool_reference
+from fastdense.kernels.conv3x3 import conv3x3, conv3x3_reference
+from fastdense.kernels.launch import INTERPRET
+from fastdense.kernels.stats import column_stats, column_stats_reference
 from fastdense.tools.verify import relative_error
-from kernels.bn_relu_gemm import bn_relu_gemm, bn_relu_gemm_reference
-from kernels.bn_relu_pool import bn_relu_pool, bn_relu_pool_reference
-from kernels.conv3x3 import conv3x3, conv3x3_reference
-from kernels.launch import INTERPRET
-from kernels.stats import column_stats, column_stats_reference
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -138,7 +138,7 @@ def test_nan_and_inf_propagate_like_pytorch(window):
 def test_float32_products_follow_cudnns_tf32_switch(monkeypatch):
     """The suite turns TF32 off (tests/conftest.py); a float32 model otherwise gets what cuDNN's
     convolutions get, and the half-precision products are tensor-core products either way."""
-    from kernels.launch import dot_precision
+    from fastdense.kernels.launch import dot_precision
 
     assert dot_precision(torch.float32) == "ieee"
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
@@ -191,7 +191,7 @@ def test_kernel_microbenchmark_runs_and_writes_json(tmp_path, capsys):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_norm1_gemm_backward(m, c, k, dtype):
     """dgrad (mask recomputed, accumulated into a wider G, norm1's sums) and wgrad against PyTorch."""
-    from kernels.bn_relu_gemm_backward import norm1_gemm_backward, norm1_gemm_backward_reference
+    from fastdense.kernels.bn_relu_gemm_backward import norm1_gemm_backward, norm1_gemm_backward_reference
 
     buf = randn(m, c + 3, dtype=dtype)
     x, norm = buf[:, :c], norm_vectors(c)
@@ -211,7 +211,7 @@ def test_norm1_gemm_backward(m, c, k, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_finalize(training, dtype):
     """A column range of G, the buffer and the output gradient (all wider matrices) to its input gradient."""
-    from kernels.finalize import finalize, finalize_reference
+    from fastdense.kernels.finalize import finalize, finalize_reference
 
     m, c = 77, 13
     grad_sum, buf, d_out = randn(m, c + 9, seed=31), randn(m, c + 5, dtype=dtype, seed=32), randn(m, c + 2, seed=33)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastdense.kernels.launch import INTERPRET
 from fastdense.tools.verify import compare
 from fastdense.triton_ops import CONV3X3_ENV_VAR
-from kernels.launch import INTERPRET
 
 from .helpers import block_pair
 from .test_densenet import network_pair

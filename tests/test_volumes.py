@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,17 +30,6 @@ def test_the_command_measures_every_provider_and_volume(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "monai-densenet121-3d, batch 2" in printed and "fastdense" in printed
     assert png.stat().st_size > 0
-
-
-def test_the_readmes_3d_snippet_runs():
-    """The README's "3-D volumes" code, as printed: MONAI's DenseNet121 converted, memory_efficient set."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### 3-D volumes (CT, MRI): MONAI", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    blocks = [m for m in namespace["model"].modules() if isinstance(m, fastdense.FastDenseBlock)]
-    assert len(blocks) == 4 and all(b.memory_efficient and b.spatial_dims == 3 for b in blocks)
 
 
 def test_the_benchmark_takes_a_3d_model(monkeypatch):

@@ -39,7 +39,7 @@ def _vectors(c: int, device) -> tuple[torch.Tensor, ...]:
 
 
 def gemm_case(batch: int, side: int, c_in: int, dtype, device) -> dict:
-    from kernels.bn_relu_gemm import bn_relu_gemm
+    from fastdense.kernels.bn_relu_gemm import bn_relu_gemm
 
     m, n_out = batch * side * side, BN_SIZE * GROWTH
     buf = torch.randn(m, c_in + GROWTH, device=device).to(dtype)
@@ -73,8 +73,8 @@ def gemm_case(batch: int, side: int, c_in: int, dtype, device) -> dict:
 
 
 def conv_case(batch: int, side: int, dtype, device) -> dict:
-    from kernels.conv3x3 import conv3x3
-    from kernels.stats import column_stats
+    from fastdense.kernels.conv3x3 import conv3x3
+    from fastdense.kernels.stats import column_stats
 
     m, c = batch * side * side, BN_SIZE * GROWTH
     y = torch.randn(m, c, device=device).to(dtype)

@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from fastdense import stages
-from fastdense.block_op import dense_block, dense_block_backward
+from fastdense.block_op import OPENED
 from fastdense.devices import counted_as
 
 from .measure import DTYPES, MODES
@@ -52,8 +52,6 @@ FREE = {
     "aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default", "aten.detach.default",
     "aten.alias.default", "aten.lift_fresh.default", "aten.new_empty.default", "aten.new_empty_strided.default",
 }  # fmt: skip
-# The registered block operators, opened: their implementation runs under the counter.
-OPENED = {op._opoverload: op._init_fn for op in (dense_block, dense_block_backward)}
 
 
 def _composite(func) -> bool:
@@ -175,7 +173,7 @@ def step_launches(provider: str, model: str, mode: str, batch: int, resolution: 
 def _counted_step(provider, model, mode, batch, resolution, dtype, as_device) -> tuple[Traffic, list]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from kernels.launch import recording
+    from fastdense.kernels.launch import recording
 
     compute = DTYPES[dtype]
     with FakeTensorMode(allow_non_fake_inputs=True), counted_as(as_device), recording() as launches:
