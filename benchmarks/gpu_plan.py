@@ -36,6 +36,8 @@ UNITS = {
                         "measured on the CPU machine)"),
     "inductor-fastdense-infer": (20.2, "torch.compile of fastdense's densenet121 (the stem, transitions and head "
                                  "around the block operators), inference, on the CPU machine beside another job"),
+    "count": (6.0, "one counted step of densenet121 on fake tensors (fastdense.estimate_peak_memory): 4-11 s "
+              "measured on the CPU machine"),
     "step": (0.1, "one training step of densenet121 at batch 256, bf16 (3x the counted floor of torchvision "
              "eager's: 35 GB at 4.3 TB/s); smaller steps scale with the batch, inference is a third"),
 }  # fmt: skip
@@ -67,6 +69,7 @@ class Need:
     steps: float = 0.0  # in batch-256 training steps
     note: str = ""
     tests: list[str] = field(default_factory=list)  # pytest files whose launches are recorded in the interpreter
+    counts: int = 0  # counted steps on fake tensors (``python -m fastdense fit``)
     kernel_bench: bool = False  # the kernel microbenchmark's launches (``python -m fastdense kernels``)
 
 
@@ -85,6 +88,7 @@ def needs() -> dict[str, Need]:
     """What each stage of ``gpu_check.stages()`` runs, counted from its command line."""
     return {
         "environment": Need(processes=1),
+        "fit": Need(processes=1, counts=12, note="CPU only: 4 providers, 3 counts each"),
         "warm-compile": Need(inductor=[["train"], ["train"], ["infer", "infer"]], steps=1.25 + 1 / 3 * 1.25,
                              note="three chains of processes beside the stages below"),
         "correctness": Need(
@@ -104,7 +108,7 @@ def needs() -> dict[str, Need]:
         "kernels": Need(processes=1, kernel_bench=True, steps=4),
         "max-batch": Need(
             processes=4, workloads=[Workload("fastdense-triton", "train", 512, tuned=False)],
-            steps=4 * 8 * 4, note="4 providers, about 8 probes each at batches of 512 to ~10000",
+            steps=4 * 3 * 20, note="4 providers, about 3 probes each from the counted batch (2000-11000)",
         ),
         "gpu-tests": Need(processes=1, workloads=[Workload("fastdense-triton", "train", 8, tuned=False, model=m)
                                                     for m in ("densenet121", "densenet161")], steps=40),
@@ -165,7 +169,7 @@ def plan() -> list[dict]:
             for chain in need.inductor
         ]
         serial = need.processes * cost("process") + compiles * cost("compile") + trials * cost("trial")
-        seconds = serial + max(chains, default=0.0) + need.steps * cost("step")
+        seconds = serial + max(chains, default=0.0) + need.steps * cost("step") + need.counts * cost("count")
         rows.append({
             "stage": stage.name, "limit": stage.limit, "background": stage.background,
             "processes": need.processes or sum(map(len, need.inductor)), "launches": launches, "compiles": compiles,

@@ -30,7 +30,7 @@ def summary(results: Path, rows: list[dict], budget: int, elapsed: float, rehear
         name = row["stage"]
         try:
             json_file = results / f"{name}.json"
-            detail = _pytest(results / f"{name}.log") + _kernels(results, name)
+            detail = _pytest(results / f"{name}.log") + _kernels(results, name) + _fit(results, name)
             detail += _volumes(json_file) if name.startswith("volumes") else _bench(json_file)
         except Exception as error:  # a summary must never cost the run: say what could not be read
             detail = [f"(this stage's results could not be summarised: {type(error).__name__}: {error})"]
@@ -86,6 +86,33 @@ def _bench(path: Path) -> list[str]:
             f"{'-' if err is None else f'{err:.1e}':>11}"
         )
     return lines
+
+
+def _fit(results: Path, name: str) -> list[str]:
+    """The counted figures beside the measured ones: each provider's extra peak at the headline's
+    batches (counted line against ``torch.cuda.max_memory_allocated``) and its largest training batch."""
+    path = results / "fit.json"
+    if name != "fit" or not path.exists():
+        return []
+    rows = json.loads(path.read_text())["rows"]
+    measured = {}
+    train = results / "headline-train.json"
+    if train.exists():
+        for r in json.loads(train.read_text()).get("rows", []):
+            if "peak_mem_mb" in r:
+                measured[(r["provider"], r["batch"])] = r["peak_mem_mb"]
+    largest, searched = {}, results / "max-batch.json"
+    if searched.exists():
+        largest = {r["provider"]: r.get("max_batch") for r in json.loads(searched.read_text())["rows"]}
+    lines = [f"{'provider':34} {'extra peak MiB at 64: counted / measured':>42} {'at 256':>18} {'largest batch':>24}"]
+    for row in rows:
+        cells = []
+        for batch in (64, 256):
+            counted = (row["extra_fixed_bytes"] + row["extra_per_unit_bytes"] * batch) / 2**20
+            cells.append(f"{counted:8.0f} / {_num(measured.get((row['provider'], batch)))}")
+        big = f"{row['cards'][0]['largest']} / {largest.get(row['provider'], '-')}"
+        lines.append(f"{row['provider']:34} {cells[0]:>42} {cells[1]:>18} {big:>24}")
+    return [*lines, "(counted on fake tensors; measured: torch.cuda.max_memory_allocated, and the max-batch stage)"]
 
 
 def _kernels(results: Path, name: str) -> list[str]:

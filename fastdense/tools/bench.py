@@ -77,6 +77,7 @@ class Plan:
     repeats: int
     max_batch: bool = False
     roofline: bool = True  # measure the device's peaks (one process) for the inference rows' roofline fraction
+    start_json: str | None = None  # max-batch: start each provider's search at its counted largest batch
 
 
 def _measure(metric: str, providers: list[str], plan: Plan, mode: str, batch: int) -> list[dict]:
@@ -87,6 +88,8 @@ def _measure(metric: str, providers: list[str], plan: Plan, mode: str, batch: in
     command += ["--dtype", plan.dtype, "--device", plan.device, "--repeats", str(plan.repeats)]
     if plan.channels_last:
         command.append("--channels-last")
+    if metric == "max-batch" and plan.start_json:
+        command += ["--growth", "1.125"]  # from a counted estimate: small steps
     what = f"measuring {metric} of {', '.join(providers)} ({mode}, batch {batch})"
     return run_worker(command, memory=metric == "memory", what=what)
 
@@ -95,7 +98,8 @@ def jobs(plan: Plan) -> list[tuple[str, list[str], str, int]]:
     """(metric, providers, mode, batch) for every measurement process, in the order they run. With
     ``max_batch`` only the largest-batch searches run, one process per provider, from the first batch."""
     if plan.max_batch:
-        return [("max-batch", [p], "train", plan.batches[0]) for p in plan.providers]
+        starts = counted_largest_batches(plan.start_json) if plan.start_json else {}
+        return [("max-batch", [p], "train", starts.get(p, plan.batches[0])) for p in plan.providers]
     todo = [("peaks", [], "infer", plan.batches[0])] if plan.roofline else []
     cuda = plan.device.startswith("cuda")  # there the timing process measures peak memory too
     for batch in plan.batches:
@@ -103,6 +107,17 @@ def jobs(plan: Plan) -> list[tuple[str, list[str], str, int]]:
             todo.append(("time", plan.providers, mode, batch))
             todo += [] if cuda else [("memory", [p], mode, batch) for p in plan.providers]
     return todo
+
+
+def counted_largest_batches(path: str) -> dict[str, int]:
+    """Each provider's counted largest batch on the first card of a ``python -m fastdense fit --json`` file
+    (a missing or unreadable file: none; the searches then start from ``--batch``)."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {row["provider"]: row["cards"][0]["largest"] for row in rows if row["cards"][0]["largest"] > 0}
 
 
 def _measure_each(metric: str, providers: list[str], plan: Plan, mode: str, batch: int) -> list[dict]:
@@ -315,6 +330,7 @@ def plan_from_args(args: argparse.Namespace, default_providers: list[str] | None
         repeats=args.repeats or (3 if args.quick else 20 if cuda else 10),
         max_batch=getattr(args, "max_batch", False),
         roofline=not getattr(args, "no_roofline", False),
+        start_json=getattr(args, "start_json", None),
     )
 
 
@@ -324,6 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", help="write PNG plots to this path (…/name.png)")
     parser.add_argument(
         "--no-roofline", action="store_true", help="skip measuring the device's peaks (and the roofline column)"
+    )
+    parser.add_argument(
+        "--start-json", help="--max-batch: start each provider at its counted largest batch (a fit --json file)"
     )
     parser.add_argument(
         "--max-batch", action="store_true",

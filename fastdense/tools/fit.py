@@ -68,7 +68,12 @@ class Reserve:
 
 
 def parse_memory(text: str) -> int:
-    """``80GiB``, ``80GB`` (taken as GiB), ``81920MiB``, or a card's name (``CARDS``), in bytes."""
+    """``80GiB``, ``80GB`` (taken as GiB), ``81920MiB``, a card's name (``CARDS``), or ``device`` (this
+    machine's GPU, as CUDA reports it), in bytes."""
+    if text.lower() == "device":
+        if not torch.cuda.is_available():
+            raise ValueError("memory: 'device' needs a CUDA GPU")
+        return torch.cuda.get_device_properties(0).total_memory
     if text.lower() in CARDS:
         return CARDS[text.lower()] * GiB
     found = re.fullmatch(r"\s*([\d.]+)\s*(GiB|GB|G|MiB|MB|M)\s*", text, re.I)
@@ -102,25 +107,27 @@ def count(provider: str, setting: Setting, size: int):
     )  # fmt: skip
 
 
-def largest(provider: str, setting: Setting, limit: int) -> dict:
-    """The largest batch (2-D) or volume edge (3-D) whose counted peak stays within ``limit`` bytes."""
-    if setting.volumes:  # affine in the voxels: count two edges, solve for the volume, round to the step
-
-        def units(edge):
-            return edge**3
-
-        first, second = 32, 64
-    else:
-
-        def units(batch):
-            return batch
-
-        first, second = 8, 16
+def line(provider: str, setting: Setting) -> dict:
+    """Peak memory as an affine function of the batch (2-D) or of the voxels (3-D), from two counts."""
+    first, second = (32, 64) if setting.volumes else (8, 16)
+    units = (lambda edge: edge**3) if setting.volumes else (lambda batch: batch)
     low, high = count(provider, setting, first), count(provider, setting, second)
     per_unit = (int(high) - int(low)) / (units(second) - units(first))
-    base = int(low) - per_unit * units(first)
+    extra_per_unit = (high.extra - low.extra) / (units(second) - units(first))
+    return {
+        "per_unit_bytes": per_unit, "fixed_bytes": int(low) - per_unit * units(first),
+        # the step's own peak, less what was in use before it (what a benchmark measures), on its own line
+        "extra_per_unit_bytes": extra_per_unit, "extra_fixed_bytes": low.extra - extra_per_unit * units(first),
+        "counts": {first: int(low), second: int(high)},
+    }  # fmt: skip
+
+
+def largest(provider: str, setting: Setting, fit: dict, limit: int) -> dict:
+    """The largest batch (2-D) or volume edge (3-D) whose counted peak stays within ``limit`` bytes: solved
+    on the line, then counted there (and stepped down while the count says it does not fit)."""
+    per_unit, base = fit["per_unit_bytes"], fit["fixed_bytes"]
     solved = (limit - base) / per_unit if per_unit > 0 else math.inf
-    size = (int(solved ** (1 / 3)) // VOLUME_STEP * VOLUME_STEP) if setting.volumes else int(solved)
+    size = (int(max(solved, 0) ** (1 / 3)) // VOLUME_STEP * VOLUME_STEP) if setting.volumes else int(solved)
     step = VOLUME_STEP if setting.volumes else max(1, size // 100)
     checked = count(provider, setting, size) if size > 0 else None
     while checked is not None and int(checked) > limit and size > step:  # the line overshot: step down
@@ -128,38 +135,45 @@ def largest(provider: str, setting: Setting, limit: int) -> dict:
         checked = count(provider, setting, size)
     fits = checked is not None and int(checked) <= limit
     return {
-        "provider": provider,
         "largest": size if fits else 0,
         "peak_bytes": int(checked) if checked is not None else None,
         "by_category": checked.by_category if checked is not None else {},
-        "per_unit_bytes": per_unit,
-        "fixed_bytes": base,
-        "counts": {first: int(low), second: int(high)},
     }
 
 
-def run(setting: Setting, providers: list[str], memory: int, reserve: Reserve) -> dict:
-    limit = reserve.limit(memory)
-    rows = [largest(provider, setting, limit) for provider in providers]
-    return {"setting": asdict(setting), "memory_bytes": memory, "reserve": asdict(reserve), "limit_bytes": limit,
-            "rows": rows, "note": "counted on fake tensors (a count, not a measurement)"}  # fmt: skip
+def run(setting: Setting, providers: list[str], memories: list[int], reserve: Reserve) -> dict:
+    """Each provider's line, then its largest batch (or volume) in each of ``memories``."""
+    rows = []
+    for provider in providers:
+        fit = line(provider, setting)
+        cards = [largest(provider, setting, fit, reserve.limit(m)) | {"memory_bytes": m} for m in memories]
+        rows.append({"provider": provider, **fit, "cards": cards})
+    return {"setting": asdict(setting), "memories": memories, "reserve": asdict(reserve), "rows": rows,
+            "note": "counted on fake tensors (a count, not a measurement)"}  # fmt: skip
 
 
 def print_table(result: dict) -> None:
     setting, rows = result["setting"], result["rows"]
-    what = "largest cubic volume at batch {batch}" if setting["model"] in VOLUME_MODELS else "largest batch"
+    volumes = setting["model"] in VOLUME_MODELS
+    what = f"largest cubic volume at batch {setting['batch']}" if volumes else "largest batch"
     mode = "training" if setting["train"] else "inference"
-    images = "volumes" if setting["model"] in VOLUME_MODELS else f"{setting['resolution']}x{setting['resolution']}"
-    print(f"{setting['model']} {mode}, {setting['dtype']}, {images}: {what.format(**setting)} in "
-          f"{result['memory_bytes'] / GiB:.0f} GiB (counted peak at most {result['limit_bytes'] / GiB:.1f} GiB "
-          "after the reserve)")  # fmt: skip
-    base = rows[0]
+    images = "volumes" if volumes else f"{setting['resolution']}x{setting['resolution']}"
+    reserve = result["reserve"]
+    print(f"{setting['model']} {mode}, {setting['dtype']}, {images}, {setting['optimizer']}: {what}, counted "
+          f"(reserve {reserve['fixed'] / GiB:.1f} GiB + {reserve['fraction']:.0%} of the peak)")  # fmt: skip
+    print(f"  {'provider':34}" + "".join(f"{m / GiB:>14.0f} GiB" for m in result["memories"]))
     for row in rows:
-        ratio = (row["largest"] / base["largest"]) if base["largest"] else float("nan")
-        size = f"{row['largest']}^3" if setting["model"] in VOLUME_MODELS else str(row["largest"])
-        split = ", ".join(f"{k} {v / GiB:.2f}" for k, v in row["by_category"].items() if v >= GiB / 100)
-        peak = row["peak_bytes"] / GiB if row["peak_bytes"] else float("nan")
-        print(f"  {row['provider']:34} {size:>8} ({ratio:.2f}x)  peak {peak:6.2f} GiB: {split}")
+        cells = []
+        for card, base in zip(row["cards"], rows[0]["cards"], strict=True):
+            size = f"{card['largest']}^3" if volumes else str(card["largest"])
+            ratio = f"({card['largest'] / base['largest']:.2f}x)" if base["largest"] else ""
+            cells.append(f"{size:>9} {ratio:>8}")
+        print(f"  {row['provider']:34}" + "".join(cells))
+    last = result["memories"][-1] / GiB
+    print(f"at {last:.0f} GiB, the counted peak by category (GiB):")
+    for row in rows:
+        split = ", ".join(f"{k} {v / GiB:.1f}" for k, v in row["cards"][-1]["by_category"].items() if v >= GiB / 20)
+        print(f"  {row['provider']:34} {split}")
 
 
 def plot(result: dict, path: str) -> None:
@@ -171,16 +185,18 @@ def plot(result: dict, path: str) -> None:
 
     volumes = result["setting"]["model"] in VOLUME_MODELS
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    memory = max(result["memories"])
     for row in result["rows"]:
-        top = max(row["largest"] * 1.3, 16)
+        top = max(row["cards"][-1]["largest"] * 1.3, 16)
         xs = [top * i / 40 for i in range(1, 41)]
         ys = [(row["fixed_bytes"] + row["per_unit_bytes"] * (x**3 if volumes else x)) / GiB for x in xs]
         ax.plot(xs, ys, label=row["provider"])
-    ax.axhline(result["memory_bytes"] / GiB, color="black", linestyle="--", label="card")
-    ax.axhline(result["limit_bytes"] / GiB, color="gray", linestyle=":", label="card less the reserve")
+    for m in result["memories"]:
+        ax.axhline(m / GiB, color="black", linestyle="--", linewidth=0.8)
+        ax.axhline(Reserve(**result["reserve"]).limit(m) / GiB, color="gray", linestyle=":", linewidth=0.8)
     ax.set_xlabel("volume edge (voxels)" if volumes else "batch")
-    ax.set_ylabel("counted peak memory (GiB)")
-    ax.set_ylim(0, result["memory_bytes"] / GiB * 1.5)
+    ax.set_ylabel("counted peak memory (GiB; cards dashed, less the reserve dotted)")
+    ax.set_ylim(0, memory / GiB * 1.3)
     ax.set_title(f"{result['setting']['model']}: counted, not measured")
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -197,7 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--resolution", type=int, default=224, help="2-D: the image edge")
     parser.add_argument("--batch", type=int, default=2, help="3-D: the batch of the volume search")
-    parser.add_argument("--memory", default="80GiB", help=f"80GiB, 24GB, 16384MiB or a card: {', '.join(CARDS)}")
+    parser.add_argument(
+        "--memory", nargs="+", default=["80GiB"],
+        help=f"one or more of 80GiB, 24GB, 16384MiB, a card ({', '.join(CARDS)}), or 'device' (this machine's GPU)",
+    )  # fmt: skip
     parser.add_argument("--reserve-gib", type=float, default=1.0, help="fixed reserve (CUDA context, cuDNN)")
     parser.add_argument("--reserve-fraction", type=float, default=0.1, help="reserve for fragmentation")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="whose operator choices count")
@@ -213,10 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--providers for {args.model}: {' '.join(choices)} (not {' '.join(unknown)})")
     try:
-        memory = parse_memory(args.memory)
+        memories = [parse_memory(text) for text in args.memory]
     except ValueError as error:
         parser.error(str(error))
-    result = run(setting, providers, memory, Reserve(int(args.reserve_gib * GiB), args.reserve_fraction))
+    result = run(setting, providers, memories, Reserve(int(args.reserve_gib * GiB), args.reserve_fraction))
     print_table(result)
     if args.json:
         with open(args.json, "w") as f:
