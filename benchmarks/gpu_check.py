@@ -119,6 +119,17 @@ def stages() -> list[Stage]:
             "runs the stages below; the max-batch stage starts its searches there",
         ),
         Stage(
+            "traffic", 90,
+            [PYTHON, "-m", "fastdense", "traffic", "--batch", "64", "256", "--providers", *EAGER, *TRITON,
+             "--json", "{results}/traffic.json"],
+            background=True,
+            rehearsal=[PYTHON, "-m", "fastdense", "traffic", "--model", "densenet-tiny", "--resolution", "32",
+                       "--batch", "2", "--dtype", "float32", "--providers", "torchvision-eager", "fastdense",
+                       "fastdense-triton", "--json", "{results}/traffic.json"],
+            why="each provider's step counted on the CPU (fake tensors: launches, bytes, FLOPs) and its roofline "
+            "floor, which the summary prints beside the measured time",
+        ),
+        Stage(
             "correctness", 60, [*PYTEST, "tests/test_gpu_correctness.py"], FIXED, env=FIXED_ENV,
             rehearsal=[*PYTEST, "tests/test_gpu_correctness.py", "-k", "torch and train"],
             why="both backends, densenet121 batch 32 at 224, bf16 and fp32, train and eval, against torchvision",

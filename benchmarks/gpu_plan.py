@@ -89,6 +89,7 @@ def needs() -> dict[str, Need]:
     return {
         "environment": Need(processes=1),
         "fit": Need(processes=1, counts=12, note="CPU only: 4 providers, 3 counts each"),
+        "traffic": Need(processes=1, counts=6, note="CPU only: 6 providers, 2 modes, 2 batches; a quarter count each"),
         "warm-compile": Need(inductor=[["train"], ["train"], ["infer", "infer"]], steps=1.25 + 1 / 3 * 1.25,
                              note="three chains of processes beside the stages below"),
         "correctness": Need(

@@ -31,7 +31,7 @@ def summary(results: Path, rows: list[dict], budget: int, elapsed: float, rehear
         try:
             json_file = results / f"{name}.json"
             detail = _pytest(results / f"{name}.log") + _kernels(results, name) + _fit(results, name)
-            detail += _volumes(json_file) if name.startswith("volumes") else _bench(json_file)
+            detail += _volumes(json_file) if name.startswith("volumes") else _bench(json_file, _floors(results))
         except Exception as error:  # a summary must never cost the run: say what could not be read
             detail = [f"(this stage's results could not be summarised: {type(error).__name__}: {error})"]
         if detail:
@@ -48,7 +48,22 @@ def _pytest(log: Path) -> list[str]:
     return failed + result[-1:]
 
 
-def _bench(path: Path) -> list[str]:
+def _floors(results: Path) -> dict:
+    """Each counted step's roofline floor in ms (``python -m fastdense traffic``, the traffic stage) by
+    provider, mode and batch, for the card the environment names (an H200 unless it says H100)."""
+    path = results / "traffic.json"
+    if not path.exists():
+        return {}
+    environment = results / "environment.log"
+    card = "H100 SXM, data sheet" if environment.exists() and "H100" in environment.read_text() else "H200, data sheet"
+    floors = {}
+    for r in json.loads(path.read_text()):
+        if card in r.get("floors", {}):
+            floors[r["provider"], r["mode"], r["batch"]] = r["floors"][card] * 1e3
+    return floors
+
+
+def _bench(path: Path, floors: dict | None = None) -> list[str]:
     if not path.exists():
         return []
     try:
@@ -64,8 +79,9 @@ def _bench(path: Path) -> list[str]:
             + (f"; ERROR {r['error']}" if "error" in r else "")
             for r in rows
         ]
-    lines = [f"{'mode':5} {'batch':>5} {'provider':34} {'ms':>8} {'img/s':>8} {'speed':>6} {'peak MiB':>9} "
-             f"{'memory':>6} {'first s':>7} {'max_rel_err':>11}"]  # fmt: skip
+    floors = floors or {}
+    lines = [f"{'mode':5} {'batch':>5} {'provider':34} {'ms':>8} {'floor':>6} {'img/s':>8} {'speed':>6} "
+             f"{'peak MiB':>9} {'memory':>6} {'first s':>7} {'max_rel_err':>11}"]  # fmt: skip
     if not result.get("complete"):
         lines[0] += "   (stage cut: the rows measured so far)"
     for r in rows:
@@ -80,11 +96,16 @@ def _bench(path: Path) -> list[str]:
         speed = r.get("speed_vs_eager") or (base["ms_median"] / r["ms_median"] if base else None)
         peak, base_peak = r.get("peak_mem_mb"), (base or {}).get("peak_mem_mb")
         err = r.get("max_rel_err")
+        floor = floors.get((r["provider"], r["mode"], r["batch"]))
+        floor = "-" if floor is None else f"{floor:.1f}"
         lines.append(
-            f"{head} {r['ms_median']:8.1f} {r['images_per_s']:8.1f} {_x(speed):>6} {_num(peak):>9} "
+            f"{head} {r['ms_median']:8.1f} {floor:>6} {r['images_per_s']:8.1f} {_x(speed):>6} {_num(peak):>9} "
             f"{_x(peak / base_peak if peak and base_peak else None):>6} {r['first_step_s']:7.1f} "
             f"{'-' if err is None else f'{err:.1e}':>11}"
         )
+    if floors and len(lines) > 1:
+        lines.append("(floor: the step's roofline floor in ms, counted on fake tensors by the traffic stage, on the "
+                     "card's data sheet: a floor, never a time)")  # fmt: skip
     return lines
 
 

@@ -112,8 +112,8 @@ class Affine(NamedTuple):
 
     The torch backend applies it folded, ``x * scale + shift`` with ``shift = bias - mean * scale``, one
     pass, the formula of PyTorch's own CPU BatchNorm (``torch_ops.normalized_relu``). The Triton kernels
-    apply the training map unfolded, ``(x - mean) * scale + bias``, and the eval map (``folded``)
-    folded. ``weight`` is the module's gamma.
+    apply it unfolded, ``(x - mean) * scale + bias``, in training and eval (``folded``: eval mode).
+    ``weight`` is the module's gamma.
     """
 
     mean: Tensor

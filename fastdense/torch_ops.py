@@ -99,10 +99,10 @@ def normalized_relu(x: Tensor, norm: Affine, dtype: torch.dtype, *, unfolded: bo
     """``relu(norm(x))`` as a new tensor in ``dtype`` and ``x``'s layout (contiguous for a strided buffer
     prefix): the folded map ``x * scale + shift`` computed in the accumulation dtype and rounded once
     (PyTorch's CPU BatchNorm computes the same), then an in-place ReLU. ``unfolded``: the Triton kernels'
-    training map ``(x - mean) * scale + bias`` instead. The backward recomputes it with this same
+    map ``(x - mean) * scale + bias`` instead (theirs in training and eval). The backward recomputes it with this same
     function, so its ReLU masks are the forward's. ``norm``'s vectors are shaped to broadcast over ``x``."""
     out = torch.empty_like(x, dtype=dtype)
-    if unfolded and not norm.folded:
+    if unfolded:
         torch.addcmul(norm.bias, x - norm.mean, norm.scale, out=out)
     else:
         torch.addcmul(norm.shift, x, norm.scale, out=out)

@@ -21,10 +21,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton import cdiv
 
 from .affine import bn_relu, load_affine, rounded
 from .launch import (
     INTERPRET,
+    Moved,
     bucket,
     check_kernel_tensors,
     check_rows,
@@ -35,7 +37,7 @@ from .launch import (
     unit_columns,
 )
 from .offsets import row_offsets
-from .stats import empty_partials, merge_partials
+from .stats import empty_partials, merge_partials, no_partials
 from .tiles import dot_weight_rows, output_tile, store_tile_statistics
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
@@ -185,7 +187,7 @@ def bn_relu_gemm(
     if out.shape != (m, n_out) or not unit_columns(out):
         raise ValueError(f"bn_relu_gemm: out must be {m} x {n_out} with unit column stride, got {tuple(out.shape)}")
     w_t = weight.t().contiguous()  # K x N: small, rows of the B operand contiguous
-    partials = empty_partials(triton.cdiv(m, _MIN_BLOCK_M) if stats else 1, n_out, x.device)
+    partials = empty_partials(triton.cdiv(m, _MIN_BLOCK_M), n_out, x.device) if stats else no_partials(x.device)
     second = epilogue if epilogue is not None else norm  # unused pointers when there is no epilogue
     if m > 0:
 
@@ -216,3 +218,21 @@ def bn_relu_gemm_reference(x, norm, weight, *, epilogue=None, pool_hw=None):
         act = torch.nn.functional.avg_pool2d(images, 2).permute(0, 2, 3, 1).reshape(-1, x.shape[1]).to(x.dtype)
     y = (act.to(weight.dtype).float() @ weight.float().t()).to(weight.dtype)
     return apply(y, epilogue) if epilogue is not None else y
+
+
+@_bn_relu_gemm_kernel.planned
+@_pooled_gemm_kernel.planned
+def _gemm_plan(args: dict, meta: dict) -> Moved:
+    """Each of the grid's row tiles reads its rows of ``x`` (four window rows each when pooled) once per
+    column tile, with the K-long BatchNorm vectors; each column tile reads all of W once per row tile; the
+    output is written once, with one count, mean and M2 partial per column and row tile in training."""
+    x, w, y = args["x_ptr"], args["w_ptr"], args["y_ptr"]
+    m, n, k = args["M"], args["N"], args["K"]
+    row_tiles, col_tiles = cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])
+    rows_in = 4 * m if args["POOL"] else m
+    x_bytes, w_bytes, vectors = rows_in * k * x.element_size(), k * n * w.element_size(), 3 * 4 * k
+    epilogue = 3 * 4 * n if args["EPILOGUE"] else 0
+    read = x_bytes * col_tiles + w_bytes * row_tiles + vectors * row_tiles * col_tiles + epilogue * row_tiles
+    written = m * n * y.element_size() + (row_tiles * (2 * n + col_tiles) * 4 if args["STATS"] else 0)
+    compulsory_read = x_bytes + w_bytes + vectors + epilogue
+    return Moved(read, written, 2 * m * k * n, read - compulsory_read)

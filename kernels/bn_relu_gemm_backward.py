@@ -19,10 +19,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton import cdiv
 
 from .affine import bn_relu, load_affine
 from .launch import (
     INTERPRET,
+    Moved,
     bucket,
     check_kernel_tensors,
     check_rows,
@@ -216,3 +218,28 @@ def norm1_gemm_backward_reference(d_y, x, norm, mean, coef, weight, grad_sum, ne
     grad_sum[:, : x.shape[1]] += p * coef
     d_w = d_y.float().t() @ act.to(d_y.dtype).float() if need_weight else None
     return p.sum(0), (p * (x.float() - mean)).sum(0), d_w
+
+
+@_dgrad_kernel.planned
+def _dgrad_plan(args: dict, meta: dict) -> Moved:
+    """Each row tile reads its rows of dY once per column tile (the K-loop), each column tile all of W once
+    per row tile; the buffer tile, G's tile (read and written back) and five vectors once; two sums per
+    column and row tile out."""
+    m, n, k = args["M"], args["N"], args["K"]
+    row_tiles, col_tiles = cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])
+    dy_bytes, w_bytes = m * k * args["dy_ptr"].element_size(), k * n * args["w_ptr"].element_size()
+    once = m * n * (args["x_ptr"].element_size() + 4)
+    read = dy_bytes * col_tiles + w_bytes * row_tiles + once + 5 * 4 * n * row_tiles
+    compulsory_read = dy_bytes + w_bytes + once + 5 * 4 * n
+    return Moved(read, m * n * 4 + 2 * 4 * n * row_tiles, 2 * m * k * n, read - compulsory_read)
+
+
+@_wgrad_kernel.planned
+def _wgrad_plan(args: dict, meta: dict) -> Moved:
+    """dY's rows once per tile of the buffer's columns, the buffer's once per tile of dY's; every split
+    writes its N x C float32 partial."""
+    m, n, c, split = args["M"], args["N"], args["C"], meta["SPLIT_M"]
+    n_tiles, c_tiles = cdiv(n, meta["BLOCK_N"]), cdiv(c, meta["BLOCK_C"])
+    dy_bytes, x_bytes = m * n * args["dy_ptr"].element_size(), m * c * args["x_ptr"].element_size()
+    read = dy_bytes * c_tiles + x_bytes * n_tiles + 3 * 4 * c * n_tiles * split
+    return Moved(read, split * n * c * 4, 2 * m * n * c, read - (dy_bytes + x_bytes + 3 * 4 * c))

@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .affine import bn_relu, load_affine, rounded
-from .launch import INTERPRET, bucket, check_kernel_tensors, check_rows, row_bucket, tuned, unit_columns
+from .launch import INTERPRET, Moved, bucket, check_kernel_tensors, check_rows, row_bucket, tuned, unit_columns
 from .offsets import row_offsets
 
 
@@ -63,6 +63,25 @@ def _bn_relu_pool_kernel(
     out = rounded(acc, out_ptr.dtype.element_ty, INTERPRETED)
     out_rows = out_ptr + row_offsets(rows, stride_out)
     tl.store(out_rows[:, None] + cols[None, :], out, mask=row_mask[:, None] & col_mask[None, :])
+
+
+@_bn_relu_pool_kernel.planned
+def _bn_relu_pool_plan(args: dict, meta: dict) -> Moved:
+    """Each window's taps inside the image once (padded taps are masked, not read), the BatchNorm vectors
+    once per row tile; the output once."""
+    m, c = args["M"], args["C"]
+    stride, pad = args["STRIDE"], args["PAD"]
+
+    def inside(size, out_size, kernel):  # (output position, tap) pairs inside the image along one axis
+        return sum(0 <= o * stride - pad + i < size for o in range(out_size) for i in range(kernel))
+
+    images = m // (args["H_OUT"] * args["W_OUT"])
+    taps = images * inside(args["H"], args["H_OUT"], args["KH"]) * inside(args["W"], args["W_OUT"], args["KW"])
+    x_bytes, vectors = args["x_ptr"].element_size() * c, 3 * 4 * c
+    read = taps * x_bytes + vectors * triton.cdiv(m, meta["BLOCK_M"])
+    pixels_read = images * min(args["H"], (args["H_OUT"] - 1) * stride - pad + args["KH"])
+    pixels_read *= min(args["W"], (args["W_OUT"] - 1) * stride - pad + args["KW"])  # the windows' union
+    return Moved(read, m * c * args["out_ptr"].element_size(), 0, read - pixels_read * x_bytes - vectors)
 
 
 def pooled_size(size: int, kernel: int, stride: int, padding: int) -> int:

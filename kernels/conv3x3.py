@@ -14,10 +14,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton import cdiv
 
 from .affine import bn_relu, load_affine, rounded
 from .launch import (
     INTERPRET,
+    Moved,
     check_kernel_tensors,
     check_rows,
     dot_precision,
@@ -27,7 +29,7 @@ from .launch import (
     unit_columns,
 )
 from .offsets import row_offsets
-from .stats import empty_partials, merge_partials
+from .stats import empty_partials, merge_partials, no_partials
 from .tiles import dot_weight_rows, output_tile, store_tile_statistics
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32})
@@ -139,7 +141,7 @@ def conv3x3(
         raise ValueError(f"conv3x3: out must be {m} x {k} with unit column stride, got {tuple(out.shape)}")
     if noise is not None and (noise.shape != (m, k) or not noise.is_contiguous()):
         raise ValueError(f"conv3x3: noise must be a contiguous {m} x {k} matrix, got {tuple(noise.shape)}")
-    partials = empty_partials(triton.cdiv(m, _MIN_BLOCK_M) if stats else 1, k, y.device)
+    partials = empty_partials(triton.cdiv(m, _MIN_BLOCK_M), k, y.device) if stats else no_partials(y.device)
     norm = prologue if prologue is not None else partials[:2] + partials[:1]  # unused pointers otherwise
     if m > 0:
 
@@ -168,3 +170,21 @@ def conv3x3_reference(y, weight, nhw, *, prologue=None, noise=None):
     if noise is not None:
         new = (new.float() * noise.float()).to(weight.dtype)
     return new
+
+
+@_conv3x3_kernel.planned
+def _conv3x3_plan(args: dict, meta: dict) -> Moved:
+    """Each row tile reads, once per column tile, the bottleneck rows its nine taps reach inside the image
+    (a border pixel's outside taps are masked, not read), with norm2's vectors per tap in training; each
+    column tile reads the whole 9C x N weight matrix once per row tile; the new channels are written once
+    (dropout noise read beside them), with the statistics partials in training."""
+    y, w, out = args["y_ptr"], args["w_ptr"], args["out_ptr"]
+    m, n, c, h, width = args["M"], args["N"], args["C"], args["H"], args["W"]
+    row_tiles, col_tiles = cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])
+    taps_inside = m // (h * width) * (3 * h - 2) * (3 * width - 2)  # (pixel, tap) pairs inside an image
+    w_bytes, vectors = 9 * c * n * w.element_size(), 3 * 4 * c if args["PROLOGUE"] else 0
+    read = taps_inside * c * y.element_size() * col_tiles + w_bytes * row_tiles + 9 * vectors * row_tiles * col_tiles
+    noise = m * n * args["noise_ptr"].element_size() if args["DROPOUT"] else 0
+    written = m * n * out.element_size() + (row_tiles * (2 * n + col_tiles) * 4 if args["STATS"] else 0)
+    compulsory_read = m * c * y.element_size() + w_bytes + vectors + noise
+    return Moved(read + noise, written, 2 * m * 9 * c * n, read + noise - compulsory_read)

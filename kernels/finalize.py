@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import bucket, check_kernel_tensors, check_rows, tuned, unit_columns
+from .launch import Moved, bucket, check_kernel_tensors, check_rows, tuned, unit_columns
 from .offsets import row_offsets
 
 
@@ -87,6 +87,19 @@ def finalize(
             TRAINING=stats is not None, DROPOUT=noise is not None,
         )  # fmt: skip
     return out
+
+
+@_finalize_kernel.planned
+def _finalize_plan(args: dict, meta: dict) -> Moved:
+    """G's range, the output gradient (and the noise) once, the buffer and four vectors per row tile in
+    training; the input gradient written once."""
+    m, c, training = args["M"], args["C"], args["TRAINING"]
+    read = m * c * (4 + args["dout_ptr"].element_size())
+    vectors = 4 * 4 * c if training else 0
+    read += m * c * args["x_ptr"].element_size() + vectors * triton.cdiv(m, meta["BLOCK_M"]) if training else 0
+    read += m * c * args["noise_ptr"].element_size() if args["DROPOUT"] else 0
+    reread = vectors * (triton.cdiv(m, meta["BLOCK_M"]) - 1)
+    return Moved(read, m * c * args["out_ptr"].element_size(), 0, reread)
 
 
 def finalize_reference(grad_sum, x, d_out, stats, noise=None):

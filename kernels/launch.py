@@ -53,6 +53,29 @@ def _trial(kernel_call, quantiles):
 
 
 @dataclass(frozen=True)
+class Moved:
+    """What one launch moves and computes, from its launcher's tile plan: bytes read from and written to
+    global memory (every program's loads and stores, a K-loop re-reading A once per column tile; caches
+    not counted), and FLOPs of its products (2 a multiply-add; elementwise work not counted). ``reread``:
+    the part of ``read`` that reads again what the launch has read already (A once per column tile, a 3x3
+    tap's neighbours, vectors per tile): traffic a cache may serve, so not in ``compulsory``, the bytes every
+    launch moves however well its caches work (each element it touches read or written once)."""
+
+    read: int
+    written: int
+    flops: int = 0
+    reread: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.read + self.written
+
+    @property
+    def compulsory(self) -> int:
+        return self.bytes - self.reread
+
+
+@dataclass(frozen=True)
 class Launch:
     """One kernel launch as a GPU would make it, recorded instead of run (``recording``)."""
 
@@ -62,24 +85,35 @@ class Launch:
     configs: tuple  # the configurations the launch chooses among (one when it is not tuned)
     variant: tuple  # what a compiled binary is specialised on, besides its configuration (``_variant``)
 
+    def moved(self, config: triton.Config | None = None) -> Moved:
+        """Bytes and FLOPs of this launch with ``config`` (default: the first it chooses among, the one
+        sized for Hopper; the autotuner may pick another: the read bytes depend on the tiles)."""
+        return LAUNCHERS[self.kernel].plan(self.args, (config or self.configs[0]).kwargs)
 
+
+LAUNCHERS: dict[str, Launcher] = {}  # by name: what a recorded launch's plan comes from
 _recorded: list[Launch] | None = None
 _recorded_run = False
 _recorded_keep = True
 
 
+_on_launch = None
+
+
 @contextlib.contextmanager
-def recording(run: bool = False, keep: bool = True):
+def recording(run: bool = False, keep: bool = True, on_launch=None):
     """Record every launch (``Launch``, with the configurations a GPU would choose among) in the list this
     yields. ``run=False``: instead of running it (the counting tools run the triton backend on fake tensors,
     where nothing can launch; device checks pass meanwhile); ``run=True``: and run it. ``keep=False``: skip
-    the launches without keeping them (a ``Launch`` holds its tensors: a memory count must not)."""
-    global _recorded, _recorded_run, _recorded_keep
-    previous, _recorded, _recorded_run, _recorded_keep = (_recorded, _recorded_run, _recorded_keep), [], run, keep
+    the launches without keeping them (a ``Launch`` holds its tensors: a memory count must not).
+    ``on_launch``: called with each ``Launch`` as it is made (the traffic counter's stage rows)."""
+    global _recorded, _recorded_run, _recorded_keep, _on_launch
+    previous = (_recorded, _recorded_run, _recorded_keep, _on_launch)
+    _recorded, _recorded_run, _recorded_keep, _on_launch = [], run, keep, on_launch
     try:
         yield _recorded
     finally:
-        _recorded, _recorded_run, _recorded_keep = previous
+        _recorded, _recorded_run, _recorded_keep, _on_launch = previous
 
 
 class Launcher:
@@ -98,6 +132,13 @@ class Launcher:
         self.interpret_config = interpret or self.configs[0]
         self._tuning = {"reset_to_zero": reset_to_zero, "restore_value": restore_value}
         self._forced: triton.Config | None = None
+        self.plan = None  # (arguments by name, a configuration's meta-parameters) -> Moved: ``planned``
+        LAUNCHERS[self.name] = self
+
+    def planned(self, plan):
+        """Decorator: ``plan`` gives what a launch moves (``Moved``) from its arguments and tiles."""
+        self.plan = plan
+        return plan
 
     def configs_for(self, precision: str | None) -> list[triton.Config]:
         """The configurations a launch with this ``PRECISION`` chooses among."""
@@ -135,7 +176,10 @@ class Launcher:
         tunes_on_gpu = os.environ.get("FASTDENSE_AUTOTUNE", "1") != "0"
         configs = self.configs_for(precision) if tunes_on_gpu else self.configs_for(precision)[:1]
         configs = tuple([self._forced] if self._forced else configs)
-        _recorded.append(Launch(self.name, named, tuple(key), configs, self._variant(named)))
+        launch = Launch(self.name, named, tuple(key), configs, self._variant(named))
+        _recorded.append(launch)
+        if _on_launch is not None:
+            _on_launch(launch)
 
     def _variant(self, named: dict) -> tuple:
         """The compiled kernel's identity as Triton's launcher specialises it: each constexpr's value, each

@@ -115,6 +115,7 @@ def variants():
         yield from _launches(f"conv3x3 {dtype}->{out} {flags}", conv, dtype, pointers, flags)
     for dtype in DTYPES:
         yield from _launches(f"column_stats {dtype}", stats._column_stats_kernel, dtype, {"x_ptr": dtype}, {})
+    yield from _launches("merge_partials fp32", stats._merge_partials_kernel, "fp32", {}, {})
     for dtype, is_max in itertools.product(DTYPES, (True, False)):
         kernel, pointers = bn_relu_pool._bn_relu_pool_kernel, {"x_ptr": dtype, "out_ptr": dtype}
         yield from _launches(f"bn_relu_pool {dtype} max={is_max}", kernel, dtype, pointers, {"IS_MAX": is_max})
@@ -176,6 +177,7 @@ QUICK = {
     "conv3x3 bf16->bf16 {'PROLOGUE': True, 'DROPOUT': True, 'STATS': True}",
     "conv3x3 fp32->fp32 {'PROLOGUE': False, 'DROPOUT': False, 'STATS': False}",
     "column_stats bf16",
+    "merge_partials fp32",
     "bn_relu_pool bf16 max=True",
     "bn_relu_pool fp32 max=False",
     "dgrad bf16",

@@ -60,7 +60,19 @@ def test_rehearsal_leaves_a_summary_and_one_archive_within_the_return_limits(reh
         assert f"results/{stage}.log" in names or row[3] == "SKIPPED", stage
     for bench in ("headline-train", "headline-infer", "headline-compile"):
         assert f"results/{bench}.json" in names
-    assert "results/kernels.json" in names
+    assert "results/kernels.json" in names and "results/traffic.json" in names
+
+
+def test_the_summary_prints_each_steps_counted_floor_beside_its_measured_time(rehearsal):
+    """The traffic stage counts the headline's steps (the rehearsal: its tiny float32 ones); the summary's
+    benchmark rows carry that roofline floor in the column after the measured milliseconds."""
+    out, _ = rehearsal
+    section = (out / "summary.txt").read_text().split("== headline-train\n")[1].split("\n\n")[0].splitlines()
+    assert section[0].split()[3:5] == ["ms", "floor"], section[0]
+    rows = {line.split()[2]: line.split() for line in section[1:] if line.startswith("train")}
+    for provider in ("torchvision-eager", "fastdense"):  # the rehearsal's triton row is its failing provider
+        assert float(rows[provider][4]) > 0 and float(rows[provider][3]) > 0, rows  # floor, measured ms
+    assert "a floor, never a time" in "\n".join(section)
 
 
 def test_rehearsal_goes_on_past_a_failing_stage_a_cut_stage_and_a_failing_provider(rehearsal):

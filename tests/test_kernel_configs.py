@@ -108,6 +108,7 @@ CASES = {
     "dgrad": _norm1_backward_case,
     "wgrad": _norm1_backward_case,
     "finalize": _finalize_case,
+    "merge_partials": _column_stats_case,  # the statistics' second launch
 }
 
 
@@ -122,6 +123,7 @@ CASES = {
         bn_relu_gemm_backward._dgrad_kernel,
         bn_relu_gemm_backward._wgrad_kernel,
         finalize._finalize_kernel,
+        stats._merge_partials_kernel,
     ),
 )
 def test_every_configuration_matches_its_reference(launcher, config):

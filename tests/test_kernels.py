@@ -11,7 +11,7 @@ from fastdense.kernels.bn_relu_gemm import bn_relu_gemm, bn_relu_gemm_reference
 from fastdense.kernels.bn_relu_pool import bn_relu_pool, bn_relu_pool_reference
 from fastdense.kernels.conv3x3 import conv3x3, conv3x3_reference
 from fastdense.kernels.launch import INTERPRET
-from fastdense.kernels.stats import column_stats, column_stats_reference
+from fastdense.kernels.stats import column_stats, column_stats_reference, merge_partials, merge_partials_reference
 from fastdense.tools.verify import relative_error
 
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -40,6 +40,30 @@ def test_column_stats(m, c, offset, dtype):
     ref_var, ref_mean = column_stats_reference(cols.float())
     assert relative_error(mean, ref_mean) <= 1e-6
     assert relative_error(var, ref_var) <= 1e-5
+
+
+@pytest.mark.parametrize("tiles,c", [(1, 1), (37, 45), (70, 3), (0, 4)])
+def test_merge_partials(tiles, c):
+    """The merge kernel against PyTorch's formula and against the statistics of the rows behind the
+    partials: tiles of 1-9 rows around a large mean, some tiles empty (count 0, as a configuration with
+    larger tiles leaves them), a number of tiles that is not a multiple of the kernel's step."""
+    g = torch.Generator().manual_seed(tiles * 100 + c)
+    sizes = torch.randint(0, 10, (tiles,), generator=g)
+    rows = [torch.randn(int(n), c, generator=g, dtype=torch.float64) * 3 + 100 for n in sizes]
+    mean, m2 = torch.zeros(tiles, c, dtype=torch.float64), torch.zeros(tiles, c, dtype=torch.float64)
+    for tile, r in enumerate(rows):
+        if len(r):
+            mean[tile], m2[tile] = r.mean(0), ((r - r.mean(0)) ** 2).sum(0)
+    partials = mean.float().to(DEVICE), m2.float().to(DEVICE), sizes.float().to(DEVICE)
+    var, merged = merge_partials(*partials)
+    ref_var, ref_mean = merge_partials_reference(*partials)
+    assert var.shape == merged.shape == (c,)
+    assert relative_error(merged, ref_mean) <= 1e-6 and relative_error(var, ref_var) <= 1e-5
+    if sizes.sum() > 0:
+        var_rows, mean_rows = torch.var_mean(torch.cat(rows), dim=0, correction=0)  # the rows themselves
+        assert relative_error(merged.double(), mean_rows) <= 1e-6 and relative_error(var.double(), var_rows) <= 1e-5
+    else:
+        assert not var.any() and not merged.any()
 
 
 def test_column_stats_of_an_empty_batch_are_zero():

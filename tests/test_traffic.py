@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -80,8 +81,11 @@ def test_a_step_of_each_provider_is_counted_by_stage():
     assert tv.rows["concat"][0] == 58 + 4 and not fast.rows["concat"][0]  # torchvision's cats, none in fastdense
     assert fast.rows["stats"][0] and not tv.rows["stats"][0]  # statistics once per segment
     for result in (tv, fast):
-        assert result.ops == sum(ops for ops, _ in result.rows.values())
-        assert result.bytes == sum(nbytes for _, nbytes in result.rows.values())
+        assert result.ops == sum(row[0] for row in result.rows.values())
+        assert result.bytes == sum(row[1] for row in result.rows.values())
+        assert result.flops == sum(row[2] for row in result.rows.values()) > 0
+        assert result.launches == sum(row[3] for row in result.rows.values()) == 0  # no Triton kernels here
+        assert result.compulsory_bytes == sum(row[4] for row in result.rows.values()) == result.bytes  # ATen: all
         assert result.rows["stem"][0] and result.rows["transition"][0] and result.rows["head"][0]
 
 
@@ -114,6 +118,70 @@ def test_the_command_prints_and_writes_json(tmp_path):
     args = ["--batch", "2", "--resolution", "32", "--mode", "infer", "--dtype", "float32", "--json", str(out)]
     done = subprocess.run([sys.executable, "-m", "fastdense", "traffic", *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "a count, not a time" in done.stdout
+    assert "a floor, never a time" in done.stdout
     rows = json.loads(out.read_text())
     assert [r["provider"] for r in rows] == ["torchvision-eager", "fastdense"] and all(r["bytes"] > 0 for r in rows)
+    keys = {"provider", "mode", "ops", "bytes", "launches", "flops", "compulsory_bytes", "floors"}
+    assert all(keys <= set(r) and r["floors"]["H200, data sheet"] > 0 for r in rows), rows
+
+
+def test_the_triton_backend_is_counted_launch_by_launch():
+    """Every kernel launch of a triton-backend step is a row with its tile plan's bytes and FLOPs, beside the
+    ATen operators the backend still runs; the products are the same work as the torch backend's."""
+    from fastdense.tools.traffic import _counted_step
+
+    for mode in ("train", "infer"):
+        triton, launches = _counted_step("fastdense-triton", "densenet121", mode, 2, 32, "bfloat16", "cuda")
+        torch_backend = count_step("fastdense", "densenet121", mode, 2, 32, "bfloat16")
+        kernel_rows = [row for row in triton.rows.values() if row[3]]
+        assert triton.launches == len(launches) == sum(row[3] for row in triton.rows.values()) > 0
+        assert triton.ops > triton.launches  # the ATen operators beside them
+        planned = [launch.moved() for launch in launches]
+        assert sum(p.flops for p in planned) <= triton.flops == torch_backend.flops, (mode, triton.flops)
+        assert triton.compulsory_bytes == triton.bytes - sum(p.reread for p in planned) < triton.bytes
+        names = [launch.kernel for launch in launches]
+        per_layer = ["bn_relu_gemm", "conv3x3"] + (["dgrad", "wgrad"] if mode == "train" else [])
+        assert all(names.count(kernel) == 58 for kernel in per_layer), names  # densenet121's 58 layers
+        statistics = 2 * 58 + names.count("column_stats") if mode == "train" else 0  # norm2's, new segments', others
+        assert names.count("merge_partials") == statistics  # one merge launch each
+        assert kernel_rows and all(row[1] >= row[4] for row in triton.rows.values())
+
+
+def test_flops_agree_with_pytorchs_flop_counter():
+    """The counter's FLOPs of a torchvision step are those ``torch.utils.flop_counter.FlopCounterMode``
+    counts for the same step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastdense.tools.providers import PROVIDERS
+
+    counted = count_step("torchvision-eager", "densenet121", "infer", 2, 32, "float32")
+    net = PROVIDERS["torchvision-eager"].build("densenet121").eval()
+    with FlopCounterMode(display=False) as flop_counter, torch.inference_mode():
+        net(torch.randn(2, 3, 32, 32))
+    assert counted.flops == flop_counter.get_total_flops() > 0
+
+
+def test_a_floor_is_the_slower_of_compute_and_memory_plus_the_launch():
+    from fastdense.tools.roofline import CARDS, LAUNCH_SECONDS
+    from fastdense.tools.traffic import Count
+
+    count = Count(half_precision=True)
+    count.add("gemm", nbytes=8 * 10**9, flops=10**9, kernel=True, compulsory=4 * 10**9)  # memory-bound
+    count.add("conv", nbytes=10**6, flops=10**15)  # compute-bound
+    for card, seconds in count.floors.items():
+        matmul, _, bandwidth = CARDS[card]
+        assert seconds == pytest.approx(4e9 / bandwidth + 1e15 / matmul + 2 * LAUNCH_SECONDS), card
+    assert Count(half_precision=False).floors == {}  # no floor before a launch
+    float32 = Count(half_precision=False)
+    float32.add("gemm", 0, 10**15)
+    assert set(float32.floors) == {card for card, (_, tf32, _) in CARDS.items() if tf32}  # no TF32 figure: none
+
+
+def test_the_triton_backend_meets_the_inference_traffic_target():
+    """Issue 26's inference target, in the counted bytes a step must move (compulsory: kernels' re-reads of
+    what their programs read already left out): at most 0.35x torchvision eager's, densenet121, batch 64,
+    224^2, bfloat16 autocast, channels_last, as on a GPU."""
+    tv, fused = (
+        count_step(p, "densenet121", "infer", 64, 224, "bfloat16") for p in ("torchvision-eager", "fastdense-triton")
+    )
+    assert fused.compulsory_bytes <= 0.35 * tv.compulsory_bytes, (fused.compulsory_bytes, tv.compulsory_bytes)

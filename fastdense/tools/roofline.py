@@ -62,6 +62,29 @@ class Peaks:
         return max(2 * work.macs / self.matmul_flops, work.bytes / self.copy_bytes_per_s)
 
 
+# Roofline floors of counted steps (``python -m fastdense traffic``), per named card: the dense matmul rate
+# in bf16/fp16 and in TF32 (float32 steps), and the memory bandwidth. "data sheet": NVIDIA's figures (H100
+# SXM: 989 TFLOP/s bf16 and 495 TF32 dense, 3.35 TB/s; H200: the same rates, 4.8 TB/s). "measured": the
+# GPU machine's own, as ../shared/WORKING.md records them (bf16 matmul and device copy; no TF32 figure).
+CARDS = {
+    "H100 SXM, data sheet": (989e12, 495e12, 3.35e12),
+    "H200, data sheet": (989e12, 495e12, 4.8e12),
+    "H100, measured": (800e12, None, 3.0e12),
+    "H200, measured": (790e12, None, 4.3e12),
+}
+# What a launch costs beyond its work: a kernel launch and PyTorch's dispatch of an eager operator, a few
+# microseconds of CPU each; the floor takes 4 us (stated, not measured: a step whose launches outrun the
+# GPU's work is bounded by them).
+LAUNCH_SECONDS = 4e-6
+
+
+def card_peaks(card: str, half_precision: bool) -> tuple[float, float] | None:
+    """(matmul FLOP/s, bytes/s) of a named card for a step's dtype; None where the card has no figure."""
+    bf16, tf32, bandwidth = CARDS[card]
+    matmul = bf16 if half_precision else tf32
+    return None if matmul is None else (matmul, bandwidth)
+
+
 def _best_seconds(fn, device: torch.device, repeats: int) -> float:
     """The fastest of ``repeats`` timed calls: a peak is what the device reaches, not what it averages."""
     timer = StepTimer(device)

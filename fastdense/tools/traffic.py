@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch._C import DispatchKey
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry
 
 from fastdense import stages
 from fastdense.block_op import OPENED
@@ -39,6 +40,7 @@ from fastdense.devices import counted_as
 
 from .measure import DTYPES, MODES
 from .providers import MODELS, PROVIDERS
+from .roofline import CARDS, LAUNCH_SECONDS, card_peaks
 
 # fastdense stage -> the breakdown's row.
 STAGE_ROWS = {
@@ -87,26 +89,59 @@ def _row_of(func, args) -> str:
 
 @dataclass
 class Count:
-    """Operators launched and bytes moved, in total and per breakdown row."""
+    """Operators and kernels launched, bytes moved and FLOPs, in total and per breakdown row
+    (``[launches, bytes, flops, kernel launches, compulsory bytes]``), and each card's roofline floor: per
+    launch the larger of its FLOPs over the card's matmul rate and its compulsory bytes over the card's
+    bandwidth, plus the launch cost. An ATen operator's bytes are all compulsory (its inputs and outputs
+    once); a kernel's tile plan also counts what its programs read again (``kernels.launch.Moved``), which a
+    cache may serve: a floor must not count it."""
 
+    half_precision: bool = True
     ops: int = 0
     bytes: int = 0
-    rows: dict[str, list[int]] = field(default_factory=lambda: {row: [0, 0] for row in ROWS})
+    flops: int = 0
+    kernels: int = 0
+    compulsory: int = 0
+    rows: dict[str, list[int]] = field(default_factory=lambda: {row: [0, 0, 0, 0, 0] for row in ROWS})
+    floors: dict[str, float] = field(default_factory=dict)
 
-    def add(self, row: str, nbytes: int) -> None:
+    def add(self, row: str, nbytes: int, flops: int = 0, kernel: bool = False, compulsory: int | None = None) -> None:
+        compulsory = nbytes if compulsory is None else compulsory
         self.ops += 1
         self.bytes += nbytes
-        self.rows[row][0] += 1
-        self.rows[row][1] += nbytes
+        self.flops += flops
+        self.kernels += kernel
+        self.compulsory += compulsory
+        for i, value in enumerate((1, nbytes, flops, int(kernel), compulsory)):
+            self.rows[row][i] += value
+        for card in CARDS:
+            peaks = card_peaks(card, self.half_precision)
+            if peaks is not None:
+                seconds = max(flops / peaks[0], compulsory / peaks[1]) + LAUNCH_SECONDS
+                self.floors[card] = self.floors.get(card, 0.0) + seconds
 
 
 class TrafficCounter(TorchDispatchMode):
-    """Counts every ATen operator run under it (use above a ``FakeTensorMode``: nothing is computed)."""
+    """Counts every ATen operator run under it (use above a ``FakeTensorMode``: nothing is computed), and
+    every Triton kernel launch ``on_launch`` reports (``kernels.launch.recording``), with its FLOPs."""
 
-    def __init__(self) -> None:
+    def __init__(self, half_precision: bool = True) -> None:
         super().__init__()
-        self.count = Count()
+        self.count = Count(half_precision)
         self.by_operator: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+
+    def on_launch(self, launch) -> None:
+        """A Triton kernel launch: one row, its bytes and FLOPs from its launcher's tile plan."""
+        moved = launch.moved()
+        self.count.add(self._stage_row() or "other", moved.bytes, moved.flops, kernel=True, compulsory=moved.compulsory)
+        name = f"triton.{launch.kernel}"
+        self.by_operator[name][0] += 1
+        self.by_operator[name][1] += moved.bytes
+
+    @staticmethod
+    def _stage_row() -> str | None:
+        active = [STAGE_ROWS[s] for s in stages.ACTIVE if s in STAGE_ROWS]
+        return active[-1] if active else None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -126,8 +161,9 @@ class TrafficCounter(TorchDispatchMode):
         written_only = {a.name for a in func._schema.arguments if a.is_out}  # out=: written, not read
         read = (args, {name: value for name, value in kwargs.items() if name not in written_only})
         nbytes = _bytes(tree_leaves(read)) + _bytes(results)
-        active = [STAGE_ROWS[s] for s in stages.ACTIVE if s in STAGE_ROWS]
-        self.count.add(active[-1] if active else _row_of(func, args), nbytes)
+        formula = flop_registry.get(func._overloadpacket)
+        flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
+        self.count.add(self._stage_row() or _row_of(func, args), nbytes, flops)
         self.by_operator[name][0] += 1
         self.by_operator[name][1] += nbytes
         return out
@@ -142,10 +178,14 @@ class Traffic:
     resolution: int
     dtype: str
     as_device: str
-    ops: int
+    ops: int  # ATen operators plus Triton kernel launches: every launch of the step
     bytes: int
-    rows: dict[str, list[int]]
-    note: str = "a count of operators and of the bytes they read and write, not a time"
+    rows: dict[str, list[int]]  # [launches, bytes, flops, Triton kernel launches, compulsory bytes] per row
+    launches: int = 0  # of them, Triton kernel launches (the triton backend's)
+    flops: int = 0
+    compulsory_bytes: int = 0  # ``bytes`` less what kernels read again (a cache may serve it): the floors'
+    floors: dict[str, float] = field(default_factory=dict)  # seconds per named card: a floor, never a time
+    note: str = "a count of launches, bytes read and written, and FLOPs, with roofline floors: not a time"
 
 
 def count_step(
@@ -176,13 +216,14 @@ def _counted_step(provider, model, mode, batch, resolution, dtype, as_device) ->
     from fastdense.kernels.launch import recording
 
     compute = DTYPES[dtype]
-    with FakeTensorMode(allow_non_fake_inputs=True), counted_as(as_device), recording() as launches:
+    counter = TrafficCounter(half_precision=compute != torch.float32)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake, counted_as(as_device), recording(on_launch=counter.on_launch) as launches:
         net = PROVIDERS[provider].build(model).train(mode == "train")
         x = torch.randn(batch, 3, resolution, resolution).to(memory_format=torch.channels_last)
         labels = torch.zeros(batch, dtype=torch.long)
         params = [p for p in net.parameters() if p.requires_grad]
         autocast = torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32)
-        counter = TrafficCounter()
         with counter:
             if mode == "infer":
                 with torch.inference_mode(), autocast:
@@ -193,7 +234,9 @@ def _counted_step(provider, model, mode, batch, resolution, dtype, as_device) ->
                 loss.backward()
                 torch.optim.SGD(params, lr=0.01).step()
     c = counter.count
-    return Traffic(provider, model, mode, batch, resolution, dtype, as_device, c.ops, c.bytes, c.rows), launches
+    traffic = Traffic(provider, model, mode, batch, resolution, dtype, as_device, c.ops, c.bytes, c.rows,
+                      c.kernels, c.flops, c.compulsory, c.floors)  # fmt: skip
+    return traffic, launches
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="densenet121", choices=sorted(MODELS))
     parser.add_argument("--providers", nargs="+", default=["torchvision-eager", "fastdense"])
     parser.add_argument("--mode", default="both", choices=[*MODES, "both"])
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, nargs="+", default=[64], help="one count per batch size")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="autocast dtype (float32: none)")
     parser.add_argument(
@@ -210,25 +253,37 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--json", help="write every count to this JSON file")
     args = parser.parse_args(argv)
-    unknown = [p for p in args.providers if p not in PROVIDERS or "compile" in p or "triton" in p]
+    unknown = [p for p in args.providers if p not in PROVIDERS or "compile" in p]
     if unknown:
-        parser.error(f"--providers: eager CPU providers only, got {unknown} (choices: {sorted(PROVIDERS)})")
+        parser.error(f"--providers: eager providers only, got {unknown} (choices: {sorted(PROVIDERS)})")
     modes = MODES if args.mode == "both" else (args.mode,)
     results = [
-        count_step(provider, args.model, mode, args.batch, args.resolution, args.dtype, args.as_device)
+        count_step(provider, args.model, mode, batch, args.resolution, args.dtype, args.as_device)
+        for batch in args.batch
         for mode in modes
         for provider in args.providers
     ]
-    print(f"{args.model}, batch {args.batch}, {args.resolution}^2, {args.dtype}, as on {args.as_device}: operators "
-          "and GB read+written per step, counted on fake tensors (a count, not a time)")  # fmt: skip
-    base = {r.mode: r for r in results if r.provider == args.providers[0]}
+    batches = ", ".join(map(str, args.batch))
+    print(f"{args.model}, batch {batches}, {args.resolution}^2, {args.dtype}, as on {args.as_device}: launches "
+          "(ATen operators and Triton kernels), GB read+written (all loads and stores; in brackets the compulsory "
+          "part, without what kernels read again) and GFLOPs per step, counted on fake tensors; roofline floors "
+          f"in ms (a floor, never a time: compulsory bytes, {LAUNCH_SECONDS * 1e6:.0f} us a launch)")  # fmt: skip
+    base = {(r.mode, r.batch): r for r in results if r.provider == args.providers[0]}
     for r in results:
-        ratio = f" ({r.bytes / base[r.mode].bytes:.2f}x the bytes, {r.ops / base[r.mode].ops:.2f}x the operators)"
-        line = f"{r.mode:5} {r.provider:30} {r.ops:7d} ops {r.bytes / 1e9:8.2f} GB"
-        print(line + ("" if r is base[r.mode] else ratio))
-        for row, (ops, nbytes) in r.rows.items():
+        b = base[r.mode, r.batch]
+        compulsory = r.compulsory_bytes / b.compulsory_bytes
+        ratio = "" if r is b else (f" ({r.bytes / b.bytes:.2f}x the bytes [{compulsory:.2f}x]"
+                                   f", {r.ops / b.ops:.2f}x the launches)")  # fmt: skip
+        kernels = f", {r.launches} of them Triton kernels" if r.launches else ""
+        batch = f" b{r.batch}" if len(args.batch) > 1 else ""
+        print(f"{r.mode:5}{batch} {r.provider:34} {r.ops:6d} launches{kernels}, {r.bytes / 1e9:6.2f} GB "
+              f"[{r.compulsory_bytes / 1e9:.2f}], {r.flops / 1e9:5.0f} GFLOPs{ratio}")  # fmt: skip
+        print("      floors: " + ", ".join(f"{card} {seconds * 1e3:.1f}" for card, seconds in r.floors.items()))
+        for row, (ops, nbytes, flops, launches, compulsory) in r.rows.items():
             if ops:
-                print(f"      {row:16} {ops:7d} ops {nbytes / 1e9:8.2f} GB")
+                triton = f" ({launches} Triton)" if launches else ""
+                print(f"      {row:16} {ops:6d} launches{triton:14} {nbytes / 1e9:6.2f} GB [{compulsory / 1e9:5.2f}] "
+                      f"{flops / 1e9:5.0f} GFLOPs")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)
