@@ -120,21 +120,24 @@ class Affine(NamedTuple):
     scale: Tensor  # weight / sqrt(var + eps)
     bias: Tensor
     folded: bool
-    shift: Tensor  # bias - mean * scale
+    shift: Tensor | None  # bias - mean * scale (None where no operation applies the folded map)
     weight: Tensor
 
     def channels(self, lo: int, hi: int, spatial_dims: int = 2) -> Affine:
         """The map for channels ``[lo, hi)`` of an ``(N, C, *spatial)`` tensor."""
         mean, scale, bias, _, shift, weight = (
-            v if isinstance(v, bool) else v[lo:hi].view(1, -1, *[1] * spatial_dims) for v in self
+            v if isinstance(v, bool) or v is None else v[lo:hi].view(1, -1, *[1] * spatial_dims) for v in self
         )
         return Affine(mean, scale, bias, self.folded, shift, weight)
 
 
-def affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, *, training: bool) -> Affine:
+def affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, *, training: bool, fold: bool = True) -> Affine:
+    """The map; ``fold=False`` leaves ``shift`` out (one operator fewer, a launch on a GPU, for the Triton
+    kernels, which never apply the folded map)."""
     weight, bias = weight.to(rstd.dtype), bias.to(rstd.dtype)
     scale = weight * rstd
-    return Affine(mean, scale, bias, not training, torch.addcmul(bias, mean, scale, value=-1), weight)
+    shift = torch.addcmul(bias, mean, scale, value=-1) if fold else None
+    return Affine(mean, scale, bias, not training, shift, weight)
 
 
 def batch_norm_backward_in_place(

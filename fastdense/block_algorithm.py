@@ -89,6 +89,7 @@ class Ops:
         whether its norm1 backward may take ``sum(P * xhat)`` from conv1's weight gradient
         (``torch_ops.norm1_weight_grad_serves``); None: never.
     fuses_eval_norm2: whether ``bottleneck`` applies an ``epilogue``.
+    folds_norms: whether any operation applies a BatchNorm's folded map (``Affine.shift``).
     grad_in_buffer_dtype: whether G is in the buffer's dtype (else in the accumulation dtype).
     norm1_writes_first: whether the last layer's ``norm1_backward`` writes G's prefix (``first``), so that G
         starts uninitialised instead of as zeros (its last ``k`` columns are never read).
@@ -103,6 +104,7 @@ class Ops:
     norm1_weight_grad_serves: Callable | None = None
     norm2_relu_training: Callable | None = None
     fuses_eval_norm2: bool = False
+    folds_norms: bool = True
     grad_in_buffer_dtype: bool = False
     norm1_writes_first: bool = False
 
@@ -229,10 +231,10 @@ def block_forward(
             mean1, rstd1 = state.seg_mean[:c_in], state.seg_rstd[:c_in]
         else:
             mean1, rstd1 = running_stats(norm1, acc)
-        norm1_map = affine(g1, b1, mean1, rstd1, training=plan.training)
+        norm1_map = affine(g1, b1, mean1, rstd1, training=plan.training, fold=ops.folds_norms)
         if not plan.training:
             mean2, rstd2 = running_stats(norm2, acc)
-        eval_norm2 = affine(g2, b2, mean2, rstd2, training=False) if fuse_norm2 else None
+        eval_norm2 = affine(g2, b2, mean2, rstd2, training=False, fold=ops.folds_norms) if fuse_norm2 else None
         with stage("gemm", x.device):
             bottleneck, stats2 = ops.bottleneck(
                 rows[:, :c_in], norm1_map, w1.to(cdt).view(-1, c_in), plan.training and not fuse_train_norm2, eval_norm2
@@ -248,7 +250,9 @@ def block_forward(
             state.norm2_stats.append((var2, mean2))
             rstd2 = torch.rsqrt(var2 + norm2.eps)
         norm2_map = (
-            None if fuse_norm2 or activated is not None else affine(g2, b2, mean2, rstd2, training=plan.training)
+            None
+            if fuse_norm2 or activated is not None
+            else affine(g2, b2, mean2, rstd2, training=plan.training, fold=ops.folds_norms)
         )
 
         noise = None
@@ -360,8 +364,8 @@ def block_backward(
         need = needs_input_grad[1 + layer * PARAMS_PER_LAYER : 1 + (layer + 1) * PARAMS_PER_LAYER]
         w1c = w1.to(cdt).view(-1, c_in)
         mean1, rstd1 = (state.seg_mean[:c_in], state.seg_rstd[:c_in]) if training else (saved.mean1, saved.rstd1)
-        norm1 = affine(g1, b1, mean1, rstd1, training=training)
-        norm2 = affine(g2, b2, saved.mean2, saved.rstd2, training=training)
+        norm1 = affine(g1, b1, mean1, rstd1, training=training, fold=ops.folds_norms)
+        norm2 = affine(g2, b2, saved.mean2, saved.rstd2, training=training, fold=ops.folds_norms)
 
         with stage("finalize", out.device):
             if layer == num_layers - 1:  # no consumer: G and its sums are zero there, the gradient is the output's

@@ -306,7 +306,7 @@ def _triton_norm(x: Tensor, norm: nn.BatchNorm2d, compute_dtype: torch.dtype, kn
 
     check_dtypes(x, compute_dtype)
     mean, rstd = norm_statistics(x, norm, column_stats, known)
-    return mean, rstd, affine_vectors(affine(norm.weight, norm.bias, mean, rstd, training=norm.training))
+    return mean, rstd, affine_vectors(affine(norm.weight, norm.bias, mean, rstd, training=norm.training, fold=False))
 
 
 def _triton_forward(x: Tensor, norm: nn.BatchNorm2d, window, out: Tensor | None = None, known=None):

@@ -21,6 +21,8 @@ float32 otherwise).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -95,17 +97,14 @@ def column_stats(cols: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(rstd > 0, rstd.pow(-2), 0.0), mean  # eps 0: rstd = var^-1/2 (0 or inf where var is 0)
 
 
-def normalized_relu(x: Tensor, norm: Affine, dtype: torch.dtype, *, unfolded: bool = False) -> Tensor:
+def normalized_relu(x: Tensor, norm: Affine, dtype: torch.dtype) -> Tensor:
     """``relu(norm(x))`` as a new tensor in ``dtype`` and ``x``'s layout (contiguous for a strided buffer
     prefix): the folded map ``x * scale + shift`` computed in the accumulation dtype and rounded once
-    (PyTorch's CPU BatchNorm computes the same), then an in-place ReLU. ``unfolded``: the Triton kernels'
-    map ``(x - mean) * scale + bias`` instead (theirs in training and eval). The backward recomputes it with this same
-    function, so its ReLU masks are the forward's. ``norm``'s vectors are shaped to broadcast over ``x``."""
+    (PyTorch's CPU BatchNorm computes the same), then an in-place ReLU. The backward recomputes it with
+    this same function, so its ReLU masks are the forward's. ``norm``'s vectors are shaped to broadcast
+    over ``x``."""
     out = torch.empty_like(x, dtype=dtype)
-    if unfolded:
-        torch.addcmul(norm.bias, x - norm.mean, norm.scale, out=out)
-    else:
-        torch.addcmul(norm.shift, x, norm.scale, out=out)
+    torch.addcmul(norm.shift, x, norm.scale, out=out)
     return out.relu_()
 
 
@@ -164,19 +163,19 @@ def conv3x3_norm2_backward(
     sync,
     count: int,
     *,
-    as_kernels: bool = False,
+    activation: Callable[[Tensor, Affine], Tensor] | None = None,
 ):
     """``Ops.new_features_backward``: from the gradient of a layer's new features (dropout already undone)
     back to its bottleneck: 3x3 conv, ReLU and norm2 backward, with norm2-ReLU recomputed exactly as the
-    forward did: the folded map of ``normalized_relu``, or with ``as_kernels`` the map of the Triton 3x3
-    conv's prologue (``(Y - mean) * scale + bias`` in training), so the ReLU masks are the forward's.
+    forward did: the folded map of ``normalized_relu``, or ``activation(Y, norm2)`` (the triton backend's:
+    its 3x3 conv's prologue map, by a kernel), so the ReLU masks are the forward's.
     ``sync`` (SyncBatchNorm): the input gradient takes the sums over all ``count`` rows of every process.
 
     Returns the bottleneck gradient (compute dtype) and the gradients of norm2's weight and bias and of
     conv2's weight (None when not needed)."""
     ones, zeros = [1] * (len(grid) - 1), [0] * (len(grid) - 1)
     cdt = w2c.dtype
-    act2 = normalized_relu(bottleneck, norm2, cdt, unfolded=as_kernels)
+    act2 = normalized_relu(bottleneck, norm2, cdt) if activation is None else activation(bottleneck, norm2)
     with stage("conv_backward", bottleneck.device):
         images = (as_images(d_new.to(cdt), *grid), as_images(act2, *grid))
         if len(grid) == 4 and act2.device.type == "cpu" and cdt in (torch.bfloat16, torch.float16):

@@ -49,10 +49,11 @@ def check_dtypes(x: torch.Tensor, compute_dtype: torch.dtype) -> None:
 
 @functools.cache
 def _kernels() -> SimpleNamespace:
-    from fastdense.kernels import affine, bn_relu_gemm, bn_relu_gemm_backward, conv3x3, finalize, stats
+    from fastdense.kernels import affine, bn_relu_gemm, bn_relu_gemm_backward, bn_relu_pool, conv3x3, finalize, stats
 
     return SimpleNamespace(
-        affine=affine, gemm=bn_relu_gemm, backward=bn_relu_gemm_backward, conv=conv3x3, finalize=finalize, stats=stats
+        affine=affine, gemm=bn_relu_gemm, backward=bn_relu_gemm_backward, conv=conv3x3, finalize=finalize, stats=stats,
+        pool=bn_relu_pool,
     )  # fmt: skip
 
 
@@ -87,6 +88,17 @@ def _norm1_backward(d_bottleneck, x, norm1, rstd1, w1c, grad_sum, coef, need_wei
     return sum_px.mul_(rstd1), sum_p, d_w1
 
 
+def _norm2_activation(bottleneck, norm2):
+    """``relu(norm2(Y))`` of the ``M x 4k`` bottleneck, recomputed for the 3x3 conv's backward by the
+    BN-ReLU kernel with a 1x1 window (the rows as one image one pixel high): one pass, and the prologue's
+    own map and rounding, so the ReLU masks are those the forward's conv saw."""
+    rows, channels = bottleneck.shape
+    image = bottleneck.contiguous().view(1, 1, rows, channels).permute(0, 3, 1, 2)  # channels_last (1, C, 1, M)
+    act = torch.empty_like(bottleneck, memory_format=torch.contiguous_format)
+    _kernels().pool.bn_relu_pool(image, _vectors(norm2), 1, 1, 0, False, out=act)
+    return act
+
+
 def _finalize(g, x, d_out, stats, noise):
     out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     return _kernels().finalize.finalize(g, x, d_out, out, stats, noise)
@@ -102,8 +114,11 @@ def triton_ops(spatial_dims: int = 2) -> Ops:
         bottleneck=_bottleneck,
         new_features=new_features,
         # PyTorch's (cuDNN's) conv backward for now, recomputing norm2-ReLU as the forward's conv did
-        new_features_backward=functools.partial(conv3x3_norm2_backward, as_kernels=use_kernel),
+        new_features_backward=functools.partial(
+            conv3x3_norm2_backward, activation=_norm2_activation if use_kernel else None
+        ),
         norm1_backward=_norm1_backward,
         finalize=_finalize,
         fuses_eval_norm2=True,
+        folds_norms=not use_kernel,  # the cuDNN conv's activation is the folded map (torch_ops.conv3x3_into)
     )

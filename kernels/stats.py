@@ -151,7 +151,8 @@ def merge_partials(mean: Tensor, m2: Tensor, count: Tensor) -> tuple[Tensor, Ten
     """Biased variance and mean per column from ``(tiles, C)`` partials and ``tiles`` counts (rows with
     count 0 are ignored), by one kernel launch (``merge_partials_reference``: the same with PyTorch ops)."""
     tiles, c = mean.shape
-    var_out, mean_out = torch.empty((2, c), dtype=torch.float32, device=mean.device)
+    # two allocations, not views of one: a saved mean must not keep the variance's memory alive
+    var_out, mean_out = (torch.empty(c, dtype=torch.float32, device=mean.device) for _ in range(2))
     if c > 0:
         _merge_partials_kernel[lambda meta: (triton.cdiv(c, meta["BLOCK_C"]),)](
             mean, m2, count, var_out, mean_out, tiles, c
