@@ -175,8 +175,8 @@ def conv3x3_norm2_backward(
     conv2's weight (None when not needed)."""
     ones, zeros = [1] * (len(grid) - 1), [0] * (len(grid) - 1)
     cdt = w2c.dtype
-    act2 = normalized_relu(bottleneck, norm2, cdt) if activation is None else activation(bottleneck, norm2)
     with stage("conv_backward", bottleneck.device):
+        act2 = normalized_relu(bottleneck, norm2, cdt) if activation is None else activation(bottleneck, norm2)
         images = (as_images(d_new.to(cdt), *grid), as_images(act2, *grid))
         if len(grid) == 4 and act2.device.type == "cpu" and cdt in (torch.bfloat16, torch.float16):
             # PyTorch's CPU 3-D weight gradient from channels_last_3d bf16 tensors is wrong on 2x2x2 maps
