@@ -37,7 +37,7 @@ from .launch import (
     unit_columns,
 )
 from .offsets import row_offsets
-from .stats import empty_partials, merge_partials, no_partials
+from .stats import empty_partials, merge_partials, no_partials, written
 from .tiles import dot_weight_rows, output_tile, store_tile_statistics
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
@@ -142,7 +142,7 @@ def _tuned(configs, name, ieee=None):
     # The epilogue variants (eval's norm2, training's statistics) are other kernels: tuned apart.
     return tuned(
         configs, key=["N", "M_BUCKET", "K_BUCKET", "EPILOGUE", "STATS"],
-        reset_to_zero=["mean_ptr", "m2_ptr", "count_ptr"], interpret=_INTERPRET_CONFIG, ieee=ieee, name=name,
+        interpret=_INTERPRET_CONFIG, ieee=ieee, name=name,
     )(_bn_relu_gemm)  # fmt: skip
 
 
@@ -189,19 +189,21 @@ def bn_relu_gemm(
     w_t = weight.t().contiguous()  # K x N: small, rows of the B operand contiguous
     partials = empty_partials(triton.cdiv(m, _MIN_BLOCK_M), n_out, x.device) if stats else no_partials(x.device)
     second = epilogue if epilogue is not None else norm  # unused pointers when there is no epilogue
+    kernel = _bn_relu_gemm_kernel if pool_hw is None else _pooled_gemm_kernel
+    row_tiles = 0  # the partial rows the launch writes
     if m > 0:
 
         def grid(meta):
             return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"])
 
-        kernel = _bn_relu_gemm_kernel if pool_hw is None else _pooled_gemm_kernel
         kernel[grid](
             x, *norm, w_t, out, *second, *partials,
             m, n_out, k, x.stride(0), out.stride(0), h, w, row_bucket(m), bucket(k),
             POOL=pool_hw is not None, EPILOGUE=epilogue is not None, STATS=stats,
             INTERPRETED=INTERPRET, PRECISION=dot_precision(weight.dtype),
         )  # fmt: skip
-    return out, merge_partials(*partials) if stats else None
+        row_tiles = grid(kernel.last_config.kwargs)[0]
+    return out, merge_partials(*written(partials, row_tiles)) if stats else None
 
 
 def bn_relu_gemm_reference(x, norm, weight, *, epilogue=None, pool_hw=None):

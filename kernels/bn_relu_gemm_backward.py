@@ -32,6 +32,7 @@ from .launch import (
     row_bucket,
     smallest,
     tuned,
+    uninitialised,
     unit_columns,
 )
 from .offsets import row_offsets
@@ -61,7 +62,6 @@ _DGRAD_MIN_BLOCK_M = smallest([*_DGRAD_CONFIGS, _DGRAD_INTERPRET], "BLOCK_M")
 @tuned(
     _DGRAD_CONFIGS,
     key=["N_BUCKET", "K", "M_BUCKET"],
-    reset_to_zero=["sum_p_ptr", "sum_px_ptr"],
     restore_value=["g_ptr"],
     interpret=_DGRAD_INTERPRET,
     ieee=_DGRAD_IEEE_CONFIGS,
@@ -118,7 +118,6 @@ _WGRAD_MAX_SPLIT = max(c.kwargs["SPLIT_M"] for c in [*_WGRAD_CONFIGS, *_WGRAD_IE
 @tuned(
     _WGRAD_CONFIGS,
     key=["N", "C_BUCKET", "M_BUCKET"],
-    reset_to_zero=["dw_ptr"],
     interpret=_WGRAD_INTERPRET,
     ieee=_WGRAD_IEEE_CONFIGS,
 )
@@ -183,9 +182,12 @@ def norm1_gemm_backward(
         raise ValueError("norm1_gemm_backward: grad_sum must be an M x C_total float32 matrix with unit column stride")
     weight = weight.contiguous()
     vectors = [v.to(torch.float32).contiguous() for v in (*norm, mean, coef)]
+    # Partial results, uninitialised: room for the most any configuration writes; only the rows the launch
+    # wrote (its configuration's row tiles, or splits) are summed.
     tiles = triton.cdiv(m, _DGRAD_MIN_BLOCK_M)
-    sums = torch.zeros((2, max(tiles, 1), c), dtype=torch.float32, device=x.device)
-    d_w = torch.zeros((_WGRAD_MAX_SPLIT, k, c), dtype=torch.float32, device=x.device) if need_weight else None
+    sums = uninitialised(2, tiles, c, device=x.device)
+    d_w = uninitialised(_WGRAD_MAX_SPLIT, k, c, device=x.device) if need_weight else None
+    row_tiles = splits = 0
     if m > 0 and c > 0:
         precision = dot_precision(weight.dtype)
 
@@ -197,6 +199,7 @@ def norm1_gemm_backward(
             m, c, k, x.stride(0), grad_sum.stride(0), bucket(c), row_bucket(m),
             INTERPRETED=INTERPRET, PRECISION=precision,
         )  # fmt: skip
+        row_tiles = dgrad_grid(_dgrad_kernel.last_config.kwargs)[0]
         if need_weight:
 
             def wgrad_grid(meta):
@@ -206,8 +209,9 @@ def norm1_gemm_backward(
                 d_y, x, *vectors[:3], d_w, m, k, c, x.stride(0), bucket(c), row_bucket(m),
                 INTERPRETED=INTERPRET, PRECISION=precision,
             )  # fmt: skip
-    total = sums.sum(1)
-    return total[0], total[1], None if d_w is None else d_w.sum(0)
+            splits = _wgrad_kernel.last_config.kwargs["SPLIT_M"]
+    total = sums[:, :row_tiles].sum(1)
+    return total[0], total[1], None if d_w is None else d_w[:splits].sum(0)
 
 
 def norm1_gemm_backward_reference(d_y, x, norm, mean, coef, weight, grad_sum, need_weight):

@@ -29,7 +29,7 @@ from .launch import (
     unit_columns,
 )
 from .offsets import row_offsets
-from .stats import empty_partials, merge_partials, no_partials
+from .stats import empty_partials, merge_partials, no_partials, written
 from .tiles import dot_weight_rows, output_tile, store_tile_statistics
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32})
@@ -61,7 +61,6 @@ _MIN_BLOCK_M = smallest([*_CONFIGS, *_IEEE_CONFIGS, _INTERPRET_CONFIG], "BLOCK_M
 @tuned(
     _CONFIGS,
     key=["N", "C", "M_BUCKET", "PROLOGUE", "DROPOUT", "STATS"],
-    reset_to_zero=["mean_ptr", "m2_ptr", "count_ptr"],
     interpret=_INTERPRET_CONFIG,
     ieee=_IEEE_CONFIGS,
 )
@@ -143,6 +142,7 @@ def conv3x3(
         raise ValueError(f"conv3x3: noise must be a contiguous {m} x {k} matrix, got {tuple(noise.shape)}")
     partials = empty_partials(triton.cdiv(m, _MIN_BLOCK_M), k, y.device) if stats else no_partials(y.device)
     norm = prologue if prologue is not None else partials[:2] + partials[:1]  # unused pointers otherwise
+    row_tiles = 0  # the partial rows the launch writes
     if m > 0:
 
         def grid(meta):
@@ -154,7 +154,8 @@ def conv3x3(
             PROLOGUE=prologue is not None, DROPOUT=noise is not None, STATS=stats,
             INTERPRETED=INTERPRET, PRECISION=dot_precision(weight.dtype),
         )  # fmt: skip
-    return merge_partials(*partials) if stats else None
+        row_tiles = grid(_conv3x3_kernel.last_config.kwargs)[0]
+    return merge_partials(*written(partials, row_tiles)) if stats else None
 
 
 def conv3x3_reference(y, weight, nhw, *, prologue=None, noise=None):

@@ -133,6 +133,9 @@ class Launcher:
         self._tuning = {"reset_to_zero": reset_to_zero, "restore_value": restore_value}
         self._forced: triton.Config | None = None
         self.plan = None  # (arguments by name, a configuration's meta-parameters) -> Moved: ``planned``
+        # The configuration of the latest launch (the autotuner's choice, once made): how many rows of a
+        # partial-results array that launch wrote, which the caller then reads without zero-filling it.
+        self.last_config: triton.Config | None = None
         LAUNCHERS[self.name] = self
 
     def planned(self, plan):
@@ -199,15 +202,21 @@ class Launcher:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
+            precision = kwargs.get("PRECISION")
             if _recorded is not None:
+                # a recorded launch is counted with this configuration (``Launch.moved``'s default)
+                self.last_config = self._forced or self.configs_for(precision)[0]
                 if _recorded_keep:
                     self._record(args, kwargs)
                 if not _recorded_run:
                     return None
-            precision = kwargs.get("PRECISION")
             config = self.config(precision)
             if config is None:
-                return self._autotuners[precision == "ieee"][grid](*args, **kwargs)
+                tuner = self._autotuners[precision == "ieee"]
+                result = tuner[grid](*args, **kwargs)
+                self.last_config = tuner.best_config
+                return result
+            self.last_config = config
             meta = dict(config.kwargs)
             resolved = grid(meta) if callable(grid) else grid
             return self.fn[resolved](*args, **kwargs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -245,6 +254,14 @@ def tuned(
         )  # fmt: skip
 
     return wrap
+
+
+def uninitialised(*shape: int, device: torch.device) -> torch.Tensor:
+    """A float32 array for partial results a launch writes only part of: uninitialised on a GPU (no
+    zero-fill); NaN under the interpreter, so that a test reading a row no launch wrote fails."""
+    if INTERPRET:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -14,7 +14,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import Moved, bucket, check_kernel_tensors, check_rows, row_bucket, smallest, tuned, unit_columns
+from .launch import (
+    Moved,
+    bucket,
+    check_kernel_tensors,
+    check_rows,
+    row_bucket,
+    smallest,
+    tuned,
+    uninitialised,
+    unit_columns,
+)
 from .offsets import row_offsets
 
 
@@ -60,7 +70,6 @@ _MIN_ROWS_PER_PROGRAM = smallest(_CONFIGS, "BLOCK_M", "ROW_TILES")
 @tuned(
     _CONFIGS,
     key=["C_BUCKET", "M_BUCKET"],
-    reset_to_zero=["mean_ptr", "m2_ptr", "count_ptr"],
 )
 @triton.jit
 def _column_stats_kernel(
@@ -84,11 +93,16 @@ def _column_stats_kernel(
 
 
 def empty_partials(tiles: int, columns: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Zeroed ``(tiles, columns)`` mean and M2 partials and ``tiles`` counts (tiles a config leaves
-    unwritten count zero in the merge): views of one buffer, zeroed by one launch."""
-    zeros = torch.zeros(tiles * (2 * columns + 1), dtype=torch.float32, device=device)
-    mean, m2 = zeros[: 2 * tiles * columns].view(2, tiles, columns)
-    return mean, m2, zeros[-tiles:]
+    """``(tiles, columns)`` mean and M2 partials and ``tiles`` counts, uninitialised: room for the most
+    tiles any configuration writes; ``written`` keeps the rows the launch wrote (no zero-fill)."""
+    mean, m2 = uninitialised(2, tiles, columns, device=device)
+    return mean, m2, uninitialised(tiles, device=device)
+
+
+def written(partials: tuple[Tensor, ...], tiles: int) -> tuple[Tensor, ...]:
+    """The first ``tiles`` rows of each partial array: those the launch wrote (its grid's row tiles under
+    the configuration it ran with, ``Launcher.last_config``)."""
+    return tuple(p[:tiles] for p in partials)
 
 
 def no_partials(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -179,13 +193,13 @@ def column_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     if m == 0:
         return torch.zeros(2, c, dtype=torch.float32, device=x.device).unbind(0)
     tiles = triton.cdiv(m, _MIN_ROWS_PER_PROGRAM)  # the most partial rows any configuration writes
-    mean, m2, count = empty_partials(tiles, c, x.device)
+    partials = empty_partials(tiles, c, x.device)
 
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_TILES"]), triton.cdiv(c, meta["BLOCK_C"])
 
-    _column_stats_kernel[grid](x, mean, m2, count, m, c, x.stride(0), bucket(c), row_bucket(m))
-    return merge_partials(mean, m2, count)
+    _column_stats_kernel[grid](x, *partials, m, c, x.stride(0), bucket(c), row_bucket(m))
+    return merge_partials(*written(partials, grid(_column_stats_kernel.last_config.kwargs)[0]))
 
 
 @_column_stats_kernel.planned
