@@ -140,3 +140,20 @@ def test_forcing_a_configuration_changes_the_launch():
     broken = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 24})
     with launcher.forced(broken), pytest.raises(Exception, match=r"power of (2|two)"):
         _gemm_case()
+
+
+@pytest.mark.parametrize("chosen", range(len(stats._column_stats_kernel.configs)))
+def test_a_tuned_launch_reads_only_the_partials_its_chosen_configuration_wrote(monkeypatch, chosen):
+    """On a GPU the autotuner picks the configuration, and the partial results are read by its choice
+    (``Launcher.last_config``, from Triton's ``best_config``): here Triton's own autotuner runs under the
+    interpreter with one configuration to choose from (no timing trials), the rows the other
+    configurations would write left as NaN."""
+    launcher = stats._column_stats_kernel
+    monkeypatch.setattr(launcher, "configs", [launcher.configs[chosen]])
+    monkeypatch.setattr(launcher, "config", lambda precision: None)  # tuned, as on a GPU
+    launcher.__dict__.pop("_autotuners", None)  # built again from the one configuration
+    try:
+        _column_stats_case()
+        assert launcher.last_config is launcher.configs[0]
+    finally:
+        launcher.__dict__.pop("_autotuners", None)
