@@ -112,32 +112,28 @@ class Affine(NamedTuple):
 
     The torch backend applies it folded, ``x * scale + shift`` with ``shift = bias - mean * scale``, one
     pass, the formula of PyTorch's own CPU BatchNorm (``torch_ops.normalized_relu``). The Triton kernels
-    apply it unfolded, ``(x - mean) * scale + bias``, in training and eval (``folded``: eval mode).
-    ``weight`` is the module's gamma.
+    apply it unfolded, ``(x - mean) * scale + bias``. The same map in training and eval: only the
+    statistics differ. ``weight`` is the module's gamma.
     """
 
     mean: Tensor
     scale: Tensor  # weight / sqrt(var + eps)
     bias: Tensor
-    folded: bool
     shift: Tensor | None  # bias - mean * scale (None where no operation applies the folded map)
     weight: Tensor
 
     def channels(self, lo: int, hi: int, spatial_dims: int = 2) -> Affine:
         """The map for channels ``[lo, hi)`` of an ``(N, C, *spatial)`` tensor."""
-        mean, scale, bias, _, shift, weight = (
-            v if isinstance(v, bool) or v is None else v[lo:hi].view(1, -1, *[1] * spatial_dims) for v in self
-        )
-        return Affine(mean, scale, bias, self.folded, shift, weight)
+        return Affine(*(v if v is None else v[lo:hi].view(1, -1, *[1] * spatial_dims) for v in self))
 
 
-def affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, *, training: bool, fold: bool = True) -> Affine:
+def affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, *, fold: bool = True) -> Affine:
     """The map; ``fold=False`` leaves ``shift`` out (one operator fewer, a launch on a GPU, for the Triton
     kernels, which never apply the folded map)."""
     weight, bias = weight.to(rstd.dtype), bias.to(rstd.dtype)
     scale = weight * rstd
     shift = torch.addcmul(bias, mean, scale, value=-1) if fold else None
-    return Affine(mean, scale, bias, not training, shift, weight)
+    return Affine(mean, scale, bias, shift, weight)
 
 
 def batch_norm_backward_in_place(

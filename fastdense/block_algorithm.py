@@ -231,10 +231,10 @@ def block_forward(
             mean1, rstd1 = state.seg_mean[:c_in], state.seg_rstd[:c_in]
         else:
             mean1, rstd1 = running_stats(norm1, acc)
-        norm1_map = affine(g1, b1, mean1, rstd1, training=plan.training, fold=ops.folds_norms)
+        norm1_map = affine(g1, b1, mean1, rstd1, fold=ops.folds_norms)
         if not plan.training:
             mean2, rstd2 = running_stats(norm2, acc)
-        eval_norm2 = affine(g2, b2, mean2, rstd2, training=False, fold=ops.folds_norms) if fuse_norm2 else None
+        eval_norm2 = affine(g2, b2, mean2, rstd2, fold=ops.folds_norms) if fuse_norm2 else None
         with stage("gemm", x.device):
             bottleneck, stats2 = ops.bottleneck(
                 rows[:, :c_in], norm1_map, w1.to(cdt).view(-1, c_in), plan.training and not fuse_train_norm2, eval_norm2
@@ -249,11 +249,7 @@ def block_forward(
             var2, mean2 = (s.to(acc) for s in synced(stats2))
             state.norm2_stats.append((var2, mean2))
             rstd2 = torch.rsqrt(var2 + norm2.eps)
-        norm2_map = (
-            None
-            if fuse_norm2 or activated is not None
-            else affine(g2, b2, mean2, rstd2, training=plan.training, fold=ops.folds_norms)
-        )
+        norm2_map = None if fuse_norm2 or activated is not None else affine(g2, b2, mean2, rstd2, fold=ops.folds_norms)
 
         noise = None
         p = plan.drop_rates[layer]
@@ -364,8 +360,8 @@ def block_backward(
         need = needs_input_grad[1 + layer * PARAMS_PER_LAYER : 1 + (layer + 1) * PARAMS_PER_LAYER]
         w1c = w1.to(cdt).view(-1, c_in)
         mean1, rstd1 = (state.seg_mean[:c_in], state.seg_rstd[:c_in]) if training else (saved.mean1, saved.rstd1)
-        norm1 = affine(g1, b1, mean1, rstd1, training=training, fold=ops.folds_norms)
-        norm2 = affine(g2, b2, saved.mean2, saved.rstd2, training=training, fold=ops.folds_norms)
+        norm1 = affine(g1, b1, mean1, rstd1, fold=ops.folds_norms)
+        norm2 = affine(g2, b2, saved.mean2, saved.rstd2, fold=ops.folds_norms)
 
         with stage("finalize", out.device):
             if layer == num_layers - 1:  # no consumer: G and its sums are zero there, the gradient is the output's

@@ -237,7 +237,7 @@ def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d
         act.relu_()
     else:
         mean, rstd = norm_statistics(x, norm)
-        act = _normalized_relu(x, weight, bias, mean, rstd, norm.training)
+        act = _normalized_relu(x, weight, bias, mean, rstd)
     if max_pool:
         out, indices = _MAX_POOL[type(pool)](act, *_max_window(pool), return_indices=True)
         if device_type(x) == "cpu" and math.prod(x.shape[2:]) < 2**31:  # half the memory; on a GPU, traffic
@@ -292,10 +292,10 @@ def _max_window(pool: nn.Module) -> tuple:
     return *_window(pool), nn.modules.utils._ntuple(POOLS[type(pool)])(pool.dilation), pool.ceil_mode
 
 
-def _normalized_relu(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, training: bool) -> Tensor:
+def _normalized_relu(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
     """``relu(norm(x))`` in ``x``'s dtype and layout (``torch_ops.normalized_relu``, the map's vectors
     shaped per channel). The backward recomputes it the same way."""
-    normalize = affine(weight, bias, mean, rstd, training=training).channels(0, x.shape[1], x.dim() - 2)
+    normalize = affine(weight, bias, mean, rstd).channels(0, x.shape[1], x.dim() - 2)
     return normalized_relu(x, normalize, x.dtype)
 
 
@@ -306,7 +306,7 @@ def _triton_norm(x: Tensor, norm: nn.BatchNorm2d, compute_dtype: torch.dtype, kn
 
     check_dtypes(x, compute_dtype)
     mean, rstd = norm_statistics(x, norm, column_stats, known)
-    return mean, rstd, affine_vectors(affine(norm.weight, norm.bias, mean, rstd, training=norm.training, fold=False))
+    return mean, rstd, affine_vectors(affine(norm.weight, norm.bias, mean, rstd, fold=False))
 
 
 def _triton_forward(x: Tensor, norm: nn.BatchNorm2d, window, out: Tensor | None = None, known=None):
@@ -361,7 +361,7 @@ def _backward(grad_out, x, weight, bias, mean, rstd, max_pooled, pool, training:
             d_pre = backward(masked, x, *_max_window(pool), indices.long())  # x: the shape only
             del masked
         else:
-            act = _normalized_relu(x, weight, bias, mean, rstd, training)
+            act = _normalized_relu(x, weight, bias, mean, rstd)
             d_pre = _pool_backward(grad_out, act, pool)
             torch.ops.aten.threshold_backward.grad_input(d_pre, act, 0, grad_input=d_pre)  # through the ReLU
             del act

@@ -121,16 +121,14 @@ class Launcher:
     fits: autotuned over ``configs`` (or ``ieee`` when ``PRECISION="ieee"``) on a GPU, the first of them
     with ``FASTDENSE_AUTOTUNE=0``, ``interpret`` under the interpreter, or the one ``forced`` sets."""
 
-    def __init__(
-        self, fn, configs, key, *, reset_to_zero=None, restore_value=None, interpret=None, ieee=None, name=None
-    ):
+    def __init__(self, fn, configs, key, *, restore_value=None, interpret=None, ieee=None, name=None):
         self.fn, self.key = fn, list(key)
         # What tables and test ids call it: the kernel's name without its underscores and "_kernel".
         self.name = name or fn.__name__.strip("_").removesuffix("_kernel")
         self.configs = list(configs)
         self.ieee_configs = list(ieee) if ieee else self.configs
         self.interpret_config = interpret or self.configs[0]
-        self._tuning = {"reset_to_zero": reset_to_zero, "restore_value": restore_value}
+        self._tuning = {"restore_value": restore_value}
         self._forced: triton.Config | None = None
         self.plan = None  # (arguments by name, a configuration's meta-parameters) -> Moved: ``planned``
         # The configuration of the latest launch (the autotuner's choice, once made): how many rows of a
@@ -237,20 +235,18 @@ def _constexpr_names(fn) -> set[str]:
 def tuned(
     configs: list[triton.Config],
     key: list[str],
-    reset_to_zero: list[str] | None = None,
     interpret: triton.Config | None = None,
     restore_value: list[str] | None = None,
     ieee: list[triton.Config] | None = None,
     name: str | None = None,
 ):
     """A ``Launcher`` for the decorated kernel (see its docstring). ``key``: the arguments a tuning result
-    holds for; ``reset_to_zero`` / ``restore_value``: arguments a trial writes, zeroed or put back after
-    each trial."""
+    holds for; ``restore_value``: arguments a trial updates in place, put back after each trial (partial
+    results need no reset: only the rows the launch writes are read, ``Launcher.last_config``)."""
 
     def wrap(kernel):
         return Launcher(
-            kernel, configs, key, reset_to_zero=reset_to_zero, restore_value=restore_value, interpret=interpret,
-            ieee=ieee, name=name,
+            kernel, configs, key, restore_value=restore_value, interpret=interpret, ieee=ieee, name=name,
         )  # fmt: skip
 
     return wrap

@@ -107,7 +107,7 @@ def written(partials: tuple[Tensor, ...], tiles: int) -> tuple[Tensor, ...]:
 
 def no_partials(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Pointers for a launch that writes no statistics (``STATS=False``): one element, never zeroed, no
-    launch (the autotuner's reset of it is harmless)."""
+    launch."""
     unused = torch.empty(1, dtype=torch.float32, device=device)
     return unused, unused, unused
 

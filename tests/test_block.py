@@ -295,7 +295,7 @@ def test_norm1_weight_gradient_from_conv1s_in_bfloat16_is_within_a_few_times_tor
             weight = torch.rand(c, generator=generator, dtype=torch.float64) + 0.5
             var, mean = torch.var_mean(x.double(), dim=0, correction=0)
             rstd = (var + 1e-5).rsqrt()
-            norm1 = affine(*(t.float() for t in (weight, ratio * weight, mean, rstd)), training=True)
+            norm1 = affine(*(t.float() for t in (weight, ratio * weight, mean, rstd)))
             grad_sum = torch.zeros(m, c, dtype=torch.bfloat16)
             d_g1, _, _ = torch_ops.norm1_backward(d_y, x, norm1, rstd.float(), w1, grad_sum, norm1.weight, True, True)
             mask = torch_ops.normalized_relu(x, norm1, torch.bfloat16) > 0
@@ -320,7 +320,7 @@ def test_norm2_statistics_and_activation_from_one_batchnorm_call(dtype):
     act, (var, mean), rstd = torch_ops.norm2_relu_training(y, weight, bias, 1e-5)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert act.dtype == dtype and var.dtype == mean.dtype == rstd.dtype == acc
-    norm2 = affine(weight.to(acc), bias.to(acc), mean, rstd, training=True)
+    norm2 = affine(weight.to(acc), bias.to(acc), mean, rstd)
     assert torch.equal(act, torch_ops.normalized_relu(y, norm2, dtype))
     ref_var, ref_mean = torch.var_mean(y.double(), dim=0, correction=0)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
