@@ -87,19 +87,33 @@ def update_many_running_stats(bns: list, means: list[Tensor], variances: list[Te
 _STATS_ATTRIBUTE = "_fastdense_batch_stats"
 
 
-def share_batch_stats(t: Tensor, var: Tensor, mean: Tensor) -> None:
-    """Record the per-channel biased variance and mean of ``t`` (over N, H, W) for later consumers.
+class KnownStats(NamedTuple):
+    """A tensor's per-channel batch statistics, computed once for every BatchNorm that reads it: a
+    ``(3, C)`` array (mean, biased variance, ``1 / sqrt(var + eps)``, in the accumulation dtype) and that eps."""
+
+    stats: Tensor
+    eps: float
+
+    def mean_var_rstd(self, eps: float, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and ``1 / sqrt(var + eps)`` for a BatchNorm of ``eps``: the array's own rstd when the
+        eps is the same (no operator), else formed from the variance."""
+        mean, var, rstd = (row.to(acc) for row in self.stats)
+        return mean, var, rstd if eps == self.eps else torch.rsqrt(var + eps)
+
+
+def share_batch_stats(t: Tensor, known: KnownStats) -> None:
+    """Record the per-channel batch statistics of ``t`` (over N, H, W) for later consumers.
     Not for inference-mode tensors: they have no version counter to tell an in-place change."""
     if not t.is_inference():
-        setattr(t, _STATS_ATTRIBUTE, (t._version, var, mean))
+        setattr(t, _STATS_ATTRIBUTE, (t._version, known))
 
 
-def shared_batch_stats(t: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``(var, mean)`` recorded for exactly this, unmodified, tensor; else None."""
+def shared_batch_stats(t: Tensor) -> KnownStats | None:
+    """The statistics recorded for exactly this, unmodified, tensor; else None."""
     entry = getattr(t, _STATS_ATTRIBUTE, None)
     if entry is None or t.is_inference() or entry[0] != t._version:
         return None
-    return entry[1], entry[2]
+    return entry[1]
 
 
 def running_stats(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -125,6 +139,51 @@ class Affine(NamedTuple):
     def channels(self, lo: int, hi: int, spatial_dims: int = 2) -> Affine:
         """The map for channels ``[lo, hi)`` of an ``(N, C, *spatial)`` tensor."""
         return Affine(*(v if v is None else v[lo:hi].view(1, -1, *[1] * spatial_dims) for v in self))
+
+
+class NormMap(NamedTuple):
+    """A BatchNorm with given statistics as the per-channel map ``(x - mean) * weight * rstd + bias``, held as
+    it is stored: ``inv`` is the rstd, or (``from_var``) a variance to which ``eps`` is added first (eval mode's
+    running statistics), so that nothing is computed before the map is applied. The Triton kernels take it as
+    it is (``kernels.affine``, the vectors formed in registers); the torch backend folds it (``folded``).
+    ``weight`` and ``bias`` are the module's parameters, in their own dtype."""
+
+    mean: Tensor
+    inv: Tensor
+    weight: Tensor
+    bias: Tensor
+    eps: float = 0.0
+    from_var: bool = False
+
+    @classmethod
+    def running(cls, bn, weight: Tensor | None = None, bias: Tensor | None = None) -> NormMap:
+        """Eval mode's map of a BatchNorm module (or ``RunningNorm``): its running statistics and eps, with
+        ``weight`` and ``bias`` (default: the module's own)."""
+        weight = bn.weight if weight is None else weight
+        bias = bn.bias if bias is None else bias
+        return cls(bn.running_mean, bn.running_var, weight, bias, float(bn.eps), True)
+
+    @property
+    def acc(self) -> torch.dtype:
+        return accumulation_dtype(self.mean.dtype)
+
+    def rstd(self) -> Tensor:
+        """``1 / sqrt(var + eps)`` per channel, in the accumulation dtype (an operator or two in eval mode)."""
+        inv = self.inv.to(self.acc)
+        return torch.rsqrt(inv + self.eps) if self.from_var else inv
+
+    def folded(self) -> Affine:
+        """The map as ``x * scale + shift`` (``Affine``: a few operators on C-vectors)."""
+        return affine(self.weight, self.bias, self.mean.to(self.acc), self.rstd())
+
+    def vectors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(mean, scale, bias)`` float32 vectors, as a kernel forms them (the kernels' references)."""
+        rstd = self.rstd()
+        return self.mean.float(), (self.weight.to(rstd.dtype) * rstd).float(), self.bias.float()
+
+    def channels(self, lo: int, hi: int) -> NormMap:
+        """The map of channels ``[lo, hi)``."""
+        return NormMap(*(v[lo:hi] for v in self[:4]), self.eps, self.from_var)
 
 
 def affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, *, fold: bool = True) -> Affine:

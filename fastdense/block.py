@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backend import check_backend_name, resolve_backend
-from .batchnorm import share_batch_stats
+from .batchnorm import KnownStats, share_batch_stats
 from .block_algorithm import BatchStats, BlockPlan, batch_stats_of, block_forward, update_block_running_stats
 from .block_op import backend_ops, run_dense_block
 from .sync_batchnorm import StatsSync, sync_group_name
@@ -267,7 +267,7 @@ class FastDenseBlock(nn.ModuleDict):
             # The next BatchNorm reading `out` reuses them (eager only; and not global SyncBatchNorm ones,
             # which a plain BatchNorm after the block must not use).
             if not (torch.compiler.is_compiling() or sync_group):
-                share_batch_stats(out, stats.var, stats.mean)
+                share_batch_stats(out, KnownStats(stats.stats, self._eps1()))
         return out
 
     def _exported_forward(self, x: Tensor) -> Tensor:
@@ -280,11 +280,15 @@ class FastDenseBlock(nn.ModuleDict):
             out, _ = block_forward(x, self.layer_params(), plan, save=False)
         return out
 
-    def forward_in_buffer(self, buffer: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    def _eps1(self) -> float:
+        """The eps of the block's norm1s (the one its shared batch statistics' rstd is formed with)."""
+        return float(next(iter(self.values())).norm1.eps)
+
+    def forward_in_buffer(self, buffer: Tensor) -> tuple[Tensor, KnownStats | None]:
         """Inference without autograd on a preallocated ``(N, *spatial, C_total)`` buffer whose first
         ``num_input_features`` channels already hold the input (written there by the stem or the
         previous transition). Returns the output (the buffer as ``(N, C_total, *spatial)``) and, in
-        training mode, its batch statistics ``(var, mean)``."""
+        training mode, its batch statistics."""
         x = buffer[..., : self.num_input_features].movedim(-1, 1)
         backend, cdt, sync_group = self._check(x)
         plan = self._plan(backend, cdt, sync_group)
@@ -294,7 +298,7 @@ class FastDenseBlock(nn.ModuleDict):
             return out, None
         stats = batch_stats_of(state)
         self._update_running_stats(stats, state.count)
-        return out, (stats.var, stats.mean)
+        return out, KnownStats(stats.stats, self._eps1())
 
 
 class FastDenseBlock3d(FastDenseBlock):

@@ -11,6 +11,14 @@ This module holds the loops over layers, the saved state and the forward/backwar
 operations inside them come as an ``Ops`` record: plain PyTorch in ``torch_ops``, Triton kernels in
 ``triton_ops``. The buffer keeps the input's dtype (as ``torch.cat`` would); statistics and gradient
 sums run in the accumulation dtype (float64 for float64 inputs, float32 otherwise).
+
+What runs between the operations is kept to whole blocks, not layers: the convolution weights are cast to
+the compute dtype by one multi-tensor copy per block (``conv_weights``); the batch statistics live in two
+arrays per block (each channel's mean, variance and rstd; each bottleneck's), which the operations write
+and read in place; BatchNorm maps are passed as stored (``batchnorm.NormMap``), for the operations to form
+their vectors (the kernels in registers); gradients that need a cast to their parameter's dtype get one
+multi-tensor copy per block. The running statistics are updated after the forward by a few multi-tensor
+operators per block (``update_block_running_stats``).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .batchnorm import accumulation_dtype, affine, running_stats, update_many_running_stats
+from .batchnorm import NormMap, accumulation_dtype, update_many_running_stats
 from .devices import device_type
 from .layout import as_images, as_rows
 from .stages import stage
@@ -64,32 +72,41 @@ class BlockPlan:
 class Ops:
     """The operations of a dense block's forward and backward. The torch backend's are plain PyTorch ops
     (``torch_ops``); the triton backend's fuse them into kernels (``triton_ops``). Both keep the same
-    buffer layout and return the same statistics, so one loop and one saved state serve both.
+    buffer layout and the same statistics arrays, so one loop and one saved state serve both.
 
-    column_stats(cols) -> (var, mean): biased batch statistics of an ``M x c`` buffer slice.
-    bottleneck(x, norm1, w1, stats, epilogue) -> (Y, (var, mean) or None): ``relu(norm1(x)) @ w1^T`` for
-        an ``M x C_l`` buffer prefix (``w1``: ``4k x C_l``, compute dtype); ``stats``: Y's column
-        statistics (training); ``epilogue``: an eval-mode norm2 map applied with relu2 to Y.
-    new_features(Y, norm2, w2, grid, out, noise, stats) -> (var, mean) or None: writes
+    Statistics are written into ``(3, c)`` views of a block's arrays, rows mean, biased variance and
+    ``1 / sqrt(var + eps)`` (``stats``, with ``stats_eps``). ``pool``: the block's arrival counters
+    (``kernels.last_program.CounterPool``, from ``counters``; None for the torch backend).
+
+    column_stats(cols, stats, eps, pool): the statistics of an ``M x c`` buffer slice.
+    bottleneck(x, norm1, w1, stats, stats_eps, epilogue, pool) -> Y: ``relu(norm1(x)) @ w1^T`` for an
+        ``M x C_l`` buffer prefix (``w1``: ``4k x C_l``, compute dtype; ``norm1`` a ``NormMap``); ``stats``: Y's
+        column statistics (training); ``epilogue``: an eval-mode norm2 map applied with relu2 to Y.
+    new_features(Y, norm2, w2, grid, out, noise, stats, stats_eps, pool): writes
         ``conv3x3(relu(norm2(Y))) * noise`` into the ``M x k`` buffer slice ``out`` (``norm2`` None: Y is
-        already activated; ``noise`` None: no dropout) and returns the slice's statistics with ``stats``;
-        ``grid`` is ``(N, *spatial)``.
-    new_features_backward(d_new, Y, norm2, rstd2, w2, grid, training, need_weight, sync, count) ->
+        already activated; ``noise`` None: no dropout) and the slice's statistics into ``stats``; ``grid`` is
+        ``(N, *spatial)``.
+    new_features_backward(d_new, Y, norm2, w2, grid, training, need_weight, sync, count) ->
         (dY, d_gamma2, d_beta2, d_w2): the backward of ``new_features`` from the new features' gradient
         (dropout undone) to the bottleneck's (``torch_ops.conv3x3_norm2_backward``).
-    norm1_backward(dY, x, norm1, rstd1, w1, G, coef, need_weight, from_w1_grad, first) -> (d_gamma1, d_beta1,
-        d_w1): the backward of ``bottleneck``, adding ``coef * P`` into G's first ``C_l`` columns
-        (``torch_ops.norm1_backward``); ``from_w1_grad``: as ``norm1_weight_grad_serves`` said of the layer;
-        ``first`` (only with ``norm1_writes_first``): the block's last layer, which writes those columns.
-    finalize(g, x, d_out, stats, noise) -> dx: a segment's input gradient (``torch_ops.finalize``).
-    norm2_relu_training(Y, weight, bias, eps) -> (relu(norm2(Y)), (var, mean), rstd) or None: training
-        mode's norm2 statistics and activation at once (``torch_ops.norm2_relu_training``); then
+    norm1_backward(dY, x, norm1, w1, G, sums, need_weight, from_w1_grad, first, pool) -> (d_gamma1, d_beta1,
+        d_w1): the backward of ``bottleneck``, adding ``coef * P`` into G's first ``C_l`` columns and
+        ``coef * d_beta1``, ``coef * d_gamma1`` into the rows of ``sums`` (a ``(2, C_l)`` view of the block's
+        sums of G and G * xhat; None in eval), ``coef`` being gamma with batch statistics and the map's slope
+        with running ones (``torch_ops.norm1_backward``); ``from_w1_grad``: as ``norm1_weight_grad_serves``
+        said of the layer; ``first`` (only with ``norm1_writes_first``): the block's last layer, which writes
+        those columns of G.
+    finalize(g, x, d_out, stats, noise, dtype) -> dx: a segment's input gradient in ``dtype``
+        (``torch_ops.finalize``).
+    norm2_relu_training(Y, weight, bias, eps, stats) -> relu(norm2(Y)): training mode's norm2 statistics
+        (written into ``stats``) and activation at once (``torch_ops.norm2_relu_training``); then
         ``bottleneck`` is asked for no statistics and ``new_features`` gets the activation, norm2 None.
     norm1_weight_grad_serves(weights, biases, compute_dtype) -> list[bool] or None: per layer of a block,
         whether its norm1 backward may take ``sum(P * xhat)`` from conv1's weight gradient
         (``torch_ops.norm1_weight_grad_serves``); None: never.
+    counters(phase, m, c0, growth, width, layers, need_weights, device) -> CounterPool or None: the zeroed
+        arrival counters a block's forward (``phase="forward"``) or backward takes its launches' from.
     fuses_eval_norm2: whether ``bottleneck`` applies an ``epilogue``.
-    folds_norms: whether any operation applies a BatchNorm's folded map (``Affine.shift``).
     grad_in_buffer_dtype: whether G is in the buffer's dtype (else in the accumulation dtype).
     norm1_writes_first: whether the last layer's ``norm1_backward`` writes G's prefix (``first``), so that G
         starts uninitialised instead of as zeros (its last ``k`` columns are never read).
@@ -103,8 +120,8 @@ class Ops:
     finalize: Callable
     norm1_weight_grad_serves: Callable | None = None
     norm2_relu_training: Callable | None = None
+    counters: Callable | None = None
     fuses_eval_norm2: bool = False
-    folds_norms: bool = True
     grad_in_buffer_dtype: bool = False
     norm1_writes_first: bool = False
 
@@ -113,70 +130,108 @@ class Ops:
 class LayerState:
     """Per-layer tensors the backward reads (everything else is recomputed from the buffer)."""
 
-    # The running statistics norm1 used in eval; None in training, where they are the prefix
-    # [0, C_l) of the block's shared batch statistics (BlockState.seg_mean, seg_rstd).
-    mean1: Tensor | None
-    rstd1: Tensor | None
-    mean2: Tensor
-    rstd2: Tensor
     bottleneck: Tensor | None = None  # M x 4k, only when keep_bottlenecks
     dropout_noise: Tensor | None = None  # M x k, mask / (1 - p), only with dropout in training
 
 
 @dataclass
 class BlockState:
+    """What a block forward leaves for its backward: per layer ``LayerState``, the compute-dtype copy of the
+    convolution weights (``weights``: one flat tensor, when the forward cast them), and in training the
+    batch statistics (``stats``: ``(3, C_total)``, rows mean, biased variance and rstd of every channel of
+    the buffer, shared by every norm1; ``norm2``: ``(3, L, 4k)``, the same per bottleneck) over ``count``
+    rows (every process's, with SyncBatchNorm). The statistics are outputs of the block operator, which the
+    autograd formula saves beside ``flatten()``'s tensors."""
+
     layers: list[LayerState] = field(default_factory=list)
-    seg_mean: Tensor | None = None  # training: per-channel batch mean of the whole buffer
-    seg_rstd: Tensor | None = None  # training: per-channel 1 / sqrt(var + eps1)
-    # Training, not saved for backward: the biased variance of the buffer (for the running statistics
-    # and the next BatchNorm) and each layer's norm2 batch statistics (for its running statistics).
-    seg_var: Tensor | None = None
-    norm2_stats: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (var, mean) per layer
-    count: int = 0  # training: the rows the statistics are over (every process's, with SyncBatchNorm)
+    weights: Tensor | None = None
+    stats: Tensor | None = None
+    norm2: Tensor | None = None
+    count: int = 0
 
     # The state goes through ctx.save_for_backward (not ctx attributes), so that autograd frees it
     # after backward like any saved tensor instead of keeping it as long as the graph is referenced.
     def flatten(self) -> list[Tensor | None]:
         per_layer = [getattr(s, f.name) for s in self.layers for f in fields(s)]  # astuple would deep-copy
-        return [self.seg_mean, self.seg_rstd, *per_layer]
+        return [self.weights, *per_layer]
 
     @classmethod
-    def unflatten(cls, tensors: list[Tensor | None]) -> BlockState:
+    def unflatten(cls, tensors: list[Tensor | None], stats: Tensor | None, norm2: Tensor | None) -> BlockState:
         n = len(fields(LayerState))
-        layers = [LayerState(*tensors[i : i + n]) for i in range(2, len(tensors), n)]
-        return cls(layers, tensors[0], tensors[1])
+        layers = [LayerState(*tensors[i : i + n]) for i in range(1, len(tensors), n)]
+        return cls(layers, tensors[0], stats, norm2)
 
 
 class BatchStats(NamedTuple):
-    """A training forward's batch statistics, biased, in the accumulation dtype: of the buffer's channels
-    (every norm1 reads a prefix of them) and of each layer's bottleneck (``L x 4k``, its norm2), and the
-    number of rows they are over (a 0-dim float64 tensor: every process's rows with SyncBatchNorm)."""
+    """A training forward's batch statistics, biased, in the accumulation dtype: ``stats`` of the buffer's
+    channels (``(3, C_total)``: mean, variance, rstd; every norm1 reads a prefix of them), ``norm2`` of each
+    layer's bottleneck (``(3, L, 4k)``), and the number of rows they are over (a 0-dim float64 tensor: every
+    process's rows with SyncBatchNorm)."""
 
-    var: Tensor
-    mean: Tensor
-    var2: Tensor
-    mean2: Tensor
+    stats: Tensor
+    norm2: Tensor
     count: Tensor
+
+    @property
+    def var(self) -> Tensor:
+        return self.stats[1]
+
+    @property
+    def mean(self) -> Tensor:
+        return self.stats[0]
 
 
 def batch_stats_of(state: BlockState) -> BatchStats:
-    var2, mean2 = (torch.stack(s) for s in zip(*state.norm2_stats, strict=True))
-    count = torch.full((), state.count, dtype=torch.float64, device=var2.device)
-    return BatchStats(state.seg_var, state.seg_mean, var2, mean2, count)
+    count = torch.full((), state.count, dtype=torch.float64, device=state.stats.device)
+    return BatchStats(state.stats, state.norm2, count)
 
 
 def update_block_running_stats(norms1, norms2, stats: BatchStats, count: int | Tensor, growth_rate: int) -> None:
     """The running-statistics updates of every BatchNorm of a block after a training forward (outside the
-    forward itself, so that the forward is a pure function of its inputs for ``torch.compile``)."""
-    c0 = stats.mean.shape[0] - len(norms1) * growth_rate
+    forward itself, so that the forward is a pure function of its inputs for ``torch.compile``): a few
+    multi-tensor operators for the whole block (``update_many_running_stats``)."""
+    c0 = stats.stats.shape[1] - len(norms1) * growth_rate
     prefixes = [c0 + layer * growth_rate for layer in range(len(norms1))]
-    means = [stats.mean[:c_in] for c_in in prefixes] + list(stats.mean2.unbind(0))
-    variances = [stats.var[:c_in] for c_in in prefixes] + list(stats.var2.unbind(0))
+    means = [stats.mean[:c_in] for c_in in prefixes] + list(stats.norm2[0].unbind(0))
+    variances = [stats.var[:c_in] for c_in in prefixes] + list(stats.norm2[1].unbind(0))
     update_many_running_stats([*norms1, *norms2], means, variances, count)
 
 
 def _layer_params(params: tuple[Tensor, ...], layer: int) -> tuple[Tensor, ...]:
     return params[layer * PARAMS_PER_LAYER : (layer + 1) * PARAMS_PER_LAYER]
+
+
+def conv_weights(params: tuple[Tensor, ...], dtype: torch.dtype, flat: Tensor | None = None):
+    """Every layer's ``(conv1.weight, conv2.weight)`` in the compute dtype ``dtype`` and contiguous (as the
+    kernels read them), as a list of pairs, and the flat tensor that holds them when they were cast or copied
+    (else None: the parameters themselves). The cast is one multi-tensor copy for the whole block (one launch
+    on a GPU) into views of one new tensor; ``flat``: that tensor, kept by the forward (its views are taken
+    again, nothing is copied). Weights in channels_last memory (``model.to(memory_format=...)``) are copied
+    as they are cast."""
+    weights = [w for layer in range(len(params) // PARAMS_PER_LAYER) for w in _layer_params(params, layer)[2::3]]
+    if not weights or (flat is None and all(w.dtype == dtype and w.is_contiguous() for w in weights)):
+        return list(zip(weights[0::2], weights[1::2], strict=True)), None
+    if flat is None:
+        flat = torch.empty(sum(w.numel() for w in weights), dtype=dtype, device=weights[0].device)
+        views = [part.view(w.shape) for part, w in zip(flat.split([w.numel() for w in weights]), weights, strict=True)]
+        torch._foreach_copy_(views, weights)
+    else:
+        views = [part.view(w.shape) for part, w in zip(flat.split([w.numel() for w in weights]), weights, strict=True)]
+    return list(zip(views[0::2], views[1::2], strict=True)), flat
+
+
+def _synced(stats: Tensor, sync: StatsSync | None, rows: int, eps: float) -> None:
+    """SyncBatchNorm: a ``(3, c)`` statistics view made global (every process's rows), in place."""
+    if sync is None:
+        return
+    var, mean = sync.stats((stats[1], stats[0]), rows)
+    stats[0].copy_(mean)
+    stats[1].copy_(var)
+    torch.add(var, eps, out=stats[2]).rsqrt_()
+
+
+def _counters(ops: Ops, phase: str, *sizes):
+    return ops.counters(phase, *sizes) if ops.counters is not None else None
 
 
 def block_forward(
@@ -190,12 +245,9 @@ def block_forward(
     n, c0, *spatial = x.shape
     grid = (n, *spatial)
     k, num_layers = plan.growth_rate, len(plan.drop_rates)
-    c_total, m = c0 + num_layers * k, math.prod(grid)
+    c_total, m, width = c0 + num_layers * k, math.prod(grid), params[2].shape[0]
     acc, cdt, ops = accumulation_dtype(x.dtype), plan.compute_dtype, plan.ops
     sync = plan.sync if plan.training else None
-
-    def synced(stats: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return stats if sync is None else sync.stats(stats, m)
 
     if buffer is None:
         buf = torch.empty((*grid, c_total), dtype=x.dtype, device=x.device)
@@ -203,53 +255,46 @@ def block_forward(
     else:
         buf = buffer
     rows = buf.view(m, c_total)
-    state = BlockState()
+    weights, flat = conv_weights(params, cdt)
+    state = BlockState(weights=flat if save else None)
+    pool = _counters(ops, "forward", m, c0, k, width, num_layers, False, x.device)
+    eps2 = [float(norm.eps) for norm in plan.norms2]
     if plan.training:
-        state.seg_mean = torch.empty(c_total, dtype=acc, device=x.device)
-        state.seg_rstd = torch.empty(c_total, dtype=acc, device=x.device)
-        seg_var = state.seg_var = torch.empty(c_total, dtype=acc, device=x.device)
+        stats = state.stats = torch.empty((3, c_total), dtype=acc, device=x.device)
+        norm2_stats = state.norm2 = torch.empty((3, num_layers, width), dtype=acc, device=x.device)
         state.count = m if sync is None else sync.total(m, x.device)
-
-        def record_segment_stats(lo: int, hi: int, stats: tuple[Tensor, Tensor]) -> None:
-            var, mean = stats
-            state.seg_mean[lo:hi], seg_var[lo:hi] = mean, var
-            torch.add(var, plan.eps1, out=state.seg_rstd[lo:hi]).rsqrt_()
-
         with stage("stats", x.device):
-            record_segment_stats(0, c0, synced(ops.column_stats(rows[:, :c0])))
+            ops.column_stats(rows[:, :c0], stats[:, :c0], plan.eps1, pool)
+            _synced(stats[:, :c0], sync, m, plan.eps1)
 
     # Eval mode folds norm2 and relu2 into the GEMM's epilogue when the raw bottleneck is not kept. Training
     # takes norm2's statistics and its activation from one BatchNorm call where the ops have one (statistics
     # over this process's rows only, of a non-empty batch).
     fuse_norm2 = ops.fuses_eval_norm2 and not plan.training and not (save and plan.keep_bottlenecks)
     fuse_train_norm2 = plan.training and ops.norm2_relu_training is not None and sync is None and m > 0
-    kept_layers = kept_bottleneck_layers(num_layers, c_total, params[2].shape[0], device_type(x), len(spatial))
+    kept_layers = kept_bottleneck_layers(num_layers, c_total, width, device_type(x), len(spatial))
     for layer in range(num_layers):
-        g1, b1, w1, g2, b2, w2 = _layer_params(params, layer)
-        norm1, norm2, c_in = plan.norms1[layer], plan.norms2[layer], c0 + layer * k
+        g1, b1, _, g2, b2, _ = _layer_params(params, layer)
+        w1, w2 = weights[layer]
+        c_in = c0 + layer * k
         if plan.training:
-            mean1, rstd1 = state.seg_mean[:c_in], state.seg_rstd[:c_in]
+            norm1 = NormMap(stats[0, :c_in], stats[2, :c_in], g1, b1)
+            stats2 = norm2_stats[:, layer]
         else:
-            mean1, rstd1 = running_stats(norm1, acc)
-        norm1_map = affine(g1, b1, mean1, rstd1, fold=ops.folds_norms)
-        if not plan.training:
-            mean2, rstd2 = running_stats(norm2, acc)
-        eval_norm2 = affine(g2, b2, mean2, rstd2, fold=ops.folds_norms) if fuse_norm2 else None
+            norm1, norm2 = NormMap.running(plan.norms1[layer], g1, b1), NormMap.running(plan.norms2[layer], g2, b2)
         with stage("gemm", x.device):
-            bottleneck, stats2 = ops.bottleneck(
-                rows[:, :c_in], norm1_map, w1.to(cdt).view(-1, c_in), plan.training and not fuse_train_norm2, eval_norm2
-            )  # M x 4k
-
+            bottleneck = ops.bottleneck(
+                rows[:, :c_in], norm1, w1.view(-1, c_in), stats2 if plan.training and not fuse_train_norm2 else None,
+                eps2[layer], norm2 if fuse_norm2 else None, pool,
+            )  # M x 4k  # fmt: skip
         activated = None  # relu(norm2(bottleneck)), when its statistics came with it
         if fuse_train_norm2:
             with stage("conv", x.device):
-                activated, (var2, mean2), rstd2 = ops.norm2_relu_training(bottleneck, g2, b2, norm2.eps)
-            state.norm2_stats.append((var2, mean2))
+                activated = ops.norm2_relu_training(bottleneck, g2, b2, eps2[layer], stats2)
         elif plan.training:
-            var2, mean2 = (s.to(acc) for s in synced(stats2))
-            state.norm2_stats.append((var2, mean2))
-            rstd2 = torch.rsqrt(var2 + norm2.eps)
-        norm2_map = None if fuse_norm2 or activated is not None else affine(g2, b2, mean2, rstd2, fold=ops.folds_norms)
+            _synced(stats2, sync, m, eps2[layer])
+        if plan.training:
+            norm2 = NormMap(stats2[0], stats2[2], g2, b2)
 
         noise = None
         p = plan.drop_rates[layer]
@@ -257,22 +302,23 @@ def block_forward(
             channelwise = bool(plan.channelwise_dropout) and plan.channelwise_dropout[layer]
             noise = dropout_noise(grid, k, p, channelwise, cdt, x.device)
         with stage("conv", x.device):
-            stats_new = ops.new_features(
+            ops.new_features(
                 bottleneck if activated is None else activated,
-                norm2_map,
-                w2.to(cdt),
+                None if fuse_norm2 or activated is not None else norm2,
+                w2,
                 grid,
                 rows[:, c_in : c_in + k],
                 noise,
-                plan.training,
+                stats[:, c_in : c_in + k] if plan.training else None,
+                plan.eps1,
+                pool,
             )
             del activated
         if plan.training:
-            record_segment_stats(c_in, c_in + k, synced(stats_new))
+            _synced(stats[:, c_in : c_in + k], sync, m, plan.eps1)
         if save:
-            kept = bottleneck if plan.keep_bottlenecks and layer in kept_layers else None
-            running1 = (None, None) if plan.training else (mean1, rstd1)
-            state.layers.append(LayerState(*running1, mean2, rstd2, kept, noise))
+            kept = plan.keep_bottlenecks and layer in kept_layers
+            state.layers.append(LayerState(bottleneck if kept else None, noise))
         del bottleneck
     return buf.movedim(-1, 1), state
 
@@ -306,6 +352,18 @@ def _last_layer_grad(grad_out: Tensor, noise: Tensor | None, dtype: torch.dtype)
     return (rows * noise).to(dtype) if noise is not None else rows.to(dtype).contiguous()
 
 
+def _cast_grads(grads: list[Tensor | None], params: tuple[Tensor, ...]) -> list[Tensor | None]:
+    """Every gradient in its parameter's dtype and shape: those in another dtype (a half-precision weight
+    gradient) by one multi-tensor copy for the block."""
+    pending = [i for i, g in enumerate(grads) if g is not None and g.dtype != params[i].dtype]
+    if pending:
+        cast = [torch.empty(params[i].shape, dtype=params[i].dtype, device=params[i].device) for i in pending]
+        torch._foreach_copy_(cast, [grads[i].view(params[i].shape) for i in pending])
+        for i, g in zip(pending, cast, strict=True):
+            grads[i] = g
+    return [g if g is None else g.view(p.shape) for g, p in zip(grads, params, strict=True)]
+
+
 def block_backward(
     grad_out: Tensor,
     out: Tensor,
@@ -317,10 +375,12 @@ def block_backward(
     training: bool,
     compute_dtype: torch.dtype,
     ops: Ops,
+    running: list | None = None,
     sync: StatsSync | None = None,
 ) -> tuple[Tensor | None, list[Tensor | None]]:
     """Gradients of the input and of every parameter, per DESIGN.md section 4. ``ops``: the forward's;
-    ``sync``: the forward's SyncBatchNorm group, if any."""
+    ``running`` (eval mode): each layer's norm1 and norm2 as ``RunningNorm``s (the statistics the forward
+    normalised with); ``sync``: the forward's SyncBatchNorm group, if any."""
     n, c_total, *spatial = out.shape
     grid = (n, *spatial)
     k, num_layers = growth_rate, len(params) // PARAMS_PER_LAYER
@@ -328,26 +388,28 @@ def block_backward(
     rows = as_rows(out)
     acc, cdt = accumulation_dtype(out.dtype), compute_dtype
     g_dtype = out.dtype if ops.grad_in_buffer_dtype else acc
+    weights, _ = conv_weights(params, cdt, state.weights)
+    width = params[2].shape[0]
     # G: sum over consumers. With norm1_writes_first the last layer's norm1 backward, the first to reach G,
     # writes all of it but the last layer's own columns, which nothing reads (below): no zeros needed.
     writes_first = ops.norm1_writes_first and num_layers > 0
     grad_sum = (torch.empty if writes_first else torch.zeros)((m, c_total), dtype=g_dtype, device=out.device)
     sync = sync if training else None
     count = m if sync is None else sync.total(m, out.device)
-    if training:
-        # Per channel: sum_rows(G) and sum_rows(G * xhat), accumulated from each layer's dbeta, dgamma.
-        sum_g = torch.zeros(c_total, dtype=acc, device=out.device)
-        sum_gx = torch.zeros(c_total, dtype=acc, device=out.device)
+    # Per channel: sum_rows(G) and sum_rows(G * xhat), accumulated from each layer's dbeta, dgamma.
+    sums = torch.zeros((2, c_total), dtype=acc, device=out.device) if training else None
+    needs_w1 = any(needs_input_grad[1 + layer * PARAMS_PER_LAYER + 2] for layer in range(num_layers))
+    pool = _counters(ops, "backward", m, c0, k, width, num_layers, needs_w1, out.device)
 
-    def finalize(lo: int, hi: int, noise: Tensor | None = None) -> Tensor:
+    def finalize(lo: int, hi: int, dtype: torch.dtype, noise: Tensor | None = None) -> Tensor:
         """Gradient of columns [lo, hi) once every consumer has been accumulated into G."""
         stats = None
         if training:
-            sums = (sum_g[lo:hi], sum_gx[lo:hi])
+            segment = (sums[0, lo:hi], sums[1, lo:hi])
             if sync is not None:  # over every process's rows; finalize divides by this process's m
-                sums = tuple(t.mul_(m / count) for t in sync.sum(*sums))
-            stats = (state.seg_mean[lo:hi], state.seg_rstd[lo:hi], *sums)
-        return ops.finalize(grad_sum[:, lo:hi], rows[:, lo:hi], as_rows(grad_out[:, lo:hi]), stats, noise)
+                segment = tuple(t.mul_(m / count) for t in sync.sum(*segment))
+            stats = (state.stats[0, lo:hi], state.stats[2, lo:hi], *segment)
+        return ops.finalize(grad_sum[:, lo:hi], rows[:, lo:hi], as_rows(grad_out[:, lo:hi]), stats, noise, dtype)
 
     grads: list[Tensor | None] = [None] * len(params)
     from_w1_grad = [False] * num_layers
@@ -355,52 +417,51 @@ def block_backward(
         norms1 = list(params[0::PARAMS_PER_LAYER]), list(params[1::PARAMS_PER_LAYER])
         from_w1_grad = ops.norm1_weight_grad_serves(*norms1, cdt)
     for layer in reversed(range(num_layers)):
-        g1, b1, w1, g2, b2, w2 = _layer_params(params, layer)
+        g1, b1, _, g2, b2, _ = _layer_params(params, layer)
+        w1, w2 = weights[layer]
         saved, c_in = state.layers[layer], c0 + layer * k
         need = needs_input_grad[1 + layer * PARAMS_PER_LAYER : 1 + (layer + 1) * PARAMS_PER_LAYER]
-        w1c = w1.to(cdt).view(-1, c_in)
-        mean1, rstd1 = (state.seg_mean[:c_in], state.seg_rstd[:c_in]) if training else (saved.mean1, saved.rstd1)
-        norm1 = affine(g1, b1, mean1, rstd1, fold=ops.folds_norms)
-        norm2 = affine(g2, b2, saved.mean2, saved.rstd2, fold=ops.folds_norms)
+        w1c = w1.view(-1, c_in)
+        if training:
+            norm1 = NormMap(state.stats[0, :c_in], state.stats[2, :c_in], g1, b1)
+            norm2 = NormMap(state.norm2[0, layer], state.norm2[2, layer], g2, b2)
+        else:
+            norm1 = NormMap.running(running[2 * layer], g1, b1)
+            norm2 = NormMap.running(running[2 * layer + 1], g2, b2)
 
         with stage("finalize", out.device):
             if layer == num_layers - 1:  # no consumer: G and its sums are zero there, the gradient is the output's
-                d_new = _last_layer_grad(grad_out[:, c_in:], saved.dropout_noise, g_dtype)
+                d_new = _last_layer_grad(grad_out[:, c_in:], saved.dropout_noise, cdt)
             else:  # every consumer of this layer's output is done
-                d_new = finalize(c_in, c_in + k, saved.dropout_noise)
+                d_new = finalize(c_in, c_in + k, cdt, saved.dropout_noise)
         bottleneck = saved.bottleneck
         if bottleneck is None:
             with stage("gemm", out.device):
-                bottleneck, _ = ops.bottleneck(rows[:, :c_in], norm1, w1c, False, None)
+                bottleneck = ops.bottleneck(rows[:, :c_in], norm1, w1c, None, 0.0, None, pool)
         d_bottleneck, d_g2, d_b2, d_w2 = ops.new_features_backward(
-            d_new, bottleneck, norm2, saved.rstd2, w2.to(cdt), grid, training, need[5], sync, count
+            d_new, bottleneck, norm2, w2, grid, training, need[5], sync, count
         )
         del d_new, bottleneck
-        coef = g1.to(acc) if training else norm1.scale  # eval: norm1 is an affine map of slope scale
         with stage("gemm_backward", out.device):
             d_g1, d_b1, d_w1 = ops.norm1_backward(
                 d_bottleneck,
                 rows[:, :c_in],
                 norm1,
-                rstd1,
                 w1c,
                 grad_sum,
-                coef,
+                sums[:, :c_in] if training else None,
                 need[2],
                 from_w1_grad[layer],
                 writes_first and layer == num_layers - 1,
+                pool,
             )
         del d_bottleneck
-        if training:
-            sum_g[:c_in].addcmul_(coef, d_b1)
-            sum_gx[:c_in].addcmul_(coef, d_g1)
-
         layer_grads = (d_g1, d_b1, d_w1, d_g2, d_b2, d_w2)
-        for offset, (grad, param) in enumerate(zip(layer_grads, (g1, b1, w1, g2, b2, w2), strict=True)):
+        for offset, grad in enumerate(layer_grads):
             if need[offset]:
-                grads[layer * PARAMS_PER_LAYER + offset] = grad.view_as(param).to(param.dtype)
+                grads[layer * PARAMS_PER_LAYER + offset] = grad
 
     d_x = None
     if needs_input_grad[0]:
-        d_x = as_images(finalize(0, c0), *grid).to(out.dtype)
-    return d_x, grads
+        d_x = as_images(finalize(0, c0, out.dtype), *grid)
+    return d_x, _cast_grads(grads, params)

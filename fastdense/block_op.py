@@ -7,8 +7,9 @@ no graph break, and Inductor compiles the rest of the model around it.
 
 The forward is a pure function of its inputs: it returns the block's batch statistics, and the
 module updates the running statistics afterwards (``block_algorithm.update_block_running_stats``). The
-tensors the backward needs come back as a list of extra outputs (``BlockState.flatten``, a zero-size
-tensor standing for each absent one) that the autograd formula saves.
+tensors the backward needs come back as the statistics and a list of extra outputs (``BlockState.flatten``,
+a zero-size tensor standing for each absent one) that the autograd formula saves, with, in eval mode, the
+running statistics the forward normalised with (inputs: autograd's version check guards them).
 """
 
 from __future__ import annotations
@@ -84,15 +85,16 @@ def dense_block(
     backend: str,
     save: bool,
     sync_group: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    """The block forward: ``(out, var, mean, var2, mean2, count, saved)``; the statistics are a training
-    forward's ``BatchStats`` (zero-size in eval), ``saved`` what the backward reads (empty unless ``save``);
-    ``sync_group``: the process group of SyncBatchNorm statistics, "" for none.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """The block forward: ``(out, stats, norm2, count, saved)``; a training forward's batch statistics
+    (``BatchStats``: ``(3, C_total)`` and ``(3, L, 4k)`` arrays, zero-size in eval) and the rows they are
+    over, ``saved`` what the backward reads (empty unless ``save``); ``sync_group``: the process group of
+    SyncBatchNorm statistics, "" for none.
 
     ``params``: six per layer (``block_algorithm.PARAMS_PER_LAYER``); ``running``: norm1's then norm2's
     running mean and variance per layer; ``eps``: norm1's and norm2's per layer (in training every norm1
     uses the first: the batch statistics are shared)."""
-    norms = [RunningNorm(running[2 * i], running[2 * i + 1], eps[i]) for i in range(len(eps))]  # norm1, norm2, ...
+    norms = _running_norms(running, eps)
     plan = BlockPlan(
         norms1=norms[0::2],
         norms2=norms[1::2],
@@ -108,10 +110,18 @@ def dense_block(
     )
     with autocast_off(x.device.type):
         out, state = block_forward(x, tuple(params), plan, save=save)
-    stats = list(batch_stats_of(state)) if training else [*(state_vector(x) for _ in range(4)), _row_count(x, 0)]
+    if training:
+        stats, norm2, count = batch_stats_of(state)
+    else:
+        stats, norm2, count = state_vector(x), state_vector(x), _row_count(x, 0)
     saved = [state_vector(x) if t is None else t for t in state.flatten()] if save else []
-    outputs = _without_aliases([*stats, *saved], [x, out, *params, *running])
-    return out, *outputs[:5], outputs[5:]
+    stats, norm2, count, *saved = _without_aliases([stats, norm2, count, *saved], [x, out, *params, *running])
+    return out, stats, norm2, count, saved
+
+
+def _running_norms(running: list[Tensor], eps: list[float]) -> list[RunningNorm]:
+    """norm1, norm2, norm1, ... of the layers as ``RunningNorm``s (running mean and variance, eps)."""
+    return [RunningNorm(running[2 * i], running[2 * i + 1], eps[i]) for i in range(len(eps))]
 
 
 def _row_count(x: Tensor, value: int) -> Tensor:
@@ -121,6 +131,12 @@ def _row_count(x: Tensor, value: int) -> Tensor:
 def state_vector(x: Tensor) -> Tensor:
     """A zero-size tensor in the accumulation dtype of ``x``: stands for an absent output."""
     return x.new_empty(0, dtype=accumulation_dtype(x.dtype))
+
+
+def _casts_weights(params, compute_dtype: torch.dtype) -> bool:
+    """Whether the forward casts or copies the convolution weights (``block_algorithm.conv_weights``)."""
+    weights = [*params[2::PARAMS_PER_LAYER], *params[5::PARAMS_PER_LAYER]]
+    return any(w.dtype != compute_dtype or not w.is_contiguous() for w in weights)
 
 
 @dense_block.register_fake
@@ -137,18 +153,17 @@ def _dense_block_fake(
         return x.new_empty(shape, dtype=dtype) if present else state_vector(x)
 
     out = x.new_empty((n, *spatial, c_total)).movedim(-1, 1)
-    stats = [vector(c_total, present=training)] * 2 + [vector(num_layers, width, present=training)] * 2
+    stats = vector(3, c_total, present=training)
+    norm2 = vector(3, num_layers, width, present=training)
     saved = []
     if save:
-        saved = [vector(c_total, present=training), vector(c_total, present=training)]
+        weights = sum(w.numel() for w in [*params[2::PARAMS_PER_LAYER], *params[5::PARAMS_PER_LAYER]])
+        saved = [vector(weights, dtype=compute_dtype, present=_casts_weights(params, compute_dtype))]
         kept = kept_bottleneck_layers(num_layers, c_total, width, device_type(x), len(spatial))
         for layer, p in enumerate(drop_rates):
-            c_in = c0 + layer * growth_rate
-            saved += [vector(c_in, present=not training), vector(c_in, present=not training)]
-            saved += [vector(width), vector(width)]
             saved.append(vector(m, width, dtype=compute_dtype, present=keep_bottlenecks and layer in kept))
             saved.append(vector(m, growth_rate, dtype=compute_dtype, present=training and p > 0))
-    return out, *[t.clone() for t in stats], _row_count(x, 0), saved  # clones: outputs may not share memory
+    return out, stats, norm2, _row_count(x, 0), saved
 
 
 @torch.library.custom_op("fastdense::dense_block_backward", mutates_args=())
@@ -156,7 +171,11 @@ def dense_block_backward(
     grad_out: Tensor,
     out: Tensor,
     params: list[Tensor],
+    running: list[Tensor],
+    stats: Tensor,
+    norm2: Tensor,
     saved: list[Tensor],
+    eps: list[float],
     growth_rate: int,
     training: bool,
     compute_dtype: torch.dtype,
@@ -165,13 +184,14 @@ def dense_block_backward(
     needs_input_grad: list[bool],
 ) -> tuple[Tensor, list[Tensor]]:
     """The input's and the parameters' gradients (zero-size where ``needs_input_grad`` says none:
-    ``[input, *params]``)."""
-    state = BlockState.unflatten([_present(t) for t in saved])
+    ``[input, *params]``). ``running``: in eval mode the forward's running statistics (as ``dense_block``
+    takes them), empty in training; ``stats``, ``norm2``: the forward's batch statistics (training)."""
+    state = BlockState.unflatten([_present(t) for t in saved], _present(stats), _present(norm2))
     with autocast_off(out.device.type):
         d_x, grads = block_backward(
             grad_out, out, tuple(params), state, tuple(needs_input_grad),
             growth_rate=growth_rate, training=training, compute_dtype=compute_dtype,
-            ops=backend_ops(backend, out.dim() - 2),
+            ops=backend_ops(backend, out.dim() - 2), running=_running_norms(running, eps) if running else None,
             sync=StatsSync(sync_group) if sync_group else None,
         )  # fmt: skip
     d_x = out.new_empty(0) if d_x is None else d_x
@@ -182,8 +202,9 @@ def dense_block_backward(
 
 @dense_block_backward.register_fake
 def _dense_block_backward_fake(
-    grad_out, out, params, saved, growth_rate, training, compute_dtype, backend, sync_group, needs_input_grad
-):
+    grad_out, out, params, running, stats, norm2, saved, eps, growth_rate, training, compute_dtype, backend,
+    sync_group, needs_input_grad,
+):  # fmt: skip
     n, c_total, *spatial = out.shape
     c0 = c_total - len(params) // PARAMS_PER_LAYER * growth_rate
     d_x = out.new_empty((n, *spatial, c0)).movedim(-1, 1) if needs_input_grad[0] else out.new_empty(0)
@@ -194,24 +215,30 @@ def _dense_block_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _x, params, running, *_, growth_rate, training, _keep, compute_dtype, backend, _save, sync_group = inputs
-    out, *stats, saved = output
-    ctx.mark_non_differentiable(*stats, *saved)
+    _x, params, running, eps, *_, growth_rate, training, _keep, compute_dtype, backend, _save, sync_group = inputs
+    out, stats, norm2, count, saved = output
+    ctx.mark_non_differentiable(stats, norm2, count, *saved)
     ctx.set_materialize_grads(False)  # else backward gets a zero tensor the size of every saved bottleneck
-    ctx.save_for_backward(out, *params, *saved)
-    ctx.num_params, ctx.num_running, ctx.num_settings = len(params), len(running), len(inputs) - 3
+    kept_running = [] if training else list(running)  # eval: the statistics the forward normalised with
+    ctx.save_for_backward(out, stats, norm2, *params, *kept_running, *saved)
+    ctx.num_params, ctx.num_kept_running, ctx.num_running = len(params), len(kept_running), len(running)
+    ctx.num_settings = len(inputs) - 3
+    ctx.eps = list(eps)
     ctx.settings = (growth_rate, training, compute_dtype, backend, sync_group)
 
 
 def _backward(ctx, grad_out, *_unused):
-    out, *rest = ctx.saved_tensors
+    out, stats, norm2, *rest = ctx.saved_tensors
     if grad_out is None:  # the output took no part in the loss (only the statistics outputs did)
         grad_out = torch.zeros_like(out)
-    params, saved = rest[: ctx.num_params], rest[ctx.num_params :]
+    params = rest[: ctx.num_params]
+    running = rest[ctx.num_params : ctx.num_params + ctx.num_kept_running]
+    saved = rest[ctx.num_params + ctx.num_kept_running :]
     needs_x, needs_params, *_ = ctx.needs_input_grad
     needs = [bool(needs_x), *map(bool, needs_params)]
     with torch.no_grad():
-        d_x, grads = dense_block_backward(grad_out, out, params, saved, *ctx.settings, needs)
+        d_x, grads = dense_block_backward(grad_out, out, params, running, stats, norm2, saved, ctx.eps, *ctx.settings,
+                                          needs)  # fmt: skip
     wanted = [g if need else None for g, need in zip([d_x, *grads], needs, strict=True)]
     if torch.is_grad_enabled() and grad_out.requires_grad:  # create_graph=True: as once_differentiable does
         wanted = _fail_if_differentiated(wanted)
@@ -247,7 +274,7 @@ def run_dense_block(
     params = list(block.layer_params())
     norms = [norm for layer in layers for norm in (layer.norm1, layer.norm2)]
     running = [t for norm in norms for t in (norm.running_mean, norm.running_var)]
-    out, *stats, _saved = dense_block(
+    out, stats, norm2, count, _saved = dense_block(
         x,
         params,
         running,
@@ -262,7 +289,7 @@ def run_dense_block(
         save,
         sync_group,
     )
-    return out, BatchStats(*stats) if block.training else None
+    return out, BatchStats(stats, norm2, count) if block.training else None
 
 
 # FlopCounterMode sees each operator as one call: the formulas count the convolutions inside.

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .batchnorm import (
+    KnownStats,
+    NormMap,
     accumulation_dtype,
     affine,
     batch_norm_backward_in_place,
@@ -32,8 +34,13 @@ from .batchnorm import (
 )
 from .layout import as_images, as_rows
 from .stages import stage
-from .torch_ops import CHUNK_ELEMENTS, batch_norm_backward_in_place_serves, device_type, normalized_relu
-from .torch_ops import column_stats as torch_column_stats
+from .torch_ops import (
+    CHUNK_ELEMENTS,
+    batch_norm_backward_in_place_serves,
+    column_var_mean,
+    device_type,
+    normalized_relu,
+)
 from .triton_ops import check_dtypes
 from .validation import autocast_enabled, autocast_off
 
@@ -125,28 +132,32 @@ def global_average_pool(x: Tensor) -> nn.Module:
 
 
 def norm_statistics(
-    x: Tensor, norm: nn.BatchNorm2d, column_stats=None, known: tuple[Tensor, Tensor] | None = None
+    x: Tensor, norm: nn.BatchNorm2d, triton: bool = False, known: KnownStats | None = None
 ) -> tuple[Tensor, Tensor]:
     """The mean and ``1 / sqrt(var + eps)`` ``norm`` normalises ``x`` with: batch statistics in training
     (updating the running statistics, as ``nn.BatchNorm2d`` does), running statistics in eval.
 
-    Batch statistics are, in order: ``known`` ``(var, mean)``; those a dense block recorded for this
-    very tensor (``share_batch_stats``); else a reduction, Triton's (``column_stats``, over channels_last
-    rows) or PyTorch's."""
+    Batch statistics are, in order: ``known``; those a dense block recorded for this very tensor
+    (``share_batch_stats``); else a reduction, Triton's (``triton``: one launch over channels_last rows for
+    the mean, variance and rstd) or PyTorch's."""
     acc, count = accumulation_dtype(x.dtype), x.numel() // max(x.shape[1], 1)
     if not norm.training:
         return running_stats(norm, acc)
     known = known or shared_batch_stats(x)
+    if known is None and triton:
+        from fastdense.kernels.stats import column_stats
+
+        known = KnownStats(column_stats(as_rows(x), norm.eps), norm.eps)
     if known is not None:
-        var, mean = (s.to(acc) for s in known)
-    elif column_stats is None and _layout(x) != torch.contiguous_format:
-        var, mean = torch_column_stats(as_rows(x))  # channels-last: a view
-    elif column_stats is None:
-        var, mean = batch_stats(x, dim=_reduced_dims(x))
+        mean, var, rstd = known.mean_var_rstd(norm.eps, acc)
     else:
-        var, mean = column_stats(as_rows(x))
+        if _layout(x) != torch.contiguous_format:
+            var, mean = column_var_mean(as_rows(x))  # channels-last: a view
+        else:
+            var, mean = batch_stats(x, dim=_reduced_dims(x))
+        rstd = torch.rsqrt(var + norm.eps)
     update_running_stats(norm, mean, var, count)
-    return mean, torch.rsqrt(var + norm.eps)
+    return mean, rstd
 
 
 class BatchNormReLUPool(torch.autograd.Function):
@@ -171,12 +182,15 @@ class BatchNormReLUPool(torch.autograd.Function):
         indices = None
         if window is not None:
             out, mean, rstd = _triton_forward(y, norm, window)
+            if mean is None and any(ctx.needs_input_grad):  # eval: the backward's map from the running statistics
+                mean, rstd = running_stats(norm, accumulation_dtype(y.dtype))
         else:
             out, indices, mean, rstd = _torch_forward(y, weight, bias, norm, pool)
         del y
         # With a max pool's indices the backward needs its output too (the ReLU mask at each window's maximum).
         ctx.save_for_backward(x, conv_weight, weight, bias, mean, rstd, indices, out if indices is not None else None)
         ctx.pool, ctx.training, ctx.part, ctx.conv, ctx.cast = pool, norm.training, part, conv, cast
+        ctx.kernel_map = window is not None  # the backward recomputes the activation with the kernel's map
         return out
 
     @staticmethod
@@ -188,8 +202,9 @@ class BatchNormReLUPool(torch.autograd.Function):
             y = x if conv is None else _convolved(x, conv_weight, conv, ctx.cast)
             need_y = need_x or conv is not None  # (a convolution's weight gradient needs it)
             d_y, d_weight, d_bias = _backward(
-                grad_out, y, weight, bias, mean, rstd, (indices, pooled), ctx.pool, ctx.training, need_y
-            )
+                grad_out, y, weight, bias, mean, rstd, (indices, pooled), ctx.pool, ctx.training, need_y,
+                ctx.kernel_map,
+            )  # fmt: skip
             del y
             d_x, d_conv_weight = d_y, None
             if conv is not None and (need_x or need_conv_weight):
@@ -299,30 +314,38 @@ def _normalized_relu(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd
     return normalized_relu(x, normalize, x.dtype)
 
 
-def _triton_norm(x: Tensor, norm: nn.BatchNorm2d, compute_dtype: torch.dtype, known=None):
-    """Statistics (the Triton reduction when none are known), and the kernels' ``(shift, scale, bias)``."""
-    from fastdense.kernels.affine import affine_vectors
-    from fastdense.kernels.stats import column_stats
+def _kernel_activation(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    """``relu(norm(x))`` of an ``(N, C, H, W)`` map by the Triton BN-ReLU-pool kernel with a 1x1 window."""
+    from fastdense.kernels.bn_relu_pool import bn_relu_pool as pool_kernel
 
+    x = x.contiguous(memory_format=torch.channels_last)
+    return pool_kernel(x, NormMap(mean, rstd, weight, bias), 1, 1, 0, False)
+
+
+def _triton_norm(x: Tensor, norm: nn.BatchNorm2d, compute_dtype: torch.dtype, known=None):
+    """``(mean, rstd, map)``: the statistics (training: known ones, else the Triton reduction; eval: the
+    running ones, left to the kernel as they are: ``mean`` and ``rstd`` None) and the kernels' ``NormMap``."""
     check_dtypes(x, compute_dtype)
-    mean, rstd = norm_statistics(x, norm, column_stats, known)
-    return mean, rstd, affine_vectors(affine(norm.weight, norm.bias, mean, rstd, fold=False))
+    if not norm.training:
+        return None, None, NormMap.running(norm)
+    mean, rstd = norm_statistics(x, norm, triton=True, known=known)
+    return mean, rstd, NormMap(mean, rstd, norm.weight, norm.bias)
 
 
 def _triton_forward(x: Tensor, norm: nn.BatchNorm2d, window, out: Tensor | None = None, known=None):
     """``pool(relu(norm(x)))`` by the Triton kernel (``window``: ``kernel_window(pool)``), written into
-    ``out`` rows when given; ``known``: batch statistics ``(var, mean)`` of ``x``. Returns the result
-    and the statistics used."""
+    ``out`` rows when given; ``known``: batch statistics of ``x`` (``KnownStats``). Returns the result
+    and the statistics used (None in eval: the kernel read the running ones as they are)."""
     from fastdense.kernels.bn_relu_pool import bn_relu_pool as pool_kernel
 
     x = x.contiguous(memory_format=torch.channels_last)  # the stem's conv0 output may not be
-    mean, rstd, vectors = _triton_norm(x, norm, x.dtype, known)
-    return pool_kernel(x, vectors, *window, out=out), mean, rstd
+    mean, rstd, norm_map = _triton_norm(x, norm, x.dtype, known)
+    return pool_kernel(x, norm_map, *window, out=out), mean, rstd
 
 
 def triton_bn_relu_pool_into(x: Tensor, norm: nn.BatchNorm2d, pool: nn.Module, out: Tensor | None, known=None):
     """No-autograd ``pool(relu(norm(x)))`` by the Triton kernel, written into ``out`` rows when given
-    (e.g. the first channels of a block buffer); ``known``: batch statistics ``(var, mean)`` of ``x``."""
+    (e.g. the first channels of a block buffer); ``known``: batch statistics of ``x`` (``KnownStats``)."""
     with stage("bn_relu_pool", x.device):
         return _triton_forward(x, norm, kernel_window(pool), out, known)[0]
 
@@ -332,27 +355,30 @@ def fused_transition(
 ) -> Tensor:
     """``conv1x1(avgpool2x2(relu(norm(x))))`` as one Triton GEMM whose prologue pools (no autograd:
     for inference and ``torch.no_grad``), written into ``out`` rows when given (the next block's buffer);
-    ``known``: batch statistics ``(var, mean)`` of ``x``.
+    ``known``: batch statistics of ``x`` (``KnownStats``).
     Returns a channels_last ``(N, C_out, H // 2, W // 2)`` tensor (a view of ``out`` when given)."""
     from fastdense.kernels.bn_relu_gemm import bn_relu_gemm
 
     n, c, h, w = x.shape
-    _, _, vectors = _triton_norm(x, norm, compute_dtype, known)
+    _, _, norm_map = _triton_norm(x, norm, compute_dtype, known)
     c_out = conv_weight.shape[0]
     weight = conv_weight.to(compute_dtype).view(c_out, c)
     with stage("transition", x.device):
-        out, _ = bn_relu_gemm(as_rows(x), vectors, weight, pool_hw=(h, w), out=out)
+        out = bn_relu_gemm(as_rows(x), norm_map, weight, pool_hw=(h, w), out=out)
     return as_images(out, n, h // 2, w // 2)
 
 
-def _backward(grad_out, x, weight, bias, mean, rstd, max_pooled, pool, training: bool, need_input_grad: bool):
+def _backward(grad_out, x, weight, bias, mean, rstd, max_pooled, pool, training: bool, need_input_grad: bool,
+              kernel_map: bool = False):  # fmt: skip
     """Back through the pool and the ReLU, then through the BatchNorm: PyTorch's own BatchNorm backward in
     training (the statistics are the forward's), the affine map's in eval.
 
     ``max_pooled``: a max pool's ``(indices, output)`` from the forward, or ``(None, None)``. With them
     nothing is recomputed: the ReLU's mask at a window's maximum is the pooled output's sign, so the
     output gradient is masked first (a pooled-size pass) and scattered back by the indices. Otherwise
-    ``relu(norm(x))`` is recomputed for the pool's backward and the mask."""
+    ``relu(norm(x))`` is recomputed for the pool's backward and the mask: by the Triton kernel with a 1x1
+    window when the forward ran the kernel (``kernel_map``: one pass, and the forward's map and rounding, so
+    the forward's ReLU masks), else with the folded map."""
     indices, pooled = max_pooled
     with autocast_off(x.device.type), stage("bn_relu_pool_backward", x.device):
         if indices is not None:
@@ -361,7 +387,8 @@ def _backward(grad_out, x, weight, bias, mean, rstd, max_pooled, pool, training:
             d_pre = backward(masked, x, *_max_window(pool), indices.long())  # x: the shape only
             del masked
         else:
-            act = _normalized_relu(x, weight, bias, mean, rstd)
+            act = _kernel_activation(x, weight, bias, mean, rstd) if kernel_map else _normalized_relu(
+                x, weight, bias, mean, rstd)  # fmt: skip
             d_pre = _pool_backward(grad_out, act, pool)
             torch.ops.aten.threshold_backward.grad_input(d_pre, act, 0, grad_input=d_pre)  # through the ReLU
             del act

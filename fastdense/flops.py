@@ -45,12 +45,12 @@ def block_forward_flops(x, params, *args, out_shape=None, **kwargs) -> int:
     )
 
 
-def block_backward_flops(grad_out, out, params, saved, *args, out_shape=None, **kwargs) -> int:
+def block_backward_flops(grad_out, out, params, running, stats, norm2, saved, *args, out_shape=None, **kwargs) -> int:
     """``fastdense::dense_block_backward``: the convolutions' input and weight gradients autograd would
     compute for torchvision's layers, and the 1x1 convolutions of bottlenecks not kept."""
     needs_input_grad = args[-1] if args else kwargs["needs_input_grad"]
     pixels = out[0] * math.prod(out[2:])
-    per_layer = len(saved[2:]) // max(len(params) // PARAMS_PER_LAYER, 1)  # BlockState.flatten's layout
+    per_layer = len(saved[1:]) // max(len(params) // PARAMS_PER_LAYER, 1)  # BlockState.flatten's layout
     # A tensor needs a gradient when anything it depends on does: the block input, or any parameter.
     upstream = needs_input_grad[0]
     total = 0
@@ -61,7 +61,7 @@ def block_backward_flops(grad_out, out, params, saved, *args, out_shape=None, **
         conv2_input = conv1_input or conv1 or norm2  # relu2(norm2(bottleneck)) does
         one_by_one, three_by_three = _conv_flops(pixels, c_in, width, 1), _conv_flops(pixels, width, k, taps)
         total += three_by_three * (conv2_input + conv2) + one_by_one * (conv1_input + conv1)
-        kept = math.prod(saved[2 + layer * per_layer + 4]) > 0  # LayerState.bottleneck
+        kept = math.prod(saved[1 + layer * per_layer]) > 0  # LayerState.bottleneck
         if not kept and (conv2_input or conv2):
             total += one_by_one  # the bottleneck, computed again
         upstream = conv2_input or conv2

@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .batchnorm import (
     Affine,
+    NormMap,
     batch_norm_backward_in_place,
     batch_stats,
     folded_input_grad,
@@ -78,8 +79,22 @@ def _conv3x3(images: Tensor, weight: Tensor) -> Tensor:
     return _CONV_FUNCTIONS[images.dim() - 2](images, weight, padding=1)
 
 
-def column_stats(cols: Tensor) -> tuple[Tensor, Tensor]:
-    """``Ops.column_stats``: biased variance and mean of each column, in the accumulation dtype.
+def column_stats(cols: Tensor, stats: Tensor, eps: float, pool=None) -> None:
+    """``Ops.column_stats``: the statistics of an ``M x c`` buffer slice written into the ``(3, c)`` view
+    ``stats`` (mean, biased variance, ``1 / sqrt(var + eps)``) from ``column_var_mean``."""
+    var, mean = column_var_mean(cols)
+    write_statistics(stats, var, mean, eps)
+
+
+def write_statistics(stats: Tensor, var: Tensor, mean: Tensor, eps: float) -> None:
+    """Rows mean, variance and ``1 / sqrt(var + eps)`` of a ``(3, c)`` statistics view."""
+    stats[0].copy_(mean)
+    stats[1].copy_(var)
+    torch.add(var, eps, out=stats[2]).rsqrt_()
+
+
+def column_var_mean(cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Biased variance and mean of each column of an ``M x c`` matrix, in the accumulation dtype.
 
     On the CPU (and in float64) the corrected two-pass ``batch_stats``, several times faster there than
     ``torch.var_mean``. On a GPU one reduction: Welford's ``var_mean`` for float32 columns. bfloat16 and
@@ -108,18 +123,22 @@ def normalized_relu(x: Tensor, norm: Affine, dtype: torch.dtype) -> Tensor:
     return out.relu_()
 
 
-def bottleneck(x: Tensor, norm1: Affine, w1: Tensor, stats: bool, epilogue: Affine | None = None):
+def bottleneck(x: Tensor, norm1: NormMap, w1: Tensor, stats: Tensor | None, stats_eps: float, epilogue=None,
+               pool=None) -> Tensor:  # fmt: skip
     """``Ops.bottleneck``: ``relu(norm1(x)) @ W1^T`` for an ``M x C_l`` prefix of the buffer (DESIGN.md's
-    GEMM prologue, here as its own two passes, in ``row_chunks``). No eval-mode epilogue
-    (``fuses_eval_norm2`` is False)."""
+    GEMM prologue, here as its own two passes, in ``row_chunks``), with its column statistics written into
+    ``stats`` when given. No eval-mode epilogue (``fuses_eval_norm2`` is False)."""
     out = torch.empty((x.shape[0], w1.shape[0]), dtype=w1.dtype, device=x.device)
+    folded = norm1.folded()
     for lo, hi in row_chunks(x):
-        torch.mm(normalized_relu(x[lo:hi], norm1, w1.dtype), w1.t(), out=out[lo:hi])
-    return out, column_stats(out) if stats else None
+        torch.mm(normalized_relu(x[lo:hi], folded, w1.dtype), w1.t(), out=out[lo:hi])
+    if stats is not None:
+        column_stats(out, stats, stats_eps)
+    return out
 
 
-def norm2_relu_training(bottleneck: Tensor, weight: Tensor, bias: Tensor, eps: float):
-    """``Ops.norm2_relu_training``: norm2's batch statistics and ``relu(norm2(Y))`` of the contiguous
+def norm2_relu_training(bottleneck: Tensor, weight: Tensor, bias: Tensor, eps: float, stats: Tensor) -> Tensor:
+    """``Ops.norm2_relu_training``: norm2's batch statistics (into ``stats``) and ``relu(norm2(Y))`` of the contiguous
     bottleneck from PyTorch's BatchNorm in training mode (statistics, then the map: two passes over ``Y``
     and one write) and an in-place ReLU, instead of the statistics and then ``normalized_relu``. Its vectors
     are float32 (float64 for float64 data), so are the statistics. The backward recomputes the activation
@@ -127,35 +146,43 @@ def norm2_relu_training(bottleneck: Tensor, weight: Tensor, bias: Tensor, eps: f
     map itself (the same bits: tested). A GPU's kernel computes ``(Y - mean) * rstd * weight + bias`` in
     float32: where that and the folded map round to different sides of a bfloat16/float16 value, or of zero
     (the ReLU mask), the recomputed activation differs from the forward's by one unit in its last place.
-    Returns the activation, ``(var, mean)`` (biased) and ``rstd``."""
+    Returns the activation."""
     act, mean, rstd = native_training_norm(bottleneck, weight, bias, eps)
-    var = rstd.pow(-2).sub_(eps).clamp_min_(0.0)  # (rstd = 1 / sqrt(var + eps))
-    return act.relu_(), (var, mean), rstd
+    stats[0].copy_(mean)
+    stats[2].copy_(rstd)
+    torch.pow(rstd, -2, out=stats[1]).sub_(eps).clamp_min_(0.0)  # (rstd = 1 / sqrt(var + eps))
+    return act.relu_()
 
 
-def conv3x3_into(bottleneck, norm2: Affine | None, w2, grid, out, noise, stats: bool, column_stats=column_stats):
+def conv3x3_into(bottleneck, norm2: NormMap | None, w2, grid, out, noise, stats: Tensor | None, stats_eps: float,
+                 pool=None, column_stats=column_stats, activation=None):  # fmt: skip
     """``Ops.new_features`` with a 3x3 convolution from PyTorch (cuDNN on CUDA): the activation is
-    materialised, convolved, multiplied by the dropout noise and copied into the buffer slice; the
-    statistics are taken from the convolution's own (contiguous) output before the copy.
-    ``grid``: ``(N, *spatial)``, the shape the buffer's rows come from."""
-    act2 = bottleneck if norm2 is None else normalized_relu(bottleneck, norm2, w2.dtype)
+    materialised (``activation(Y, norm2)``, default the folded map of ``normalized_relu``), convolved,
+    multiplied by the dropout noise and copied into the buffer slice; the statistics are taken from the
+    convolution's own (contiguous) output before the copy. ``grid``: ``(N, *spatial)``, the shape the
+    buffer's rows come from."""
+    if norm2 is None:
+        act2 = bottleneck
+    elif activation is None:
+        act2 = normalized_relu(bottleneck, norm2.folded(), w2.dtype)
+    else:
+        act2 = activation(bottleneck, norm2)
     new = _conv3x3(as_images(act2.to(w2.dtype), *grid), w2)  # (N, k, *spatial)
     del act2
     if noise is not None:
         new.mul_(as_images(noise, *grid))
     same_dtype = new.dtype == out.dtype
-    result = column_stats(as_rows(new)) if stats and same_dtype else None
+    if stats is not None and same_dtype:
+        column_stats(as_rows(new), stats, stats_eps, pool)
     as_images(out, *grid).copy_(new)
-    if stats and not same_dtype:  # the statistics of what the buffer holds, rounded to its dtype
-        result = column_stats(out)
-    return result
+    if stats is not None and not same_dtype:  # the statistics of what the buffer holds, rounded to its dtype
+        column_stats(out, stats, stats_eps, pool)
 
 
 def conv3x3_norm2_backward(
     d_new,
     bottleneck,
-    norm2: Affine,
-    rstd2,
+    norm2: NormMap,
     w2c,
     grid,
     training: bool,
@@ -163,7 +190,7 @@ def conv3x3_norm2_backward(
     sync,
     count: int,
     *,
-    activation: Callable[[Tensor, Affine], Tensor] | None = None,
+    activation: Callable[[Tensor, NormMap], Tensor] | None = None,
 ):
     """``Ops.new_features_backward``: from the gradient of a layer's new features (dropout already undone)
     back to its bottleneck: 3x3 conv, ReLU and norm2 backward, with norm2-ReLU recomputed exactly as the
@@ -175,8 +202,9 @@ def conv3x3_norm2_backward(
     conv2's weight (None when not needed)."""
     ones, zeros = [1] * (len(grid) - 1), [0] * (len(grid) - 1)
     cdt = w2c.dtype
+    rstd2 = norm2.rstd()
     with stage("conv_backward", bottleneck.device):
-        act2 = normalized_relu(bottleneck, norm2, cdt) if activation is None else activation(bottleneck, norm2)
+        act2 = normalized_relu(bottleneck, norm2.folded(), cdt) if activation is None else activation(bottleneck, norm2)
         images = (as_images(d_new.to(cdt), *grid), as_images(act2, *grid))
         if len(grid) == 4 and act2.device.type == "cpu" and cdt in (torch.bfloat16, torch.float16):
             # PyTorch's CPU 3-D weight gradient from channels_last_3d bf16 tensors is wrong on 2x2x2 maps
@@ -195,40 +223,45 @@ def conv3x3_norm2_backward(
         if training and sync is None and d_pre2.numel() and in_place:
             as_channels = (t.t().unsqueeze(0) for t in (d_pre2, bottleneck))  # (1, C, M) views of the rows
             d_bottleneck, d_g2, d_b2 = batch_norm_backward_in_place(
-                *as_channels, norm2.weight, norm2.mean, rstd2, CHUNK_ELEMENTS["cpu"]
+                *as_channels, norm2.weight.to(rstd2.dtype), norm2.mean.to(rstd2.dtype), rstd2, CHUNK_ELEMENTS["cpu"]
             )
             return d_bottleneck.squeeze(0).t(), d_g2, d_b2, d_w2
         if training and sync is None and d_pre2.numel():  # (PyTorch's kernel divides by zero on no rows)
             # PyTorch's own BatchNorm backward from the forward's statistics (the bottleneck is contiguous).
+            weight, mean = norm2.weight.to(rstd2.dtype), norm2.mean.to(rstd2.dtype)
             d_bottleneck, d_g2, d_b2 = _aten.native_batch_norm_backward(
-                d_pre2, bottleneck, norm2.weight, None, None, norm2.mean, rstd2, True, 0.0, [True, True, True]
+                d_pre2, bottleneck, weight, None, None, mean, rstd2, True, 0.0, [True, True, True]
             )
             return d_bottleneck, d_g2, d_b2, d_w2
         # SyncBatchNorm (sums over every process), eval mode (an affine map), an empty batch: from the sums.
-        yhat = (bottleneck.to(rstd2.dtype) - norm2.mean).mul_(rstd2)
+        yhat = (bottleneck.to(rstd2.dtype) - norm2.mean.to(rstd2.dtype)).mul_(rstd2)
         d_pre2 = d_pre2.to(rstd2.dtype)
         d_b2, d_g2 = d_pre2.sum(0), (d_pre2 * yhat).sum(0)
         sums = (d_b2, d_g2) if sync is None else sync.sum(d_b2, d_g2)  # the parameters' gradients stay local
-        d_bottleneck = input_grad_from_sums(d_pre2, yhat, *sums, norm2.scale, count, training).to(cdt)
+        scale = norm2.weight.to(rstd2.dtype) * rstd2
+        d_bottleneck = input_grad_from_sums(d_pre2, yhat, *sums, scale, count, training).to(cdt)
     return d_bottleneck, d_g2, d_b2, d_w2
 
 
 def norm1_backward(
-    d_bottleneck, x, norm1: Affine, rstd1, w1c, grad_sum, coef, need_weight: bool, from_w1_grad=False, first=False
+    d_bottleneck, x, norm1: NormMap, w1c, grad_sum, sums, need_weight: bool, from_w1_grad=False, first=False, pool=None
 ):
     """``Ops.norm1_backward``: norm1 backward over an ``M x C_l`` buffer prefix, in ``row_chunks``. With
     ``a = relu(norm1(x))`` recomputed, ``P = (dY @ W1) * [a > 0]`` is norm1's output gradient and ``dW1 = dY^T @ a``;
-    ``P * coef`` (gamma in training, the eval map's slope otherwise) is added to G's first ``C_l`` columns, or
-    with ``first`` (the block's last layer: nothing is in those columns yet) written there.
+    ``P * coef`` (gamma with batch statistics, the eval map's slope otherwise) is added to G's first ``C_l``
+    columns, or with ``first`` (the block's last layer: nothing is in those columns yet) written there; the
+    gradients' ``coef``-weighted sums are added to ``sums`` (training).
     ``from_w1_grad`` (``norm1_weight_grad_serves``): ``sum(P * xhat)`` comes from ``dW1`` (``_sum_p_xhat``)
     instead of a product and a reduction over the whole prefix.
 
     Returns norm1's weight and bias gradients and conv1's weight gradient (None when not needed)."""
-    acc, c_in = rstd1.dtype, x.shape[1]
+    folded = norm1.folded()
+    rstd1, acc, c_in = norm1.rstd(), folded.scale.dtype, x.shape[1]
+    coef = folded.scale if norm1.from_var else norm1.weight.to(acc)
     d_w1 = d_b1 = d_gx = None  # d_gx: sum(P * x); the sums over every chunk's rows
     for lo, hi in row_chunks(x):
         x_rows, d_y = x[lo:hi], d_bottleneck[lo:hi]
-        act = normalized_relu(x_rows, norm1, w1c.dtype)
+        act = normalized_relu(x_rows, folded, w1c.dtype)
         if need_weight or from_w1_grad:
             d_w1 = _accumulate(d_w1, torch.mm(d_y.t(), act), acc)
         p_grad = torch.mm(d_y, w1c)
@@ -243,9 +276,12 @@ def norm1_backward(
             grad_sum[lo:hi, :c_in].addcmul_(p_grad, coef)
         del p_grad
     if from_w1_grad:
-        d_g1 = _sum_p_xhat(d_w1, w1c, norm1, d_b1)
+        d_g1 = _sum_p_xhat(d_w1, w1c, folded, d_b1)
     else:
-        d_g1 = torch.addcmul(d_gx, norm1.mean, d_b1, value=-1.0).mul_(rstd1)
+        d_g1 = torch.addcmul(d_gx, norm1.mean.to(acc), d_b1, value=-1.0).mul_(rstd1)
+    if sums is not None:
+        sums[0].addcmul_(coef, d_b1)
+        sums[1].addcmul_(coef, d_g1)
     return d_g1, d_b1, d_w1 if need_weight else None
 
 
@@ -287,9 +323,10 @@ def _accumulate(total: Tensor | None, part: Tensor, acc: torch.dtype) -> Tensor:
     return part if total is None else total.to(acc).add_(part)
 
 
-def finalize(g: Tensor, x: Tensor, d_out: Tensor, stats, noise: Tensor | None) -> Tensor:
+def finalize(g: Tensor, x: Tensor, d_out: Tensor, stats, noise: Tensor | None, dtype: torch.dtype) -> Tensor:
     """``Ops.finalize``: a segment's input gradient from its column range of G, of the buffer and of the
-    output gradient, in G's dtype. ``stats``: ``(mean, rstd, sum_g, sum_gx)`` per channel in training,
+    output gradient, computed in G's dtype and returned in ``dtype``. ``stats``: ``(mean, rstd, sum_g,
+    sum_gx)`` per channel in training,
     None in eval (frozen statistics: each norm1 is an affine map, already in G). ``noise``: the layer's
     dropout multiplier, applied last (dropout backward).
 
@@ -302,7 +339,8 @@ def finalize(g: Tensor, x: Tensor, d_out: Tensor, stats, noise: Tensor | None) -
         b, c = folded_input_grad(rstd, rstd, mean, sum_g, sum_gx, g.shape[0])
         d_x = torch.empty(g.shape, dtype=g.dtype, device=g.device)
         torch.addcmul(c, g, rstd, out=d_x).addcmul_(x, b).add_(d_out)
-    return d_x.mul_(noise) if noise is not None else d_x
+    d_x = d_x.mul_(noise) if noise is not None else d_x
+    return d_x.to(dtype)
 
 
 TORCH_OPS = Ops(

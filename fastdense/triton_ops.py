@@ -2,12 +2,14 @@
 ``kernels/`` (DESIGN.md sections 3 and 4).
 
 The layer loops, running-statistics updates and the saved state are ``block_algorithm``'s, shared with
-the torch backend (``torch_ops``); only the operations inside differ. Forward:
-segment statistics by a reduction kernel, BN-ReLU-1x1 conv as one GEMM with norm2's statistics
-(training) or norm2-ReLU (eval) in its epilogue, and the 3x3 conv as an implicit GEMM with the
-norm2-ReLU prologue that writes straight into the buffer slice and emits the new segment's statistics.
-Backward: dgrad into the gradient buffer with norm1's sums, split-M wgrad, and the segment finalize;
-norm2 and the 3x3 conv's backward stay PyTorch's (cuDNN).
+the torch backend (``torch_ops``); only the operations inside differ. Forward: the block input's
+statistics by a reduction kernel, BN-ReLU-1x1 conv as one GEMM with norm2's statistics (training) or
+norm2-ReLU (eval) in its epilogue, and the 3x3 conv as an implicit GEMM with the norm2-ReLU prologue that
+writes straight into the buffer slice and the new segment's statistics: two launches a layer, nothing
+between them (the kernels read the BatchNorm maps and the weights as they are stored, and merge their
+statistics themselves). Backward: the segment finalize, dgrad into the gradient buffer with norm1's
+gradients and the block's sums, split-M wgrad writing the weight's gradient; norm2 and the 3x3 conv's
+backward stay PyTorch's (cuDNN), with norm2's activation recomputed by a kernel.
 
 ``kernels`` (and so ``triton``) is imported on first use: ``TRITON_INTERPRET=1`` must be set before
 Triton is imported, and CPU-only installs need not have Triton at all.
@@ -49,43 +51,53 @@ def check_dtypes(x: torch.Tensor, compute_dtype: torch.dtype) -> None:
 
 @functools.cache
 def _kernels() -> SimpleNamespace:
-    from fastdense.kernels import affine, bn_relu_gemm, bn_relu_gemm_backward, bn_relu_pool, conv3x3, finalize, stats
+    from fastdense.kernels import (
+        bn_relu_gemm,
+        bn_relu_gemm_backward,
+        bn_relu_pool,
+        conv3x3,
+        finalize,
+        last_program,
+        stats,
+    )  # fmt: skip
 
     return SimpleNamespace(
-        affine=affine, gemm=bn_relu_gemm, backward=bn_relu_gemm_backward, conv=conv3x3, finalize=finalize, stats=stats,
-        pool=bn_relu_pool,
+        gemm=bn_relu_gemm, backward=bn_relu_gemm_backward, conv=conv3x3, finalize=finalize, stats=stats,
+        pool=bn_relu_pool, last=last_program,
     )  # fmt: skip
 
 
-def _vectors(norm):
-    """A ``batchnorm.Affine`` as the kernels' ``(shift, scale, bias)``; None stays None."""
-    return None if norm is None else _kernels().affine.affine_vectors(norm)
+def _column_stats(cols, stats, eps, pool=None):
+    _kernels().stats.column_stats(cols, eps, out=stats, pool=pool)
 
 
-def _column_stats(cols):
-    return _kernels().stats.column_stats(cols)
+def _bottleneck(x, norm1, w1, stats, stats_eps, epilogue, pool=None):
+    return _kernels().gemm.bn_relu_gemm(x, norm1, w1, epilogue=epilogue, stats=stats, stats_eps=stats_eps, pool=pool)
 
 
-def _bottleneck(x, norm1, w1, stats, epilogue):
-    return _kernels().gemm.bn_relu_gemm(x, _vectors(norm1), w1, epilogue=_vectors(epilogue), stats=stats)
+def _new_features_triton(bottleneck, norm2, w2, grid, out, noise, stats, stats_eps, pool=None):
+    _kernels().conv.conv3x3(bottleneck, w2, grid, out, prologue=norm2, noise=noise, stats=stats, stats_eps=stats_eps,
+                            pool=pool)  # fmt: skip
 
 
-def _new_features_triton(bottleneck, norm2, w2, grid, out, noise, stats):
-    return _kernels().conv.conv3x3(bottleneck, w2, grid, out, prologue=_vectors(norm2), noise=noise, stats=stats)
+def _new_features_cudnn(bottleneck, norm2, w2, grid, out, noise, stats, stats_eps, pool=None):
+    conv3x3_into(bottleneck, norm2, w2, grid, out, noise, stats, stats_eps, pool, column_stats=_column_stats,
+                 activation=_norm2_activation)  # fmt: skip
 
 
-def _new_features_cudnn(bottleneck, norm2, w2, grid, out, noise, stats):
-    return conv3x3_into(bottleneck, norm2, w2, grid, out, noise, stats, column_stats=_column_stats)
-
-
-def _norm1_backward(d_bottleneck, x, norm1, rstd1, w1c, grad_sum, coef, need_weight, from_w1_grad=False, first=False):
-    """dgrad into G with norm1's sums, and wgrad, by the kernels (mask recomputed as the forward's; the sums
-    come from the kernel's own pass, so ``from_w1_grad`` is never asked for; G starts as zeros, so neither is
-    ``first``)."""
-    sum_p, sum_px, d_w1 = _kernels().backward.norm1_gemm_backward(
-        d_bottleneck.contiguous(), x, _vectors(norm1), norm1.mean, coef, w1c, grad_sum, need_weight
-    )
-    return sum_px.mul_(rstd1), sum_p, d_w1
+def _norm1_backward(d_bottleneck, x, norm1, w1c, grad_sum, sums, need_weight, from_w1_grad=False, first=False,
+                    pool=None):  # fmt: skip
+    """dgrad into G with norm1's gradients and the block's sums, and wgrad, by the kernels (mask recomputed as
+    the forward's; the sums come from the kernel's own pass, so ``from_w1_grad`` is never asked for; with
+    ``first`` the dgrad writes G's prefix instead of adding to it: G needs no zero-fill). The gradients are
+    written in the parameters' dtypes."""
+    d_gamma, d_beta = (torch.empty_like(v) for v in (norm1.weight, norm1.bias))
+    d_w1 = torch.empty(w1c.shape, dtype=norm1.weight.dtype, device=w1c.device) if need_weight else None
+    _kernels().backward.norm1_gemm_backward(
+        d_bottleneck.contiguous(), x, norm1, w1c, grad_sum, d_gamma=d_gamma, d_beta=d_beta, d_weight=d_w1, sums=sums,
+        first=first, pool=pool,
+    )  # fmt: skip
+    return d_gamma, d_beta, d_w1
 
 
 def _norm2_activation(bottleneck, norm2):
@@ -95,30 +107,44 @@ def _norm2_activation(bottleneck, norm2):
     rows, channels = bottleneck.shape
     image = bottleneck.contiguous().view(1, 1, rows, channels).permute(0, 3, 1, 2)  # channels_last (1, C, 1, M)
     act = torch.empty_like(bottleneck, memory_format=torch.contiguous_format)
-    _kernels().pool.bn_relu_pool(image, _vectors(norm2), 1, 1, 0, False, out=act)
+    _kernels().pool.bn_relu_pool(image, norm2, 1, 1, 0, False, out=act)
     return act
 
 
-def _finalize(g, x, d_out, stats, noise):
-    out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+def _finalize(g, x, d_out, stats, noise, dtype):
+    out = torch.empty(g.shape, dtype=dtype, device=g.device)
     return _kernels().finalize.finalize(g, x, d_out, out, stats, noise)
+
+
+def _counters(phase, m, c0, k, width, layers, need_weights, device):
+    """One zeroed array of arrival counters for every launch of a block's forward or backward that merges
+    partial results (``kernels.last_program``): one zero-fill per block instead of a merge launch per kernel."""
+    kernels = _kernels()
+    c_total = c0 + layers * k
+    if phase == "forward":
+        count = kernels.stats.column_stats_counters(m, c0) + layers * (
+            kernels.gemm.gemm_counters(m, width) + kernels.conv.conv_counters(m, k)
+        )
+    else:
+        count = sum(kernels.backward.norm1_backward_counters(m, c0 + layer * k, width, need_weights)
+                    for layer in range(layers))  # fmt: skip
+        count = count if c_total else 0
+    return kernels.last.CounterPool(count, device)
 
 
 def triton_ops(spatial_dims: int = 2) -> Ops:
     """The Triton backend's kernels, with the 3x3 conv chosen by ``FASTDENSE_CONV3X3``. The implicit-GEMM
     conv kernel is 2-D; 1-D and 3-D blocks (3x3x3 conv) run the conv on PyTorch's (cuDNN's) kernels."""
     use_kernel = spatial_dims == 2 and conv3x3_choice() == "triton"
-    new_features = _new_features_triton if use_kernel else _new_features_cudnn
     return Ops(
         column_stats=_column_stats,
         bottleneck=_bottleneck,
-        new_features=new_features,
+        new_features=_new_features_triton if use_kernel else _new_features_cudnn,
         # PyTorch's (cuDNN's) conv backward for now, recomputing norm2-ReLU as the forward's conv did
-        new_features_backward=functools.partial(
-            conv3x3_norm2_backward, activation=_norm2_activation if use_kernel else None
-        ),
+        new_features_backward=functools.partial(conv3x3_norm2_backward, activation=_norm2_activation),
         norm1_backward=_norm1_backward,
         finalize=_finalize,
+        counters=_counters,
         fuses_eval_norm2=True,
-        folds_norms=not use_kernel,  # the cuDNN conv's activation is the folded map (torch_ops.conv3x3_into)
+        norm1_writes_first=True,
     )

@@ -1,31 +1,36 @@
-"""The per-channel BatchNorm map ``u = (x - shift) * scale + bias`` as the kernels take it.
+"""The per-channel BatchNorm map ``u = (x - mean) * weight * rstd + bias`` as the kernels apply it.
 
-Training mode passes the batch mean as ``shift`` (subtracting it first keeps a pre-activation near zero
-accurate; the torch backend folds it, as PyTorch's CPU BatchNorm does, and recomputes the 3x3 conv's
-prologue this way when this kernel ran it); eval mode too, with the running mean.
+A kernel takes the map as it is stored, never precomputed vectors: the mean, ``rstd`` (or, with
+``FROM_VAR``, a variance to which ``eps`` is added first: eval mode's running variance), the module's weight
+and bias, in any floating dtype; ``weight * rstd`` is formed in registers. So no operator runs between the
+kernels to prepare a BatchNorm's vectors. Subtracting the mean first keeps a pre-activation near zero
+accurate (the torch backend folds the map, as PyTorch's CPU BatchNorm does).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 
-def affine_vectors(norm) -> tuple[Tensor, Tensor, Tensor]:
-    """``(shift, scale, bias)`` float32 contiguous vectors of a ``fastdense.batchnorm.Affine``: its mean,
-    scale and bias, in eval mode too (the folded map would take two more operators, three launches a
-    BatchNorm on a GPU, for the same map; subtracting the mean first is the more accurate order)."""
-    return tuple(v.to(torch.float32).contiguous() for v in (norm.mean, norm.scale, norm.bias))
+def norm_arguments(norm) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+    """``(mean, inv, weight, bias, eps)`` of a ``fastdense.batchnorm.NormMap`` as a kernel takes them
+    (vectors with unit stride: views of what the map holds, no copies); ``FROM_VAR`` is ``norm.from_var``."""
+    return (*(v.contiguous() for v in (norm.mean, norm.inv, norm.weight, norm.bias)), float(norm.eps))
 
 
 @triton.jit
-def load_affine(shift_ptr, scale_ptr, bias_ptr, cols, col_mask):
-    shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
-    scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
-    bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
-    return shift, scale, bias
+def load_norm(mean_ptr, inv_ptr, weight_ptr, bias_ptr, eps, cols, col_mask, FROM_VAR: tl.constexpr):
+    """``(mean, scale, bias)`` float32 vectors of the map for ``cols``: ``scale = weight * rstd``, with
+    ``rstd = 1 / sqrt(var + eps)`` (correctly rounded) when the map holds a variance."""
+    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    inv = tl.load(inv_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
+    if FROM_VAR:
+        inv = tl.div_rn(1.0, tl.sqrt_rn(inv + eps))
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    return mean, weight * inv, bias
 
 
 @triton.jit
@@ -40,8 +45,8 @@ def rounded(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def bn_relu(x, shift, scale, bias, INTERPRETED: tl.constexpr):
+def bn_relu(x, mean, scale, bias, INTERPRETED: tl.constexpr):
     """relu of the map on a tile (per-column vectors) as fp32, rounded to ``x``'s dtype first as
     ``nn.BatchNorm2d``'s output is before the ReLU sees it. NaN stays NaN, as in ``torch.relu``."""
-    u = (x.to(tl.float32) - shift[None, :]) * scale[None, :] + bias[None, :]
+    u = (x.to(tl.float32) - mean[None, :]) * scale[None, :] + bias[None, :]
     return tl.maximum(rounded(u, x.dtype, INTERPRETED).to(tl.float32), 0.0, propagate_nan=tl.PropagateNan.ALL)

@@ -1,14 +1,17 @@
 """Backward of BN-ReLU-1x1 conv over the block buffer (DESIGN.md section 4), two kernels.
 
-With ``u = (X[:, :C] - shift) * scale + bias`` recomputed from the buffer (never stored) and ``dY`` the
+With ``u = (X[:, :C] - mean) * gamma * rstd + beta`` recomputed from the buffer (never stored) and ``dY`` the
 gradient of the layer's bottleneck:
 
 * ``dgrad``: ``P = (dY @ W1) * [u > 0]`` (norm1's output gradient), accumulated straight into the
-  block's fp32 gradient buffer as ``G[:, :C] += coef * P``, with norm1's per-channel sums
-  ``sum(P)`` and ``sum(P * (X - mean))`` (its dbeta, and dgamma before the factor rstd) emitted as
-  per-row-tile partials from the epilogue. Each program owns its G tile: no atomics, deterministic.
-* ``wgrad``: ``dW1 = dY^T @ relu(u)``, a reduction over the M rows split into ``SPLIT_M`` ranges
-  whose fp32 partials are summed on the host (deterministic: no atomics).
+  block's fp32 gradient buffer as ``G[:, :C] += coef * P`` (or written, for the first layer to reach those
+  columns), with norm1's per-channel sums ``sum(P)`` and ``sum(P * (X - mean))`` from the epilogue: the
+  launch's last programs merge them (``kernels.last_program``) and write norm1's weight and bias gradients
+  and the block's running ``sum_g``/``sum_gx``. Each program owns its G tile: no atomics but the merge's
+  arrival counters; deterministic.
+* ``wgrad``: ``dW1 = dY^T @ relu(u)``, a reduction over the M rows split into ``SPLIT_M`` ranges whose fp32
+  partials the last programs of each output tile sum (two levels of ``WGRAD_GROUP``) and write as the
+  weight's gradient, in its dtype.
 
 fp32 accumulation, int64 row offsets, every edge masked.
 """
@@ -21,7 +24,8 @@ import triton.language as tl
 from torch import Tensor
 from triton import cdiv
 
-from .affine import bn_relu, load_affine
+from .affine import bn_relu, load_norm
+from .last_program import CounterPool, arrive, counters_needed, merged_sums, take_counters
 from .launch import (
     INTERPRET,
     Moved,
@@ -36,7 +40,8 @@ from .launch import (
     unit_columns,
 )
 from .offsets import row_offsets
-from .tiles import dot_weight_rows, output_tile
+from .stats import MERGE_ROWS, partials_moved
+from .tiles import dot_weight, output_tile
 
 _DGRAD_INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
 # Here N is the buffer prefix width C (up to ~1000) and the reduction runs over the 4k = 128 channels.
@@ -56,22 +61,25 @@ _DGRAD_CONFIGS = [
 # float32 with TF32 off (PRECISION="ieee"): FMA products; 128x64x64 spilled 8 B per thread there in
 # triton 3.6, the other three do not (128-144 regs, 48-96 KB; compile_for_hopper.py --all --match ieee).
 _DGRAD_IEEE_CONFIGS = _DGRAD_CONFIGS[1:]
-_DGRAD_MIN_BLOCK_M = smallest([*_DGRAD_CONFIGS, _DGRAD_INTERPRET], "BLOCK_M")
+_DGRAD_ALL = [*_DGRAD_CONFIGS, _DGRAD_INTERPRET]
+_DGRAD_MIN_BLOCK_M, _DGRAD_MIN_BLOCK_N = smallest(_DGRAD_ALL, "BLOCK_M"), smallest(_DGRAD_ALL, "BLOCK_N")
 
 
 @tuned(
     _DGRAD_CONFIGS,
-    key=["N_BUCKET", "K", "M_BUCKET"],
-    restore_value=["g_ptr"],
+    key=["N_BUCKET", "K", "M_BUCKET", "FIRST"],
+    restore_value=["g_ptr", "sums_ptr"],
     interpret=_DGRAD_INTERPRET,
     ieee=_DGRAD_IEEE_CONFIGS,
 )
 @triton.jit
 def _dgrad_kernel(
-    dy_ptr, w_ptr, x_ptr, shift_ptr, scale_ptr, bias_ptr, mean_ptr, coef_ptr, g_ptr, sum_p_ptr, sum_px_ptr,
+    dy_ptr, w_ptr, x_ptr, mean_ptr, inv_ptr, gamma_ptr, beta_ptr, eps, g_ptr,
+    part_p_ptr, part_px_ptr, counter_ptr, d_gamma_ptr, d_beta_ptr, sums_ptr, sums_stride,
     M, N, K, stride_x, stride_g, N_BUCKET, M_BUCKET,
-    INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FROM_VAR: tl.constexpr, FIRST: tl.constexpr, SUMS: tl.constexpr, INTERPRETED: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     rows, cols, row_mask, col_mask = output_tile(M, N, BLOCK_M, BLOCK_N)
     dy_rows = dy_ptr + row_offsets(rows, K)
@@ -80,21 +88,42 @@ def _dgrad_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
         dy = tl.load(dy_rows[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = dot_weight_rows(acc, dy, w_ptr, ks, k_mask, cols, col_mask, N, INTERPRETED, PRECISION)
+        acc = dot_weight(acc, dy, w_ptr, ks * N, k_mask, cols, col_mask, INTERPRETED, PRECISION)
 
     mask = row_mask[:, None] & col_mask[None, :]
     x = tl.load(x_ptr + row_offsets(rows, stride_x)[:, None] + cols[None, :], mask=mask, other=0.0)
-    shift, scale, bias = load_affine(shift_ptr, scale_ptr, bias_ptr, cols, col_mask)
-    active = bn_relu(x, shift, scale, bias, INTERPRETED) > 0  # norm1's ReLU mask, recomputed
+    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    rstd = tl.load(inv_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
+    if FROM_VAR:
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(rstd + eps))
+    gamma = tl.load(gamma_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    scale = gamma * rstd
+    active = bn_relu(x, mean, scale, beta, INTERPRETED) > 0  # norm1's ReLU mask, recomputed
     p = tl.where(mask & active, acc, 0.0)
+    # P's factor into G: gamma with batch statistics (DESIGN.md section 4); the map's slope with frozen ones
+    coef = scale if FROM_VAR else gamma
     g_ptrs = g_ptr + row_offsets(rows, stride_g)[:, None] + cols[None, :]
-    coef = tl.load(coef_ptr + cols, mask=col_mask, other=0.0)
-    tl.store(g_ptrs, tl.load(g_ptrs, mask=mask, other=0.0) + p * coef[None, :], mask=mask)
-    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
+    if FIRST:  # the first layer to reach these columns: nothing to add to
+        tl.store(g_ptrs, p * coef[None, :], mask=mask)
+    else:
+        tl.store(g_ptrs, tl.load(g_ptrs, mask=mask, other=0.0) + p * coef[None, :], mask=mask)
     centered = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
-    partial_row = tl.program_id(0).to(tl.int64) * N
-    tl.store(sum_p_ptr + partial_row + cols, tl.sum(p, axis=0), mask=col_mask)
-    tl.store(sum_px_ptr + partial_row + cols, tl.sum(p * centered, axis=0), mask=col_mask)
+    tile = tl.program_id(0)
+    partial_row = tile.to(tl.int64) * N
+    tl.store(part_p_ptr + partial_row + cols, tl.sum(p, axis=0), mask=col_mask)
+    tl.store(part_px_ptr + partial_row + cols, tl.sum(p * centered, axis=0), mask=col_mask)
+    done, sum_p, sum_px = merged_sums(part_p_ptr, part_px_ptr, counter_ptr, tile, tl.num_programs(0), cols, col_mask,
+                                      N, tl.program_id(1), BLOCK_T)  # fmt: skip
+    if done:  # norm1's bias and weight gradients; the block's per-channel sums of G and G * xhat
+        d_gamma = sum_px * rstd
+        tl.store(d_beta_ptr + cols, sum_p.to(d_beta_ptr.dtype.element_ty), mask=col_mask)
+        tl.store(d_gamma_ptr + cols, d_gamma.to(d_gamma_ptr.dtype.element_ty), mask=col_mask)
+        if SUMS:
+            sum_g = tl.load(sums_ptr + cols, mask=col_mask, other=0.0)
+            sum_gx = tl.load(sums_ptr + sums_stride + cols, mask=col_mask, other=0.0)
+            tl.store(sums_ptr + cols, sum_g + coef * sum_p, mask=col_mask)
+            tl.store(sums_ptr + sums_stride + cols, sum_gx + coef * d_gamma, mask=col_mask)
 
 
 _WGRAD_INTERPRET = triton.Config({"BLOCK_N": 32, "BLOCK_C": 32, "BLOCK_M": 32, "SPLIT_M": 2})
@@ -112,7 +141,12 @@ _WGRAD_IEEE_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_C": 64, "BLOCK_M": 16, "SPLIT_M": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 32, "SPLIT_M": 64}, num_warps=8, num_stages=3),
 ]
-_WGRAD_MAX_SPLIT = max(c.kwargs["SPLIT_M"] for c in [*_WGRAD_CONFIGS, *_WGRAD_IEEE_CONFIGS, _WGRAD_INTERPRET])
+_WGRAD_ALL = [*_WGRAD_CONFIGS, *_WGRAD_IEEE_CONFIGS, _WGRAD_INTERPRET]
+_WGRAD_MAX_SPLIT = max(c.kwargs["SPLIT_M"] for c in _WGRAD_ALL)
+_WGRAD_MIN_N, _WGRAD_MIN_C = smallest(_WGRAD_ALL, "BLOCK_N"), smallest(_WGRAD_ALL, "BLOCK_C")
+# Splits summed by the last program of a group (the first level of the merge); the second level sums the groups.
+WGRAD_GROUP = 8
+_WGRAD_GROUP = tl.constexpr(WGRAD_GROUP)
 
 
 @tuned(
@@ -123,16 +157,16 @@ _WGRAD_MAX_SPLIT = max(c.kwargs["SPLIT_M"] for c in [*_WGRAD_CONFIGS, *_WGRAD_IE
 )
 @triton.jit
 def _wgrad_kernel(
-    dy_ptr, x_ptr, shift_ptr, scale_ptr, bias_ptr, dw_ptr,
+    dy_ptr, x_ptr, mean_ptr, inv_ptr, gamma_ptr, beta_ptr, eps, part_ptr, counter_ptr, dw_ptr,
     M, N, C, stride_x, C_BUCKET, M_BUCKET,
-    INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
+    FROM_VAR: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_M: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_c, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     n_mask, col_mask = ns < N, cols < C
-    shift, scale, bias = load_affine(shift_ptr, scale_ptr, bias_ptr, cols, col_mask)
+    mean, scale, bias = load_norm(mean_ptr, inv_ptr, gamma_ptr, beta_ptr, eps, cols, col_mask, FROM_VAR)
     rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT_M), BLOCK_M) * BLOCK_M
     start = split * rows_per_split
     acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
@@ -143,107 +177,168 @@ def _wgrad_kernel(
         dy = tl.load(dy_ptr + row_offsets(rows, N)[:, None] + ns[None, :], mask=dy_mask, other=0.0)
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(x_ptr + row_offsets(rows, stride_x)[:, None] + cols[None, :], mask=mask, other=0.0)
-        act = tl.where(mask, bn_relu(x, shift, scale, bias, INTERPRETED), 0.0).to(dy.dtype)  # relu(norm1(x))
+        act = tl.where(mask, bn_relu(x, mean, scale, bias, INTERPRETED), 0.0).to(dy.dtype)  # relu(norm1(x))
         if INTERPRETED:  # the interpreter's bf16 dot is wrong; fp32 operands are exact there
             acc = tl.dot(tl.trans(dy.to(tl.float32)), act.to(tl.float32), acc)
         else:
             acc = tl.dot(tl.trans(dy), act, acc, input_precision=PRECISION)
-    out = dw_ptr + split.to(tl.int64) * N * C + ns[:, None] * C + cols[None, :]
-    tl.store(out, acc, mask=n_mask[:, None] & col_mask[None, :])
+    tile = ns[:, None] * C + cols[None, :]
+    tile_mask = n_mask[:, None] & col_mask[None, :]
+    tl.store(part_ptr + split * (N * C) + tile, acc, mask=tile_mask)
+    # the splits' sum, merged by the last programs of this output tile: groups of splits, then the groups
+    groups = tl.cdiv(SPLIT_M, _WGRAD_GROUP)
+    counter = counter_ptr + (pid_n * tl.num_programs(1) + pid_c) * (groups + 1)
+    group = split // _WGRAD_GROUP
+    first = group * _WGRAD_GROUP
+    size = tl.minimum(SPLIT_M - first, _WGRAD_GROUP)
+    if arrive(counter + group, size):
+        total = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+        for s in range(first, first + size):  # (split offsets stay in int32: SPLIT_M * N * C < 2^31)
+            total += tl.load(part_ptr + s * (N * C) + tile, mask=tile_mask, other=0.0, cache_modifier=".cg")
+        tl.store(part_ptr + first * (N * C) + tile, total, mask=tile_mask, cache_modifier=".cg")
+        tl.store(counter + group, 0)
+        if arrive(counter + groups, groups):
+            total = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+            for g in range(0, groups):
+                total += tl.load(part_ptr + g * _WGRAD_GROUP * (N * C) + tile, mask=tile_mask, other=0.0,
+                                 cache_modifier=".cg")  # fmt: skip
+            tl.store(dw_ptr + tile, total.to(dw_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(counter + groups, 0)
+
+
+def norm1_backward_counters(m: int, c: int, k: int, need_weight: bool) -> int:
+    """The arrival counters ``norm1_gemm_backward`` uses for an ``m x c`` prefix and ``k`` bottleneck channels."""
+    dgrad = counters_needed(triton.cdiv(m, _DGRAD_MIN_BLOCK_M), triton.cdiv(c, _DGRAD_MIN_BLOCK_N))
+    tiles = triton.cdiv(k, _WGRAD_MIN_N) * triton.cdiv(c, _WGRAD_MIN_C)
+    wgrad = tiles * (triton.cdiv(_WGRAD_MAX_SPLIT, WGRAD_GROUP) + 1) if need_weight else 0
+    return dgrad + wgrad
 
 
 def norm1_gemm_backward(
     d_y: Tensor,
     x: Tensor,
-    norm: tuple[Tensor, Tensor, Tensor],
-    mean: Tensor,
-    coef: Tensor,
+    norm,
     weight: Tensor,
     grad_sum: Tensor,
-    need_weight: bool,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Backward of ``Y = relu(norm1(x)) @ weight^T`` over an ``M x C`` buffer prefix ``x``.
+    *,
+    d_gamma: Tensor,
+    d_beta: Tensor,
+    d_weight: Tensor | None = None,
+    sums: Tensor | None = None,
+    first: bool = False,
+    pool: CounterPool | None = None,
+) -> None:
+    """Backward of ``Y = relu(norm(x)) @ weight^T`` over an ``M x C`` buffer prefix ``x``, written in place.
 
-    d_y: ``M x 4k`` contiguous, in the compute dtype (``weight``'s). norm: ``(shift, scale, bias)`` of
-    norm1's map (for the ReLU mask); mean: what ``x`` is centred by for the dgamma sum; coef: per-channel
-    factor of ``P`` into ``grad_sum`` (``M x C_total`` float32, accumulated in place in its first C columns).
-    Returns ``sum(P)``, ``sum(P * (x - mean))`` and ``dW = d_y^T @ relu(norm1(x))`` (None unless
-    ``need_weight``), all float32.
+    d_y: ``M x 4k`` contiguous, in the compute dtype (``weight``'s). norm: norm1's ``NormMap`` (batch or, with
+    ``from_var``, running statistics). grad_sum: the block's ``M x C_total`` float32 G; ``coef * P`` is added to
+    its first C columns (written, with ``first``), ``coef`` being gamma with batch statistics and the map's
+    slope with running ones. Writes ``d_beta = sum(P)`` and ``d_gamma = sum(P * xhat)`` (C vectors),
+    ``d_weight = d_y^T @ relu(norm(x))`` (a contiguous ``4k x C`` array, or a 1x1 conv weight's shape, when
+    given), and adds ``coef * d_beta`` and ``coef * d_gamma`` to the rows of ``sums`` (a ``(2, C)`` view of the
+    block's float32 sums of G and G * xhat) when given.
     """
     check_kernel_tensors(d_y, x, weight, grad_sum)
     m, c = x.shape
     check_rows(m, "norm1_gemm_backward")
     k = weight.shape[0]
-    if weight.shape != (k, c) or d_y.shape != (m, k) or not d_y.is_contiguous() or not unit_columns(x):
+    if weight.numel() != k * c or not weight.is_contiguous() or d_y.shape != (m, k) or not d_y.is_contiguous():
         raise ValueError(
             f"norm1_gemm_backward: shapes d_y {tuple(d_y.shape)}, x {tuple(x.shape)}, weight {tuple(weight.shape)}"
         )
+    if not unit_columns(x):
+        raise ValueError(f"norm1_gemm_backward: x must have unit column stride, got strides {x.stride()}")
     if grad_sum.dtype != torch.float32 or not unit_columns(grad_sum) or grad_sum.shape[0] != m:
         raise ValueError("norm1_gemm_backward: grad_sum must be an M x C_total float32 matrix with unit column stride")
-    weight = weight.contiguous()
-    vectors = [v.to(torch.float32).contiguous() for v in (*norm, mean, coef)]
-    # Partial results, uninitialised: room for the most any configuration writes; only the rows the launch
-    # wrote (its configuration's row tiles, or splits) are summed.
-    tiles = triton.cdiv(m, _DGRAD_MIN_BLOCK_M)
-    sums = uninitialised(2, tiles, c, device=x.device)
-    d_w = uninitialised(_WGRAD_MAX_SPLIT, k, c, device=x.device) if need_weight else None
-    row_tiles = splits = 0
-    if m > 0 and c > 0:
-        precision = dot_precision(weight.dtype)
+    if d_weight is not None and (d_weight.numel() != k * c or not d_weight.is_contiguous()):
+        raise ValueError(f"norm1_gemm_backward: d_weight must be a contiguous {k} x {c} array")
+    if sums is not None and (sums.shape != (2, c) or sums.dtype != torch.float32 or sums.stride(1) != 1):
+        raise ValueError(f"norm1_gemm_backward: sums must be a float32 (2, {c}) view with unit column stride")
+    if m == 0 or c == 0:  # no rows: every sum and gradient is zero (and G has nothing to receive)
+        for t in (d_gamma, d_beta, *([] if d_weight is None else [d_weight])):
+            t.zero_()
+        return
+    mean, inv, gamma, beta, eps = (*(v.contiguous() for v in (norm.mean, norm.inv, norm.weight, norm.bias)), norm.eps)
+    # Partial results, uninitialised: room for the most any configuration writes; the last programs read only
+    # the rows their launch wrote.
+    partials = uninitialised(2, triton.cdiv(m, _DGRAD_MIN_BLOCK_M), c, device=x.device)
+    counter = take_counters(pool, norm1_backward_counters(m, c, k, d_weight is not None), x.device)
+    dgrad_counters = counters_needed(triton.cdiv(m, _DGRAD_MIN_BLOCK_M), triton.cdiv(c, _DGRAD_MIN_BLOCK_N))
+    precision = dot_precision(weight.dtype)
 
-        def dgrad_grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"])
+    def dgrad_grid(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"])
 
-        _dgrad_kernel[dgrad_grid](
-            d_y, weight, x, *vectors, grad_sum, sums[0], sums[1],
-            m, c, k, x.stride(0), grad_sum.stride(0), bucket(c), row_bucket(m),
-            INTERPRETED=INTERPRET, PRECISION=precision,
-        )  # fmt: skip
-        row_tiles = dgrad_grid(_dgrad_kernel.last_config.kwargs)[0]
-        if need_weight:
+    _dgrad_kernel[dgrad_grid](
+        d_y, weight, x, mean, inv, gamma, beta, float(eps), grad_sum, partials[0], partials[1], counter,
+        d_gamma, d_beta, sums if sums is not None else grad_sum, sums.stride(0) if sums is not None else 0,
+        m, c, k, x.stride(0), grad_sum.stride(0), bucket(c), row_bucket(m),
+        FROM_VAR=bool(norm.from_var), FIRST=first, SUMS=sums is not None, INTERPRETED=INTERPRET,
+        PRECISION=precision, BLOCK_T=MERGE_ROWS,
+    )  # fmt: skip
+    if d_weight is None:
+        return
+    splits = uninitialised(_WGRAD_MAX_SPLIT, k, c, device=x.device)
 
-            def wgrad_grid(meta):
-                return triton.cdiv(k, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"]), meta["SPLIT_M"]
+    def wgrad_grid(meta):
+        return triton.cdiv(k, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"]), meta["SPLIT_M"]
 
-            _wgrad_kernel[wgrad_grid](
-                d_y, x, *vectors[:3], d_w, m, k, c, x.stride(0), bucket(c), row_bucket(m),
-                INTERPRETED=INTERPRET, PRECISION=precision,
-            )  # fmt: skip
-            splits = _wgrad_kernel.last_config.kwargs["SPLIT_M"]
-    total = sums[:, :row_tiles].sum(1)
-    return total[0], total[1], None if d_w is None else d_w[:splits].sum(0)
+    _wgrad_kernel[wgrad_grid](
+        d_y, x, mean, inv, gamma, beta, float(eps), splits, counter[dgrad_counters:], d_weight,
+        m, k, c, x.stride(0), bucket(c), row_bucket(m),
+        FROM_VAR=bool(norm.from_var), INTERPRETED=INTERPRET, PRECISION=precision,
+    )  # fmt: skip
 
 
-def norm1_gemm_backward_reference(d_y, x, norm, mean, coef, weight, grad_sum, need_weight):
-    """``norm1_gemm_backward`` with PyTorch ops (for the tests)."""
-    shift, scale, bias = norm
-    act = ((x.float() - shift) * scale + bias).to(x.dtype).float().relu()
-    p = (d_y.float() @ weight.float()) * (act > 0)
-    grad_sum[:, : x.shape[1]] += p * coef
+def norm1_gemm_backward_reference(d_y, x, norm, weight, grad_sum, need_weight, sums=None, first=False):
+    """``norm1_gemm_backward`` with PyTorch ops (for the tests): returns ``(d_gamma, d_beta, d_weight)``."""
+    mean, scale, bias = norm.vectors()
+    rstd = norm.rstd().float()
+    act = ((x.float() - mean) * scale + bias).to(x.dtype).float().relu()
+    p = (d_y.float() @ weight.float().reshape(weight.shape[0], -1)) * (act > 0)
+    coef = scale if norm.from_var else norm.weight.float()
+    if first:
+        grad_sum[:, : x.shape[1]] = p * coef
+    else:
+        grad_sum[:, : x.shape[1]] += p * coef
+    d_beta, d_gamma = p.sum(0), (p * (x.float() - mean)).sum(0) * rstd
+    if sums is not None:
+        sums[0] += coef * d_beta
+        sums[1] += coef * d_gamma
     d_w = d_y.float().t() @ act.to(d_y.dtype).float() if need_weight else None
-    return p.sum(0), (p * (x.float() - mean)).sum(0), d_w
+    return d_gamma, d_beta, d_w
 
 
 @_dgrad_kernel.planned
 def _dgrad_plan(args: dict, meta: dict) -> Moved:
     """Each row tile reads its rows of dY once per column tile (the K-loop), each column tile all of W once
-    per row tile; the buffer tile, G's tile (read and written back) and five vectors once; two sums per
-    column and row tile out."""
+    per row tile; the buffer tile and G's tile (read unless first, written) and four vectors once per row
+    tile; two sums per column and row tile, merged by the last programs, which write norm1's two gradients
+    (and read and write the block's two sums)."""
     m, n, k = args["M"], args["N"], args["K"]
     row_tiles, col_tiles = cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])
     dy_bytes, w_bytes = m * k * args["dy_ptr"].element_size(), k * n * args["w_ptr"].element_size()
-    once = m * n * (args["x_ptr"].element_size() + 4)
-    read = dy_bytes * col_tiles + w_bytes * row_tiles + once + 5 * 4 * n * row_tiles
-    compulsory_read = dy_bytes + w_bytes + once + 5 * 4 * n
-    return Moved(read, m * n * 4 + 2 * 4 * n * row_tiles, 2 * m * k * n, read - compulsory_read)
+    once = m * n * (args["x_ptr"].element_size() + (0 if args["FIRST"] else 4))
+    vectors = 4 * n * args["mean_ptr"].element_size()
+    read = dy_bytes * col_tiles + w_bytes * row_tiles + once + vectors * row_tiles
+    compulsory_read = dy_bytes + w_bytes + once + vectors
+    sums = 2 * n * 4 * 2 if args["SUMS"] else 0
+    moved = Moved(read + sums, m * n * 4 + sums, 2 * m * k * n, read - compulsory_read)
+    return moved + partials_moved(row_tiles, n, finals=2)
 
 
 @_wgrad_kernel.planned
 def _wgrad_plan(args: dict, meta: dict) -> Moved:
     """dY's rows once per tile of the buffer's columns, the buffer's once per tile of dY's; every split
-    writes its N x C float32 partial."""
+    writes its N x C float32 partial, the first level's last programs read them and write one per group, the
+    last reads those and writes the gradient."""
     m, n, c, split = args["M"], args["N"], args["C"], meta["SPLIT_M"]
     n_tiles, c_tiles = cdiv(n, meta["BLOCK_N"]), cdiv(c, meta["BLOCK_C"])
     dy_bytes, x_bytes = m * n * args["dy_ptr"].element_size(), m * c * args["x_ptr"].element_size()
-    read = dy_bytes * c_tiles + x_bytes * n_tiles + 3 * 4 * c * n_tiles * split
-    return Moved(read, split * n * c * 4, 2 * m * n * c, read - (dy_bytes + x_bytes + 3 * 4 * c))
+    vectors = 4 * c * args["mean_ptr"].element_size()
+    read = dy_bytes * c_tiles + x_bytes * n_tiles + vectors * n_tiles * split
+    groups = cdiv(split, WGRAD_GROUP)
+    partial = n * c * 4
+    merged = Moved((split + groups) * partial, (split + groups) * partial + n * c * args["dw_ptr"].element_size(),
+                   0, groups * partial)  # fmt: skip
+    return Moved(read, 0, 2 * m * n * c, read - (dy_bytes + x_bytes + vectors)) + merged

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .affine import bn_relu, load_affine, rounded
+from .affine import bn_relu, load_norm, norm_arguments, rounded
 from .launch import INTERPRET, Moved, bucket, check_kernel_tensors, check_rows, row_bucket, tuned, unit_columns
 from .offsets import row_offsets
 
@@ -33,9 +33,10 @@ from .offsets import row_offsets
 )
 @triton.jit
 def _bn_relu_pool_kernel(
-    x_ptr, shift_ptr, scale_ptr, bias_ptr, out_ptr,
+    x_ptr, mean_ptr, inv_ptr, gamma_ptr, beta_ptr, eps, out_ptr,
     M, C, H, W, H_OUT, W_OUT, stride_x, stride_out, KH, KW, STRIDE, PAD, C_BUCKET, M_BUCKET,
-    IS_MAX: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    IS_MAX: tl.constexpr, FROM_VAR: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_c = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -44,7 +45,7 @@ def _bn_relu_pool_kernel(
     image = rows // (H_OUT * W_OUT)
     h0 = (rows // W_OUT) % H_OUT * STRIDE - PAD
     w0 = rows % W_OUT * STRIDE - PAD
-    shift, scale, bias = load_affine(shift_ptr, scale_ptr, bias_ptr, cols, col_mask)
+    mean, scale, bias = load_norm(mean_ptr, inv_ptr, gamma_ptr, beta_ptr, eps, cols, col_mask, FROM_VAR)
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     for i in range(KH):
         for j in range(KW):
@@ -53,7 +54,7 @@ def _bn_relu_pool_kernel(
             mask = inside[:, None] & col_mask[None, :]
             src = row_offsets((image * H + h) * W + w, stride_x)
             x = tl.load(x_ptr + src[:, None] + cols[None, :], mask=mask, other=0.0)
-            act = tl.where(mask, bn_relu(x, shift, scale, bias, INTERPRETED), 0.0)
+            act = tl.where(mask, bn_relu(x, mean, scale, bias, INTERPRETED), 0.0)
             if IS_MAX:
                 acc = tl.maximum(acc, act, propagate_nan=tl.PropagateNan.ALL)
             else:
@@ -67,8 +68,8 @@ def _bn_relu_pool_kernel(
 
 @_bn_relu_pool_kernel.planned
 def _bn_relu_pool_plan(args: dict, meta: dict) -> Moved:
-    """Each window's taps inside the image once (padded taps are masked, not read), the BatchNorm vectors
-    once per row tile; the output once."""
+    """Each window's taps inside the image once (padded taps are masked, not read), the BatchNorm's four
+    vectors once per row tile; the output once."""
     m, c = args["M"], args["C"]
     stride, pad = args["STRIDE"], args["PAD"]
 
@@ -77,7 +78,7 @@ def _bn_relu_pool_plan(args: dict, meta: dict) -> Moved:
 
     images = m // (args["H_OUT"] * args["W_OUT"])
     taps = images * inside(args["H"], args["H_OUT"], args["KH"]) * inside(args["W"], args["W_OUT"], args["KW"])
-    x_bytes, vectors = args["x_ptr"].element_size() * c, 3 * 4 * c
+    x_bytes, vectors = args["x_ptr"].element_size() * c, 4 * c * args["mean_ptr"].element_size()
     read = taps * x_bytes + vectors * triton.cdiv(m, meta["BLOCK_M"])
     pixels_read = images * min(args["H"], (args["H_OUT"] - 1) * stride - pad + args["KH"])
     pixels_read *= min(args["W"], (args["W_OUT"] - 1) * stride - pad + args["KW"])  # the windows' union
@@ -88,11 +89,11 @@ def pooled_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def bn_relu_pool(x: Tensor, norm: tuple[Tensor, Tensor, Tensor], kernel: int | tuple[int, int], stride: int,
-                 padding: int, is_max: bool, out: Tensor | None = None) -> Tensor:  # fmt: skip
-    """``pool(relu(x * a + b))`` for an ``(N, C, H, W)`` channels_last tensor (floor-mode windows).
+def bn_relu_pool(x: Tensor, norm, kernel: int | tuple[int, int], stride: int, padding: int, is_max: bool,
+                 out: Tensor | None = None) -> Tensor:  # fmt: skip
+    """``pool(relu(norm(x)))`` for an ``(N, C, H, W)`` channels_last tensor (floor-mode windows).
 
-    norm: ``(shift, scale, bias)`` float32 vectors; kernel: a square size or ``(KH, KW)``.
+    norm: a ``fastdense.batchnorm.NormMap``; kernel: a square size or ``(KH, KW)``.
     out: optional ``(N * H_out * W_out) x C`` destination rows with unit column stride (e.g. the first
     channels of the next block's buffer).
     Returns an ``(N, C, H_out, W_out)`` channels_last tensor (a view of ``out`` when given).
@@ -117,17 +118,17 @@ def bn_relu_pool(x: Tensor, norm: tuple[Tensor, Tensor, Tensor], kernel: int | t
             return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"])
 
         _bn_relu_pool_kernel[grid](
-            x, *norm, out, m, c, h, w, h_out, w_out, c, out.stride(0), kh, kw, stride, padding, bucket(c),
-            row_bucket(m),
-            IS_MAX=is_max, INTERPRETED=INTERPRET,
+            x, *norm_arguments(norm), out, m, c, h, w, h_out, w_out, c, out.stride(0), kh, kw, stride, padding,
+            bucket(c), row_bucket(m),
+            IS_MAX=is_max, FROM_VAR=bool(norm.from_var), INTERPRETED=INTERPRET,
         )  # fmt: skip
     return out.unflatten(0, (n, h_out, w_out)).permute(0, 3, 1, 2)
 
 
 def bn_relu_pool_reference(x, norm, kernel, stride, padding, is_max):
     """``bn_relu_pool`` with PyTorch ops (for the tests)."""
-    shift, scale, bias = (v.view(1, -1, 1, 1) for v in norm)
-    act = ((x.float() - shift) * scale + bias).to(x.dtype).relu().float()
+    mean, scale, bias = (v.view(1, -1, 1, 1) for v in norm.vectors())
+    act = ((x.float() - mean) * scale + bias).to(x.dtype).relu().float()
     if is_max:
         return torch.nn.functional.max_pool2d(act, kernel, stride, padding).to(x.dtype)
     return torch.nn.functional.avg_pool2d(act, kernel, stride, padding).to(x.dtype)

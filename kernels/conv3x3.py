@@ -5,7 +5,8 @@ reduction runs over the 9 taps times ``C`` channels; each A tile is the bottlene
 zero outside the image (the padding applies to the activation, after norm2 and the ReLU), with the
 norm2-ReLU map applied right after the load (the prologue), so the activation never exists in memory.
 The epilogue multiplies by the dropout noise when given, stores the ``k`` new channels straight into
-the buffer's column slice and, in training, emits that segment's batch-statistics partials.
+the buffer's column slice and, in training, gives that segment's batch statistics (partials merged by the
+launch's last programs, ``kernels.last_program``). The weight is read where it lies, ``(k, C, 3, 3)``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import triton.language as tl
 from torch import Tensor
 from triton import cdiv
 
-from .affine import bn_relu, load_affine, rounded
+from .affine import bn_relu, load_norm, norm_arguments, rounded
+from .last_program import CounterPool, counters_needed, take_counters
 from .launch import (
     INTERPRET,
     Moved,
@@ -29,8 +31,8 @@ from .launch import (
     unit_columns,
 )
 from .offsets import row_offsets
-from .stats import empty_partials, merge_partials, no_partials, written
-from .tiles import dot_weight_rows, output_tile, store_tile_statistics
+from .stats import MERGE_ROWS, check_statistics_out, empty_batch_statistics, empty_partials, no_partials, partials_moved
+from .tiles import dot_weight, output_tile, tile_statistics
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32})
 # Hopper: N = k = 32 (48 for DenseNet-161) new channels; the reduction is 9 * 4k = 1152 (1728) long.
@@ -55,7 +57,8 @@ _IEEE_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
 ]
-_MIN_BLOCK_M = smallest([*_CONFIGS, *_IEEE_CONFIGS, _INTERPRET_CONFIG], "BLOCK_M")
+_ALL_CONFIGS = [*_CONFIGS, *_IEEE_CONFIGS, _INTERPRET_CONFIG]
+_MIN_BLOCK_M, _MIN_BLOCK_N = smallest(_ALL_CONFIGS, "BLOCK_M"), smallest(_ALL_CONFIGS, "BLOCK_N")
 
 
 @tuned(
@@ -66,11 +69,12 @@ _MIN_BLOCK_M = smallest([*_CONFIGS, *_IEEE_CONFIGS, _INTERPRET_CONFIG], "BLOCK_M
 )
 @triton.jit
 def _conv3x3_kernel(
-    y_ptr, shift_ptr, scale_ptr, bias_ptr, w_ptr, out_ptr, noise_ptr, mean_ptr, m2_ptr, count_ptr,
+    y_ptr, mean_ptr, inv_ptr, gamma_ptr, beta_ptr, eps, w_ptr, out_ptr, noise_ptr,
+    part_mean_ptr, part_m2_ptr, counter_ptr, stats_ptr, stats_stride, stats_eps,
     M, N, C, H, W, stride_out, M_BUCKET,
-    PROLOGUE: tl.constexpr, DROPOUT: tl.constexpr, STATS: tl.constexpr,
+    PROLOGUE: tl.constexpr, DROPOUT: tl.constexpr, STATS: tl.constexpr, FROM_VAR: tl.constexpr,
     INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     rows, cols, row_mask, col_mask = output_tile(M, N, BLOCK_M, BLOCK_N)
     h = (rows // W) % H
@@ -86,10 +90,10 @@ def _conv3x3_kernel(
             mask = inside[:, None] & k_mask[None, :]
             y = tl.load(src[:, None] + ks[None, :], mask=mask, other=0.0)
             if PROLOGUE:  # norm2 + relu2; zero padding is applied to the activation, after them
-                shift, scale, bias = load_affine(shift_ptr, scale_ptr, bias_ptr, ks, k_mask)
-                y = tl.where(mask, bn_relu(y, shift, scale, bias, INTERPRETED), 0.0).to(y.dtype)
-            taps = tap * C + ks  # weight rows: (tap, channel), N contiguous columns
-            acc = dot_weight_rows(acc, y, w_ptr, taps, k_mask, cols, col_mask, N, INTERPRETED, PRECISION)
+                mean, scale, bias = load_norm(mean_ptr, inv_ptr, gamma_ptr, beta_ptr, eps, ks, k_mask, FROM_VAR)
+                y = tl.where(mask, bn_relu(y, mean, scale, bias, INTERPRETED), 0.0).to(y.dtype)
+            # the weight as it lies, (N, C, 3, 3): this tap of channels ks for outputs cols
+            acc = dot_weight(acc, y, w_ptr, ks * 9 + tap, k_mask, cols * (C * 9), col_mask, INTERPRETED, PRECISION)
 
     out_mask = row_mask[:, None] & col_mask[None, :]
     new = rounded(acc, w_ptr.dtype.element_ty, INTERPRETED)  # the conv's output dtype
@@ -99,13 +103,13 @@ def _conv3x3_kernel(
     new = rounded(new.to(tl.float32), out_ptr.dtype.element_ty, INTERPRETED)
     tl.store(out_ptr + row_offsets(rows, stride_out)[:, None] + cols[None, :], new, mask=out_mask)
     if STATS:  # the new segment's batch statistics, shared by every later consumer
-        store_tile_statistics(new, row_mask, cols, col_mask, mean_ptr, m2_ptr, count_ptr, N)
+        tile_statistics(new, row_mask, cols, col_mask, part_mean_ptr, part_m2_ptr, counter_ptr, stats_ptr,
+                        stats_stride, stats_eps, M, N, BLOCK_M, BLOCK_T)  # fmt: skip
 
 
-def conv3x3_weight_matrix(weight: Tensor) -> Tensor:
-    """A ``(k, C, 3, 3)`` conv weight as the kernel's ``(9 * C) x k`` matrix (rows: tap, channel)."""
-    k, c = weight.shape[:2]
-    return weight.permute(2, 3, 1, 0).reshape(9 * c, k).contiguous()
+def conv_counters(m: int, k: int) -> int:
+    """The arrival counters a launch with statistics of ``m`` rows and ``k`` new channels uses."""
+    return counters_needed(triton.cdiv(m, _MIN_BLOCK_M), triton.cdiv(k, _MIN_BLOCK_N))
 
 
 def conv3x3(
@@ -114,16 +118,20 @@ def conv3x3(
     nhw: tuple[int, int, int],
     out: Tensor,
     *,
-    prologue: tuple[Tensor, Tensor, Tensor] | None = None,
+    prologue=None,
     noise: Tensor | None = None,
-    stats: bool = False,
-) -> tuple[Tensor, Tensor] | None:
-    """Write ``conv3x3(act) * noise`` into ``out`` (``M x k``, unit column stride, e.g. a buffer slice).
+    stats: Tensor | None = None,
+    stats_eps: float = 0.0,
+    pool: CounterPool | None = None,
+) -> Tensor:
+    """Write ``conv3x3(act) * noise`` into ``out`` (``M x k``, unit column stride, e.g. a buffer slice) and
+    return it.
 
-    y: the ``M x C`` contiguous bottleneck (channels_last rows of ``nhw = (N, H, W)`` images); ``act``
-    is ``relu(norm2(y))`` with ``prologue=(shift, scale, bias)``, else ``y`` itself.
-    weight: ``(k, C, 3, 3)`` in the compute dtype. noise: optional ``M x k`` dropout multiplier.
-    Returns the biased variance and mean of the written columns with ``stats``, else None.
+    y: the ``M x C`` contiguous bottleneck (channels_last rows of ``nhw = (N, H, W)`` images); ``act`` is
+    ``relu(norm2(y))`` with ``prologue`` (a ``fastdense.batchnorm.NormMap``), else ``y`` itself.
+    weight: ``(k, C, 3, 3)``, contiguous, in the compute dtype. noise: optional ``M x k`` dropout multiplier.
+    stats: a float32 ``(3, k)`` view that receives the written columns' mean, biased variance and
+    ``1 / sqrt(var + stats_eps)``. pool: the counters' pool (a dense block's).
     """
     check_kernel_tensors(y, weight, out)
     n, h, w = nhw
@@ -132,30 +140,38 @@ def conv3x3(
     k = weight.shape[0]
     if m != n * h * w or not y.is_contiguous():
         raise ValueError(f"conv3x3: y must be a contiguous {n * h * w} x C matrix, got {tuple(y.shape)}")
-    if tuple(weight.shape) != (k, c, 3, 3):
+    if tuple(weight.shape) != (k, c, 3, 3) or not weight.is_contiguous():
         raise ValueError(
-            f"conv3x3: weight must be ({k}, {c}, 3, 3) to match y's {c} channels, got {tuple(weight.shape)}"
+            f"conv3x3: weight must be a contiguous ({k}, {c}, 3, 3) to match y's {c} channels, got "
+            f"{tuple(weight.shape)}"
         )
     if out.shape != (m, k) or not unit_columns(out):
         raise ValueError(f"conv3x3: out must be {m} x {k} with unit column stride, got {tuple(out.shape)}")
     if noise is not None and (noise.shape != (m, k) or not noise.is_contiguous()):
         raise ValueError(f"conv3x3: noise must be a contiguous {m} x {k} matrix, got {tuple(noise.shape)}")
-    partials = empty_partials(triton.cdiv(m, _MIN_BLOCK_M), k, y.device) if stats else no_partials(y.device)
-    norm = prologue if prologue is not None else partials[:2] + partials[:1]  # unused pointers otherwise
-    row_tiles = 0  # the partial rows the launch writes
-    if m > 0:
+    if stats is not None:
+        check_statistics_out(stats, k, "conv3x3")
+        if m == 0:
+            empty_batch_statistics(stats, stats_eps)
+    if m == 0:
+        return out
+    with_stats = stats is not None
+    partials = empty_partials(triton.cdiv(m, _MIN_BLOCK_M), k, y.device) if with_stats else no_partials(y.device)
+    counter = take_counters(pool, conv_counters(m, k), y.device) if with_stats else partials[0]
+    norm = norm_arguments(prologue) if prologue is not None else (y, y, y, y, 0.0)  # unused pointers otherwise
 
-        def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"])
+    def grid(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"])
 
-        _conv3x3_kernel[grid](
-            y, *norm, conv3x3_weight_matrix(weight), out, noise if noise is not None else y, *partials,
-            m, k, c, h, w, out.stride(0), row_bucket(m),
-            PROLOGUE=prologue is not None, DROPOUT=noise is not None, STATS=stats,
-            INTERPRETED=INTERPRET, PRECISION=dot_precision(weight.dtype),
-        )  # fmt: skip
-        row_tiles = grid(_conv3x3_kernel.last_config.kwargs)[0]
-    return merge_partials(*written(partials, row_tiles)) if stats else None
+    _conv3x3_kernel[grid](
+        y, *norm, weight, out, noise if noise is not None else y, *partials, counter,
+        stats if with_stats else out, stats.stride(0) if with_stats else 0, float(stats_eps),
+        m, k, c, h, w, out.stride(0), row_bucket(m),
+        PROLOGUE=prologue is not None, DROPOUT=noise is not None, STATS=with_stats,
+        FROM_VAR=bool(prologue is not None and prologue.from_var),
+        INTERPRETED=INTERPRET, PRECISION=dot_precision(weight.dtype), BLOCK_T=MERGE_ROWS,
+    )  # fmt: skip
+    return out
 
 
 def conv3x3_reference(y, weight, nhw, *, prologue=None, noise=None):
@@ -163,8 +179,8 @@ def conv3x3_reference(y, weight, nhw, *, prologue=None, noise=None):
     n, h, w = nhw
     act = y
     if prologue is not None:
-        shift, scale, bias = prologue
-        act = ((y.float() - shift) * scale + bias).to(y.dtype).relu()
+        mean, scale, bias = prologue.vectors()
+        act = ((y.float() - mean) * scale + bias).to(y.dtype).relu()
     images = act.to(weight.dtype).float().view(n, h, w, -1).permute(0, 3, 1, 2)
     new = torch.nn.functional.conv2d(images, weight.float(), padding=1).to(weight.dtype)
     new = new.permute(0, 2, 3, 1).reshape(n * h * w, -1)
@@ -176,16 +192,16 @@ def conv3x3_reference(y, weight, nhw, *, prologue=None, noise=None):
 @_conv3x3_kernel.planned
 def _conv3x3_plan(args: dict, meta: dict) -> Moved:
     """Each row tile reads, once per column tile, the bottleneck rows its nine taps reach inside the image
-    (a border pixel's outside taps are masked, not read), with norm2's vectors per tap in training; each
-    column tile reads the whole 9C x N weight matrix once per row tile; the new channels are written once
-    (dropout noise read beside them), with the statistics partials in training."""
+    (a border pixel's outside taps are masked, not read), with norm2's four vectors per tap; each column
+    tile reads the whole 9C x N weight once per row tile; the new channels are written once (dropout noise
+    read beside them), with the statistics' partials and their merge in training."""
     y, w, out = args["y_ptr"], args["w_ptr"], args["out_ptr"]
     m, n, c, h, width = args["M"], args["N"], args["C"], args["H"], args["W"]
     row_tiles, col_tiles = cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])
     taps_inside = m // (h * width) * (3 * h - 2) * (3 * width - 2)  # (pixel, tap) pairs inside an image
-    w_bytes, vectors = 9 * c * n * w.element_size(), 3 * 4 * c if args["PROLOGUE"] else 0
+    w_bytes, vectors = 9 * c * n * w.element_size(), 4 * c * args["mean_ptr"].element_size() if args["PROLOGUE"] else 0
     read = taps_inside * c * y.element_size() * col_tiles + w_bytes * row_tiles + 9 * vectors * row_tiles * col_tiles
     noise = m * n * args["noise_ptr"].element_size() if args["DROPOUT"] else 0
-    written = m * n * out.element_size() + (row_tiles * (2 * n + col_tiles) * 4 if args["STATS"] else 0)
     compulsory_read = m * c * y.element_size() + w_bytes + vectors + noise
-    return Moved(read + noise, written, 2 * m * 9 * c * n, read + noise - compulsory_read)
+    moved = Moved(read + noise, m * n * out.element_size(), 2 * m * 9 * c * n, read + noise - compulsory_read)
+    return moved + partials_moved(row_tiles, n) if args["STATS"] else moved

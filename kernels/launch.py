@@ -70,6 +70,10 @@ class Moved:
     def bytes(self) -> int:
         return self.read + self.written
 
+    def __add__(self, other: Moved) -> Moved:
+        return Moved(self.read + other.read, self.written + other.written, self.flops + other.flops,
+                     self.reread + other.reread)  # fmt: skip
+
     @property
     def compulsory(self) -> int:
         return self.bytes - self.reread

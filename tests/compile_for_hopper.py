@@ -93,39 +93,49 @@ def _precisions(dtype: str, launcher) -> list[tuple[str, str]]:
 
 
 def _launches(name: str, launcher, dtype: str, pointers: dict, flags: dict):
+    pointers = {"counter_ptr": "i32"} | pointers  # the last programs' arrival counters (kernels.last_program)
+    flags = {"BLOCK_T": stats.MERGE_ROWS} | flags if "BLOCK_T" in launcher.fn.arg_names else flags
     for suffix, precision in _precisions(dtype, launcher):
         for config in launcher.configs_for(precision):
             yield f"{name}{suffix}", launcher, pointers, flags | {"PRECISION": precision}, config
 
 
 def variants():
-    """(name, launcher, pointer dtypes, constexprs, config) for each launch fastdense can make."""
+    """(name, launcher, pointer dtypes, constexprs, config) for each launch fastdense can make. ``FROM_VAR``:
+    a BatchNorm map from running statistics (eval), its rstd formed in the kernel."""
     conv = conv3x3._conv3x3_kernel
-    for dtype, (pool, epilogue, stat) in itertools.product(DTYPES, [(0, 0, 1), (0, 1, 0), (0, 0, 0), (1, 0, 0)]):
+    gemm_flags = [(0, 0, 1, 0), (0, 1, 0, 1), (0, 0, 0, 0), (0, 0, 0, 1), (1, 0, 0, 0), (1, 0, 0, 1)]
+    for dtype, (pool, epilogue, stat, from_var) in itertools.product(DTYPES, gemm_flags):
         gemm = bn_relu_gemm._pooled_gemm_kernel if pool else bn_relu_gemm._bn_relu_gemm_kernel
-        flags = {"POOL": bool(pool), "EPILOGUE": bool(epilogue), "STATS": bool(stat)}
+        flags = {"POOL": bool(pool), "EPILOGUE": bool(epilogue), "STATS": bool(stat), "FROM_VAR": bool(from_var)}
         pointers = {"x_ptr": dtype, "w_ptr": dtype, "y_ptr": dtype}
         yield from _launches(f"bn_relu_gemm {dtype} {flags}", gemm, dtype, pointers, flags)
-    for (dtype, out), (prologue, dropout, stat) in itertools.product(
+    for (dtype, out), (prologue, dropout, stat, from_var) in itertools.product(
         [("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("bf16", "fp32")],
-        [(1, 0, 1), (1, 1, 1), (0, 0, 0), (1, 0, 0)],
+        [(1, 0, 1, 0), (1, 1, 1, 0), (0, 0, 0, 0), (1, 0, 0, 1)],
     ):
-        flags = {"PROLOGUE": bool(prologue), "DROPOUT": bool(dropout), "STATS": bool(stat)}
+        flags = {"PROLOGUE": bool(prologue), "DROPOUT": bool(dropout), "STATS": bool(stat), "FROM_VAR": bool(from_var)}
         pointers = {"y_ptr": dtype, "w_ptr": dtype, "noise_ptr": dtype, "out_ptr": out}
         yield from _launches(f"conv3x3 {dtype}->{out} {flags}", conv, dtype, pointers, flags)
     for dtype in DTYPES:
         yield from _launches(f"column_stats {dtype}", stats._column_stats_kernel, dtype, {"x_ptr": dtype}, {})
-    yield from _launches("merge_partials fp32", stats._merge_partials_kernel, "fp32", {}, {})
-    for dtype, is_max in itertools.product(DTYPES, (True, False)):
+    for dtype, is_max, from_var in itertools.product(DTYPES, (True, False), (False, True)):
         kernel, pointers = bn_relu_pool._bn_relu_pool_kernel, {"x_ptr": dtype, "out_ptr": dtype}
-        yield from _launches(f"bn_relu_pool {dtype} max={is_max}", kernel, dtype, pointers, {"IS_MAX": is_max})
+        flags = {"IS_MAX": is_max, "FROM_VAR": from_var}
+        yield from _launches(f"bn_relu_pool {dtype} max={is_max} from_var={from_var}", kernel, dtype, pointers, flags)
 
 
 def backward_variants():
     dgrad, wgrad = bn_relu_gemm_backward._dgrad_kernel, bn_relu_gemm_backward._wgrad_kernel
+    dgrad_flags = [(0, 0, 1), (0, 1, 1), (1, 0, 0), (1, 1, 0)]  # (FROM_VAR, FIRST, SUMS): training, then eval
     for dtype in DTYPES:
-        yield from _launches(f"dgrad {dtype}", dgrad, dtype, {"dy_ptr": dtype, "w_ptr": dtype, "x_ptr": dtype}, {})
-        yield from _launches(f"wgrad {dtype}", wgrad, dtype, {"dy_ptr": dtype, "x_ptr": dtype}, {})
+        for from_var, first, sums in dgrad_flags:
+            flags = {"FROM_VAR": bool(from_var), "FIRST": bool(first), "SUMS": bool(sums)}
+            pointers = {"dy_ptr": dtype, "w_ptr": dtype, "x_ptr": dtype}
+            yield from _launches(f"dgrad {dtype} {flags}", dgrad, dtype, pointers, flags)
+        for from_var in (False, True):
+            flags = {"FROM_VAR": from_var}
+            yield from _launches(f"wgrad {dtype} {flags}", wgrad, dtype, {"dy_ptr": dtype, "x_ptr": dtype}, flags)
         for training, dropout in itertools.product((True, False), repeat=2):
             kernel, flags = finalize._finalize_kernel, {"TRAINING": training, "DROPOUT": dropout}
             pointers = {"x_ptr": dtype, "dout_ptr": dtype, "noise_ptr": dtype}
@@ -137,7 +147,9 @@ def backward_variants():
 # count and row stride is a multiple of 16 (growth rates 32 and 48, 64 or 96 initial features), so it
 # marks them divisible by 16, as it does for any such argument. Pixel counts and image sizes (M, H, W)
 # get no such mark.
-ALIGNED_INTS = {"N", "C", "K", "stride_x", "stride_y", "stride_out", "stride_g", "stride_dout"}
+ALIGNED_INTS = {
+    "N", "C", "K", "stride_x", "stride_y", "stride_out", "stride_g", "stride_dout", "stats_stride", "sums_stride",
+}  # fmt: skip
 
 
 def divisibility(fn, aligned: bool) -> dict:
@@ -161,6 +173,8 @@ def compile_variant(launcher, pointers, flags, config, aligned=True):
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             signature[name] = "*" + pointers.get(name, "fp32")
+        elif "eps" in name or name == "inv_m":
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -171,21 +185,20 @@ def compile_variant(launcher, pointers, flags, config, aligned=True):
 # The quick set (CI): each kernel's main launches, first configuration. ``--all``: every variant and
 # every autotuning configuration (several minutes on two cores).
 QUICK = {
-    "bn_relu_gemm bf16 {'POOL': False, 'EPILOGUE': False, 'STATS': True}",
-    "bn_relu_gemm fp32 {'POOL': False, 'EPILOGUE': True, 'STATS': False}",
-    "bn_relu_gemm bf16 {'POOL': True, 'EPILOGUE': False, 'STATS': False}",
-    "conv3x3 bf16->bf16 {'PROLOGUE': True, 'DROPOUT': True, 'STATS': True}",
-    "conv3x3 fp32->fp32 {'PROLOGUE': False, 'DROPOUT': False, 'STATS': False}",
+    "bn_relu_gemm bf16 {'POOL': False, 'EPILOGUE': False, 'STATS': True, 'FROM_VAR': False}",
+    "bn_relu_gemm fp32 {'POOL': False, 'EPILOGUE': True, 'STATS': False, 'FROM_VAR': True}",
+    "bn_relu_gemm bf16 {'POOL': True, 'EPILOGUE': False, 'STATS': False, 'FROM_VAR': True}",
+    "conv3x3 bf16->bf16 {'PROLOGUE': True, 'DROPOUT': True, 'STATS': True, 'FROM_VAR': False}",
+    "conv3x3 fp32->fp32 {'PROLOGUE': False, 'DROPOUT': False, 'STATS': False, 'FROM_VAR': False}",
     "column_stats bf16",
-    "merge_partials fp32",
-    "bn_relu_pool bf16 max=True",
-    "bn_relu_pool fp32 max=False",
-    "dgrad bf16",
-    "wgrad bf16",
+    "bn_relu_pool bf16 max=True from_var=False",
+    "bn_relu_pool fp32 max=False from_var=True",
+    "dgrad bf16 {'FROM_VAR': False, 'FIRST': False, 'SUMS': True}",
+    "wgrad bf16 {'FROM_VAR': False}",
     "finalize bf16 {'TRAINING': True, 'DROPOUT': True}",
     # float32 with TF32 off: the FMA products with their own configurations (once spilled 4-11 KB).
-    "bn_relu_gemm fp32 {'POOL': False, 'EPILOGUE': False, 'STATS': True} ieee",
-    "wgrad fp32 ieee",
+    "bn_relu_gemm fp32 {'POOL': False, 'EPILOGUE': False, 'STATS': True, 'FROM_VAR': False} ieee",
+    "wgrad fp32 {'FROM_VAR': False} ieee",
 }
 
 

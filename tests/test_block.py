@@ -8,7 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastdense
 from fastdense import torch_ops
-from fastdense.batchnorm import affine
+from fastdense.batchnorm import NormMap, affine
 from fastdense.devices import counted_as
 from fastdense.tools.verify import relative_error
 
@@ -204,7 +204,7 @@ def test_column_stats_with_a_gpus_choices_are_float32_accurate(dtype):
     cols = (torch.randn(4096, 6, generator=generator) * 0.5 + torch.tensor([0, 3, -8, 20, 1, 0])).to(dtype)
     cols[:, 5] = 7.0
     with counted_as("cuda"):
-        var, mean = torch_ops.column_stats(cols)
+        var, mean = torch_ops.column_var_mean(cols)
     ref_var, ref_mean = torch.var_mean(cols.double(), dim=0, correction=0)
     assert var.dtype == mean.dtype == torch.float32
     assert torch.allclose(mean.double(), ref_mean, rtol=1e-6, atol=1e-6), (mean, ref_mean)
@@ -295,10 +295,10 @@ def test_norm1_weight_gradient_from_conv1s_in_bfloat16_is_within_a_few_times_tor
             weight = torch.rand(c, generator=generator, dtype=torch.float64) + 0.5
             var, mean = torch.var_mean(x.double(), dim=0, correction=0)
             rstd = (var + 1e-5).rsqrt()
-            norm1 = affine(*(t.float() for t in (weight, ratio * weight, mean, rstd)))
+            norm1 = NormMap(*(t.float() for t in (mean, rstd, weight, ratio * weight)))
             grad_sum = torch.zeros(m, c, dtype=torch.bfloat16)
-            d_g1, _, _ = torch_ops.norm1_backward(d_y, x, norm1, rstd.float(), w1, grad_sum, norm1.weight, True, True)
-            mask = torch_ops.normalized_relu(x, norm1, torch.bfloat16) > 0
+            d_g1, _, _ = torch_ops.norm1_backward(d_y, x, norm1, w1, grad_sum, None, True, True)
+            mask = torch_ops.normalized_relu(x, norm1.folded(), torch.bfloat16) > 0
             gold = ((d_y.double() @ w1.double()) * mask * (x.double() - mean) * rstd).sum(0)
             _, d_g1_tv, _ = torch.ops.aten.native_batch_norm_backward(
                 torch.mm(d_y, w1) * mask, x, weight.float(), None, None, mean.float(), rstd.float(), True, 1e-5,
@@ -317,9 +317,11 @@ def test_norm2_statistics_and_activation_from_one_batchnorm_call(dtype):
     generator = torch.Generator().manual_seed(4)
     y = (torch.randn(3000, 24, generator=generator, dtype=torch.float64) * 3 + 1).to(dtype)
     weight, bias = torch.rand(24, generator=generator) + 0.5, torch.rand(24, generator=generator) - 0.5
-    act, (var, mean), rstd = torch_ops.norm2_relu_training(y, weight, bias, 1e-5)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert act.dtype == dtype and var.dtype == mean.dtype == rstd.dtype == acc
+    stats = torch.empty(3, 24, dtype=acc)
+    act = torch_ops.norm2_relu_training(y, weight, bias, 1e-5, stats)
+    mean, var, rstd = stats
+    assert act.dtype == dtype
     norm2 = affine(weight.to(acc), bias.to(acc), mean, rstd)
     assert torch.equal(act, torch_ops.normalized_relu(y, norm2, dtype))
     ref_var, ref_mean = torch.var_mean(y.double(), dim=0, correction=0)

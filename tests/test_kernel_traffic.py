@@ -14,7 +14,7 @@ import torch
 from fastdense.kernels import bn_relu_gemm, bn_relu_gemm_backward, bn_relu_pool, conv3x3, finalize, stats
 from fastdense.kernels.launch import INTERPRET, LAUNCHERS, recording
 
-from .test_kernels import norm_vectors, randn
+from .test_kernels import norm_map, randn
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="counts the interpreter's loads and stores")
 
@@ -64,7 +64,7 @@ def _gemm(**kwargs):
     pool = kwargs.pop("pool", False)
     rows = 3 * 10 * 9 if pool else 253
     x, weight = randn(rows, 70)[:, :67], randn(37, 67, seed=7)
-    bn_relu_gemm.bn_relu_gemm(x, norm_vectors(67), weight, pool_hw=(10, 9) if pool else None, **kwargs)
+    bn_relu_gemm.bn_relu_gemm(x, norm_map(67), weight, pool_hw=(10, 9) if pool else None, **kwargs)
 
 
 def _conv(**kwargs):
@@ -76,15 +76,16 @@ def _conv(**kwargs):
 
 
 def _pool(window):
-    bn_relu_pool.bn_relu_pool(randn(2, 37, 19, 23).contiguous(memory_format=torch.channels_last), norm_vectors(37),
+    bn_relu_pool.bn_relu_pool(randn(2, 37, 19, 23).contiguous(memory_format=torch.channels_last), norm_map(37),
                               *window)  # fmt: skip
 
 
-def _backward(need_weight):
-    buf, grad_sum = randn(253, 70), randn(253, 75, seed=25)
-    bn_relu_gemm_backward.norm1_gemm_backward(randn(253, 37, seed=24), buf[:, :67], norm_vectors(67),
-                                              randn(67, seed=21), randn(67, seed=22), randn(37, 67, seed=23),
-                                              grad_sum, need_weight)  # fmt: skip
+def _backward(need_weight, rows=253):
+    buf, grad_sum, sums = randn(rows, 70), randn(rows, 75, seed=25), randn(2, 67, seed=26)
+    d_gamma, d_beta, d_weight = torch.empty(67), torch.empty(67), torch.empty(37, 67) if need_weight else None
+    bn_relu_gemm_backward.norm1_gemm_backward(randn(rows, 37, seed=24), buf[:, :67], norm_map(67),
+                                              randn(37, 67, seed=23), grad_sum, d_gamma=d_gamma, d_beta=d_beta,
+                                              d_weight=d_weight, sums=sums)  # fmt: skip
 
 
 def _finalize(training, dropout):
@@ -96,20 +97,21 @@ def _finalize(training, dropout):
 
 
 CASES = {
-    "gemm-stats": lambda: _gemm(stats=True),
-    "gemm-epilogue": lambda: _gemm(epilogue=norm_vectors(37, seed=11)),
+    "gemm-stats": lambda: _gemm(stats=torch.empty(3, 37)),
+    "gemm-epilogue": lambda: _gemm(epilogue=norm_map(37, seed=11, from_var=True)),
     "gemm-plain": lambda: _gemm(),
     "gemm-pooled": lambda: _gemm(pool=True),
-    "conv3x3-training": lambda: _conv(prologue=norm_vectors(40), stats=True),
-    "conv3x3-dropout": lambda: _conv(prologue=norm_vectors(40), stats=True, dropout=True),
+    "conv3x3-training": lambda: _conv(prologue=norm_map(40), stats=torch.empty(3, 19)),
+    "conv3x3-dropout": lambda: _conv(prologue=norm_map(40), stats=torch.empty(3, 19), dropout=True),
     "conv3x3-eval": lambda: _conv(),
     "column-stats": lambda: stats.column_stats(randn(1100, 40)[:, 3:38]),
-    "merge-partials": lambda: stats.merge_partials(randn(70, 45), randn(70, 45, seed=3).abs(), randn(70).abs()),
+    "column-stats-merged-in-two-levels": lambda: stats.column_stats(randn(9000, 40)[:, 3:38]),
     "pool-stem-max": lambda: _pool((3, 2, 1, True)),
     "pool-transition-avg": lambda: _pool((2, 2, 0, False)),
     "pool-head-global": lambda: _pool(((19, 23), 19, 0, False)),
     "dgrad": lambda: _backward(False),
     "dgrad-and-wgrad": lambda: _backward(True),
+    "dgrad-merged-in-two-levels": lambda: _backward(False, rows=1100),
     "finalize-training": lambda: _finalize(True, False),
     "finalize-training-dropout": lambda: _finalize(True, True),
     "finalize-eval": lambda: _finalize(False, False),

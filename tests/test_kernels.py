@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastdense.batchnorm import NormMap
 from fastdense.kernels.bn_relu_gemm import bn_relu_gemm, bn_relu_gemm_reference
 from fastdense.kernels.bn_relu_pool import bn_relu_pool, bn_relu_pool_reference
 from fastdense.kernels.conv3x3 import conv3x3, conv3x3_reference
 from fastdense.kernels.launch import INTERPRET
-from fastdense.kernels.stats import column_stats, column_stats_reference, merge_partials, merge_partials_reference
+from fastdense.kernels.stats import column_stats, column_stats_reference
 from fastdense.tools.verify import relative_error
 
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -26,49 +27,56 @@ def randn(*shape, dtype=torch.float32, seed=0, scale=1.0, offset=0.0):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype).to(DEVICE)
 
 
-def norm_vectors(c, seed=1):
-    return tuple(randn(c, seed=seed + i) for i in range(3))
+def norm_map(c, seed=1, from_var=False, dtype=torch.float32):
+    """A BatchNorm map of ``c`` channels as the kernels take it: batch statistics (the mean and rstd) or,
+    ``from_var``, running ones (a variance and eps); weight and bias in ``dtype`` (a half model's)."""
+    inv = randn(c, seed=seed + 1).abs() + 0.5
+    return NormMap(randn(c, seed=seed), inv, randn(c, seed=seed + 2).to(dtype), randn(c, seed=seed + 3).to(dtype),
+                   1e-3 if from_var else 0.0, from_var)  # fmt: skip
 
 
-@pytest.mark.parametrize("m,c,offset", [(1, 1, 0), (300, 20, 3), (1000, 67, 0)])
+def statistics_view(c, pad=3):
+    """A float32 ``(3, c)`` statistics view inside a wider array (a dense block's, for one column range)."""
+    return torch.full((3, c + 2 * pad), float("nan"), device=DEVICE)[:, pad : pad + c]
+
+
+def assert_statistics(stats, columns, eps):
+    want = column_stats_reference(columns.float(), eps)
+    for name, got, expected, tol in zip(("mean", "var", "rstd"), stats, want, (1e-6, 1e-5, 1e-5), strict=True):
+        assert relative_error(got, expected) <= tol, name
+
+
+@pytest.mark.parametrize("m,c,offset", [(1, 1, 0), (300, 20, 3), (1000, 67, 0), (9000, 3, 1)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_column_stats(m, c, offset, dtype):
-    """A column slice of a wider buffer (row stride > C), large mean against the spread."""
+    """A column slice of a wider buffer (row stride > C), large mean against the spread, written into a view
+    of a wider statistics array; 9000 rows: more than one group of partials (two merge levels)."""
     buf = randn(m, c + offset + 2, dtype=dtype, scale=3.0, offset=100.0)
     cols = buf[:, offset : offset + c]
-    var, mean = column_stats(cols)
-    ref_var, ref_mean = column_stats_reference(cols.float())
-    assert relative_error(mean, ref_mean) <= 1e-6
-    assert relative_error(var, ref_var) <= 1e-5
+    stats = statistics_view(c)
+    assert column_stats(cols, 1e-5, out=stats) is stats
+    assert_statistics(stats, cols, 1e-5)
 
 
-@pytest.mark.parametrize("tiles,c", [(1, 1), (37, 45), (70, 3), (0, 4)])
-def test_merge_partials(tiles, c):
-    """The merge kernel against PyTorch's formula and against the statistics of the rows behind the
-    partials: tiles of 1-9 rows around a large mean, some tiles empty (count 0, as a configuration with
-    larger tiles leaves them), a number of tiles that is not a multiple of the kernel's step."""
-    g = torch.Generator().manual_seed(tiles * 100 + c)
-    sizes = torch.randint(0, 10, (tiles,), generator=g)
-    rows = [torch.randn(int(n), c, generator=g, dtype=torch.float64) * 3 + 100 for n in sizes]
-    mean, m2 = torch.zeros(tiles, c, dtype=torch.float64), torch.zeros(tiles, c, dtype=torch.float64)
-    for tile, r in enumerate(rows):
-        if len(r):
-            mean[tile], m2[tile] = r.mean(0), ((r - r.mean(0)) ** 2).sum(0)
-    partials = mean.float().to(DEVICE), m2.float().to(DEVICE), sizes.float().to(DEVICE)
-    var, merged = merge_partials(*partials)
-    ref_var, ref_mean = merge_partials_reference(*partials)
-    assert var.shape == merged.shape == (c,)
-    assert relative_error(merged, ref_mean) <= 1e-6 and relative_error(var, ref_var) <= 1e-5
-    if sizes.sum() > 0:
-        var_rows, mean_rows = torch.var_mean(torch.cat(rows), dim=0, correction=0)  # the rows themselves
-        assert relative_error(merged.double(), mean_rows) <= 1e-6 and relative_error(var.double(), var_rows) <= 1e-5
-    else:
-        assert not var.any() and not merged.any()
+def test_column_stats_of_an_empty_batch_leave_nothing_normalised():
+    mean, var, rstd = column_stats(randn(0, 5), 1e-5)
+    assert not mean.any() and not var.any() and torch.allclose(rstd, torch.full_like(rstd, 1e-5**-0.5))
 
 
-def test_column_stats_of_an_empty_batch_are_zero():
-    var, mean = column_stats(randn(0, 5))
-    assert var.shape == mean.shape == (5,) and not var.any() and not mean.any()
+def test_the_last_programs_merge_every_partial_once():
+    """Many programs, two merge levels, in every kernel that merges its own partials: the statistics are
+    the rows' and the counters are zero again after the launch (the next launch, or an autotuning trial,
+    starts from zero)."""
+    from fastdense.kernels.last_program import CounterPool
+
+    pool = CounterPool(4096, torch.device(DEVICE))
+    x = randn(2000, 6, scale=2.0, offset=-7.0)
+    stats = column_stats(x, 1e-5, pool=pool)
+    assert_statistics(stats, x, 1e-5)
+    norm, weight = norm_map(6), randn(5, 6, seed=3)
+    y = bn_relu_gemm(x, norm, weight, stats=(gemm_stats := statistics_view(5)), stats_eps=1e-5, pool=pool)
+    assert_statistics(gemm_stats, y, 1e-5)
+    assert pool.used > 0 and not pool.array.any()  # every counter back at zero
 
 
 @pytest.mark.parametrize("m,k_in,n_out", [(1, 1, 1), (77, 37, 19), (130, 70, 48)])
@@ -76,19 +84,20 @@ def test_column_stats_of_an_empty_batch_are_zero():
 def test_bn_relu_gemm_with_statistics(m, k_in, n_out, dtype):
     """Training shape: a column prefix of a wider buffer, norm2's statistics from the epilogue."""
     buf = randn(m, k_in + 5, dtype=dtype)
-    x, norm, weight = buf[:, :k_in], norm_vectors(k_in), randn(n_out, k_in, dtype=dtype, seed=7)
-    y, (var, mean) = bn_relu_gemm(x, norm, weight, stats=True)
+    x, norm, weight = buf[:, :k_in], norm_map(k_in), randn(n_out, k_in, dtype=dtype, seed=7)
+    stats = statistics_view(n_out)
+    y = bn_relu_gemm(x, norm, weight, stats=stats, stats_eps=1e-5)
     expected = bn_relu_gemm_reference(x, norm, weight)
     assert y.dtype == dtype and relative_error(y, expected) <= TOL[dtype]
-    ref_var, ref_mean = column_stats_reference(y.float())
-    assert relative_error(mean, ref_mean) <= 1e-6 and relative_error(var, ref_var) <= 1e-5
+    assert_statistics(stats, y, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bn_relu_gemm_eval_epilogue_and_out_slice(dtype):
+    """Eval mode: both maps from running statistics (a variance and eps), the weights of a half model."""
     m, k_in, n_out = 45, 21, 13
-    x, norm, weight = randn(m, k_in, dtype=dtype), norm_vectors(k_in), randn(n_out, k_in, dtype=dtype, seed=7)
-    epilogue = norm_vectors(n_out, seed=11)
+    x, weight = randn(m, k_in, dtype=dtype), randn(n_out, k_in, dtype=dtype, seed=7)
+    norm, epilogue = norm_map(k_in, from_var=True, dtype=dtype), norm_map(n_out, seed=11, from_var=True, dtype=dtype)
     out = torch.zeros(m, n_out + 4, dtype=dtype, device=DEVICE)
     bn_relu_gemm(x, norm, weight, epilogue=epilogue, out=out[:, 2 : 2 + n_out])
     expected = bn_relu_gemm_reference(x, norm, weight, epilogue=epilogue)
@@ -102,8 +111,8 @@ def test_bn_relu_gemm_pooled_prologue(hw, dtype):
     """The transition: 2x2 average pool of relu(bn(x)) inside the prologue, odd sizes floored."""
     h, w = hw
     buf = randn(3 * h * w, 24, dtype=dtype)
-    x, norm, weight = buf[:, :23], norm_vectors(23), randn(10, 23, dtype=dtype, seed=7)
-    y, _ = bn_relu_gemm(x, norm, weight, pool_hw=hw)
+    x, norm, weight = buf[:, :23], norm_map(23), randn(10, 23, dtype=dtype, seed=7)
+    y = bn_relu_gemm(x, norm, weight, pool_hw=hw)
     expected = bn_relu_gemm_reference(x, norm, weight, pool_hw=hw)
     assert y.shape == (3 * (h // 2) * (w // 2), 10) and relative_error(y, expected) <= TOL[dtype]
 
@@ -112,15 +121,15 @@ def test_bn_relu_gemm_pooled_prologue(hw, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_conv3x3_into_a_buffer_slice_with_dropout_and_statistics(nhw, c, k, dtype):
     m = nhw[0] * nhw[1] * nhw[2]
-    y, weight, prologue = randn(m, c, dtype=dtype), randn(k, c, 3, 3, dtype=dtype, seed=5), norm_vectors(c)
+    y, weight, prologue = randn(m, c, dtype=dtype), randn(k, c, 3, 3, dtype=dtype, seed=5), norm_map(c)
     noise = ((randn(m, k, seed=9) > 0).to(dtype) * 2).contiguous()  # keep with p = 0.5, scaled by 2
     buf = torch.zeros(m, k + 7, dtype=dtype, device=DEVICE)
-    var, mean = conv3x3(y, weight, nhw, buf[:, 4 : 4 + k], prologue=prologue, noise=noise, stats=True)
+    stats = statistics_view(k)
+    conv3x3(y, weight, nhw, buf[:, 4 : 4 + k], prologue=prologue, noise=noise, stats=stats, stats_eps=1e-5)
     expected = conv3x3_reference(y, weight, nhw, prologue=prologue, noise=noise)
     assert relative_error(buf[:, 4 : 4 + k], expected) <= TOL[dtype]
     assert not buf[:, :4].any() and not buf[:, 4 + k :].any()
-    ref_var, ref_mean = column_stats_reference(buf[:, 4 : 4 + k].float())
-    assert relative_error(mean, ref_mean) <= 1e-6 and relative_error(var, ref_var) <= 1e-5
+    assert_statistics(stats, buf[:, 4 : 4 + k], 1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -129,7 +138,7 @@ def test_conv3x3_without_prologue(dtype):
     nhw, c, k = (2, 3, 5), 8, 4
     y, weight = randn(30, c, dtype=dtype).relu(), randn(k, c, 3, 3, dtype=dtype, seed=5)
     out = torch.empty(30, k, dtype=dtype, device=DEVICE)
-    assert conv3x3(y, weight, nhw, out) is None
+    assert conv3x3(y, weight, nhw, out) is out
     assert relative_error(out, conv3x3_reference(y, weight, nhw)) <= TOL[dtype]
 
 
@@ -139,7 +148,7 @@ def test_conv3x3_without_prologue(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bn_relu_pool(window, dtype):
     x = randn(2, 19, 9, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    norm = norm_vectors(19)
+    norm = norm_map(19, from_var=window[3])
     out = bn_relu_pool(x, norm, *window)
     expected = bn_relu_pool_reference(x, norm, *window)
     assert out.shape == expected.shape and relative_error(out, expected) <= TOL[dtype]
@@ -149,12 +158,13 @@ def test_bn_relu_pool(window, dtype):
 def test_nan_and_inf_propagate_like_pytorch(window):
     x = randn(2, 5, 6, 6).contiguous(memory_format=torch.channels_last)
     x[0, 1, 2, 2], x[1, 3, 4, 4], x[1, 0, 0, 0] = float("nan"), float("inf"), float("-inf")
-    norm = (torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE), torch.zeros(5, device=DEVICE))
+    zeros, ones = torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE)
+    norm = NormMap(zeros, ones, ones, zeros)
     out, expected = bn_relu_pool(x, norm, *window), bn_relu_pool_reference(x, norm, *window)
     assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())
     assert torch.equal(out.nan_to_num(), expected.nan_to_num())
     rows = x.permute(0, 2, 3, 1).reshape(-1, 5)
-    y, _ = bn_relu_gemm(rows, norm, randn(3, 5, seed=4))
+    y = bn_relu_gemm(rows, norm, randn(3, 5, seed=4))
     y_ref = bn_relu_gemm_reference(rows, norm, randn(3, 5, seed=4))
     assert torch.equal(y.isnan(), y_ref.isnan())
 
@@ -172,14 +182,16 @@ def test_float32_products_follow_cudnns_tf32_switch(monkeypatch):
 
 def test_bad_arguments_are_refused_clearly():
     x = randn(10, 6)
-    with pytest.raises(ValueError, match=r"weight must be 4 x 6 to match x's 6 columns"):
-        bn_relu_gemm(x, norm_vectors(6), randn(4, 5))
+    with pytest.raises(ValueError, match=r"weight must be a contiguous 4 x 6 matrix to match x's 6 columns"):
+        bn_relu_gemm(x, norm_map(6), randn(4, 5))
     with pytest.raises(ValueError, match="unit column stride"):
-        bn_relu_gemm(x.t(), norm_vectors(10), randn(4, 10))
-    with pytest.raises(ValueError, match=r"weight must be \(3, 6, 3, 3\)"):
+        bn_relu_gemm(x.t(), norm_map(10), randn(4, 10))
+    with pytest.raises(ValueError, match=r"weight must be a contiguous \(3, 6, 3, 3\)"):
         conv3x3(x, randn(3, 5, 3, 3), (1, 2, 5), randn(10, 3))
     with pytest.raises(ValueError, match="channels_last"):
-        bn_relu_pool(randn(1, 3, 4, 4), norm_vectors(3), 2, 2, 0, False)
+        bn_relu_pool(randn(1, 3, 4, 4), norm_map(3), 2, 2, 0, False)
+    with pytest.raises(ValueError, match=r"statistics out must be a float32 \(3, 4\) array"):
+        bn_relu_gemm(x, norm_map(6), randn(4, 6), stats=torch.empty(4, 3, device=DEVICE))
 
 
 def test_more_rows_than_int32_indices_reach_are_refused_before_launch():
@@ -188,7 +200,7 @@ def test_more_rows_than_int32_indices_reach_are_refused_before_launch():
     with pytest.raises(ValueError, match=r"column_stats: 2147483648 rows .* split the batch"):
         column_stats(rows)
     with pytest.raises(ValueError, match=r"bn_relu_gemm: 2147483648 rows"):
-        bn_relu_gemm(rows, norm_vectors(4), randn(2, 4))
+        bn_relu_gemm(rows, norm_map(4), randn(2, 4))
 
 
 def test_kernel_microbenchmark_runs_and_writes_json(tmp_path, capsys):
@@ -211,24 +223,42 @@ def test_kernel_microbenchmark_runs_and_writes_json(tmp_path, capsys):
     assert "triton bn_relu_gemm" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("m,c,k", [(1, 1, 1), (70, 37, 19), (130, 66, 48)])
+@pytest.mark.parametrize("from_var", [False, True], ids=["batch", "running"])
+@pytest.mark.parametrize("m,c,k", [(1, 1, 1), (70, 37, 19), (130, 66, 48), (1100, 5, 3)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_norm1_gemm_backward(m, c, k, dtype):
-    """dgrad (mask recomputed, accumulated into a wider G, norm1's sums) and wgrad against PyTorch."""
+def test_norm1_gemm_backward(m, c, k, dtype, from_var):
+    """dgrad (mask recomputed, accumulated into a wider G, norm1's gradients and the block's sums written by
+    the last programs; 1100 rows: two merge levels) and wgrad against PyTorch, with batch (training) and
+    running (eval) statistics."""
     from fastdense.kernels.bn_relu_gemm_backward import norm1_gemm_backward, norm1_gemm_backward_reference
 
     buf = randn(m, c + 3, dtype=dtype)
-    x, norm = buf[:, :c], norm_vectors(c)
-    mean, coef = randn(c, seed=21), randn(c, seed=22)
+    x, norm = buf[:, :c], norm_map(c, from_var=from_var)
     weight, d_y = randn(k, c, dtype=dtype, seed=23), randn(m, k, dtype=dtype, seed=24)
     grad_sum = randn(m, c + 5, seed=25)  # earlier consumers' contributions, kept
-    expected_sum = grad_sum.clone()
-    got = norm1_gemm_backward(d_y, x, norm, mean, coef, weight, grad_sum, need_weight=True)
-    want = norm1_gemm_backward_reference(d_y, x, norm, mean, coef, weight, expected_sum, need_weight=True)
+    sums = randn(2, c + 4, seed=26)[:, 1 : 1 + c]  # the block's sums of G and G * xhat so far
+    expected_sum, expected_sums = grad_sum.clone(), sums.clone()
+    d_gamma, d_beta, d_w = (torch.empty(shape, device=DEVICE) for shape in (c, c, (k, c)))
+    norm1_gemm_backward(d_y, x, norm, weight, grad_sum, d_gamma=d_gamma, d_beta=d_beta, d_weight=d_w, sums=sums)
+    want = norm1_gemm_backward_reference(d_y, x, norm, weight, expected_sum, True, sums=expected_sums)
     tol = 1e-5 if dtype == torch.float32 else 1e-4  # fp32 accumulation in both; only summation order differs
-    assert relative_error(grad_sum, expected_sum) <= tol
-    for name, a, b in zip(("sum(P)", "sum(P x)", "dW"), got, want, strict=True):
+    assert relative_error(grad_sum, expected_sum) <= tol and relative_error(sums, expected_sums) <= tol
+    for name, a, b in zip(("d_gamma", "d_beta", "dW"), (d_gamma, d_beta, d_w), want, strict=True):
         assert relative_error(a, b) <= tol, name
+
+
+def test_the_first_dgrad_into_the_gradient_buffer_writes_it():
+    """The block's last layer writes G's prefix (no zero-fill before it); the columns after it are untouched."""
+    from fastdense.kernels.bn_relu_gemm_backward import norm1_gemm_backward, norm1_gemm_backward_reference
+
+    m, c, k = 50, 9, 6
+    x, norm, weight, d_y = randn(m, c), norm_map(c), randn(k, c, seed=23), randn(m, k, seed=24)
+    grad_sum = torch.full((m, c + 4), float("nan"), device=DEVICE)
+    expected = grad_sum.clone()
+    d_gamma, d_beta = torch.empty(c, device=DEVICE), torch.empty(c, device=DEVICE)
+    norm1_gemm_backward(d_y, x, norm, weight, grad_sum, d_gamma=d_gamma, d_beta=d_beta, first=True)
+    norm1_gemm_backward_reference(d_y, x, norm, weight, expected, False, first=True)
+    assert relative_error(grad_sum[:, :c], expected[:, :c]) <= 1e-5 and grad_sum[:, c:].isnan().all()
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -21,7 +21,7 @@ def count_calls(monkeypatch, module, name):
     original = getattr(module, name)
 
     def spy(*args, **kwargs):
-        calls.append(args)
+        calls.append((args, kwargs))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, name, spy)
@@ -35,7 +35,7 @@ def test_transitions_and_norm5_reuse_the_blocks_statistics(monkeypatch):
     ref.train(), fast.train()
     # the stem's input by PyTorch's BatchNorm (before its max pool); a channels-last input otherwise as rows,
     # any other over its dimensions
-    names = ("_native_training_norm", "batch_stats", "torch_column_stats")
+    names = ("_native_training_norm", "batch_stats", "column_var_mean")
     reductions = [count_calls(monkeypatch, bn_relu_pool, name) for name in names]
     x = torch.randn(3, 3, 32, 30, dtype=torch.float64, requires_grad=True)
     out, expected = fast(x), ref(x)
@@ -85,7 +85,8 @@ def test_triton_inference_passes_one_buffer_to_the_next(monkeypatch, training):
     for (name, b), ref_b in zip(fast.named_buffers(), ref.buffers(), strict=True):
         assert relative_error(b.double(), ref_b.double()) <= 1e-5, name
     if training:  # the transitions and norm5 got their block's statistics, passed in
-        assert all(call[3] is not None for call in reductions[1:]) and len(reductions) == len(in_buffer) + 1
+        assert all(kwargs["known"] is not None for _, kwargs in reductions[1:])
+        assert len(reductions) == len(in_buffer) + 1
 
 
 def test_triton_inference_with_hooks_runs_module_by_module(monkeypatch):

@@ -24,6 +24,8 @@ from itertools import accumulate, pairwise
 import torch
 import torch.nn.functional as F
 
+from fastdense.batchnorm import NormMap
+
 from .roofline import measure_peaks
 from .timing import StepTimer
 
@@ -32,10 +34,10 @@ GROWTH, BN_SIZE = 32, 4
 DENSENET121_LAYERS = [(1, 56, 224), (2, 28, 480), (3, 14, 992), (4, 7, 992)]
 
 
-def _vectors(c: int, device) -> tuple[torch.Tensor, ...]:
-    """A BatchNorm map (shift, scale, bias) of realistic magnitude."""
-    shift, bias = torch.randn(2, c, device=device) * 0.1
-    return shift, torch.rand(c, device=device) + 0.5, bias
+def _norm(c: int, device) -> NormMap:
+    """A BatchNorm map (batch mean and rstd, weight, bias) of realistic magnitude."""
+    mean, bias = torch.randn(2, c, device=device) * 0.1
+    return NormMap(mean, torch.rand(c, device=device) + 0.5, torch.ones(c, device=device), bias)
 
 
 def gemm_case(batch: int, side: int, c_in: int, dtype, device) -> dict:
@@ -43,7 +45,7 @@ def gemm_case(batch: int, side: int, c_in: int, dtype, device) -> dict:
 
     m, n_out = batch * side * side, BN_SIZE * GROWTH
     buf = torch.randn(m, c_in + GROWTH, device=device).to(dtype)
-    shift, scale, bias = _vectors(c_in, device)
+    norm = _norm(c_in, device)
     weight = (torch.randn(n_out, c_in, device=device) * c_in**-0.5).to(dtype)
     conv_weight = weight.view(n_out, c_in, 1, 1).contiguous(memory_format=torch.channels_last)
     # torchvision's inputs: the block's feature maps as separate channels_last tensors.
@@ -52,14 +54,14 @@ def gemm_case(batch: int, side: int, c_in: int, dtype, device) -> dict:
     bounds = list(accumulate(widths, initial=0))
     features = [images[:, lo:hi].contiguous(memory_format=torch.channels_last) for lo, hi in pairwise(bounds)]
     eps = 1e-5  # torch 2.11's batch_norm refuses eps = 0: the variance takes it back out, same map
-    running_mean, running_var = shift.clone(), (1 / scale).square() - eps
+    running_mean, running_var = norm.mean.clone(), (1 / norm.inv).square() - eps
 
     def fused():
-        bn_relu_gemm(buf[:, :c_in], (shift, scale, bias), weight)
+        bn_relu_gemm(buf[:, :c_in], norm, weight)
 
     def eager():
         x = torch.cat(features, 1)
-        x = F.relu(F.batch_norm(x, running_mean, running_var, torch.ones_like(bias), bias, False, 0.0, eps))
+        x = F.relu(F.batch_norm(x, running_mean, running_var, norm.weight, norm.bias, False, 0.0, eps))
         F.conv2d(x, conv_weight)
 
     size = buf.element_size()
@@ -79,17 +81,18 @@ def conv_case(batch: int, side: int, dtype, device) -> dict:
     m, c = batch * side * side, BN_SIZE * GROWTH
     y = torch.randn(m, c, device=device).to(dtype)
     buf = torch.empty(m, 4 * GROWTH, device=device, dtype=dtype)
-    shift, scale, bias = _vectors(c, device)
+    norm = _norm(c, device)
+    stats = torch.empty(3, GROWTH, device=device)
     weight = (torch.randn(GROWTH, c, 3, 3, device=device) * (9 * c) ** -0.5).to(dtype)
 
     def fused():
-        conv3x3(y, weight, (batch, side, side), buf[:, :GROWTH], prologue=(shift, scale, bias), stats=True)
+        conv3x3(y, weight, (batch, side, side), buf[:, :GROWTH], prologue=norm, stats=stats)
 
     def cudnn():
-        act = ((y.float() - shift) * scale + bias).to(dtype).relu_()
+        act = ((y.float() - norm.mean) * norm.inv + norm.bias).to(dtype).relu_()
         new = F.conv2d(act.view(batch, side, side, c).permute(0, 3, 1, 2), weight, padding=1)
         buf[:, :GROWTH].view(batch, side, side, GROWTH).copy_(new.permute(0, 2, 3, 1))
-        column_stats(buf[:, :GROWTH])
+        column_stats(buf[:, :GROWTH], out=stats)
 
     size = y.element_size()
     return {

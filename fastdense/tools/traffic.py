@@ -12,6 +12,12 @@ by default: what the count is for). Where it would choose by the data (which lay
 sums from conv1's weight gradient: ``torch_ops.norm1_weight_grad_serves``), fake tensors have none: the
 count takes the path of ordinary parameters (fresh ones, and torchvision's pretrained DenseNet-121's).
 
+A launch is what a GPU runs: one per ATen operator, except PyTorch's multi-tensor operators
+(``torch._foreach_*``: the optimizer's update, running statistics), which launch one kernel per group of
+tensors and chunks as ``multi_tensor_apply`` forms them on CUDA (``foreach_launches``), and one per Triton
+kernel launch. The training step's optimizer is SGD as PyTorch runs it on CUDA by default (``foreach``) for
+every provider alike.
+
 Each operator is attributed to a stage: inside fastdense, the stage it runs in (``fastdense.stages``);
 elsewhere (torchvision, the loss, the optimizer) by what it is: a convolution by its kernel (1x1: gemm,
 3x3: conv, larger: stem), a BatchNorm or ReLU to norm, pooling to stem, transition or head by its window.
@@ -53,7 +59,42 @@ ROWS = ("stats", "gemm", "conv", "norm/finalize", "concat", "stem", "transition"
 FREE = {
     "aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default", "aten.detach.default",
     "aten.alias.default", "aten.lift_fresh.default", "aten.new_empty.default", "aten.new_empty_strided.default",
+    "aten._unsafe_view.default", "aten.as_strided_.default",  # aliases that reach the counter as operators
 }  # fmt: skip
+
+# PyTorch's multi_tensor_apply on CUDA (ATen/native/cuda/MultiTensorApply.cuh, with the 32 KB kernel arguments
+# of CUDA >= 12.1 on Volta and later): a launch takes at most this many tensors per list depth (the lists an
+# operator reads and writes), or this many chunks of ``FOREACH_CHUNK`` elements, whichever fills first.
+FOREACH_MAX_TENSORS = {1: 770, 2: 448, 3: 336, 4: 252, 5: 210}
+FOREACH_MAX_CHUNKS, FOREACH_CHUNK = 2240, 65536
+
+
+def foreach_launches(numels: list[int], depth: int) -> int:
+    """The kernel launches of one ``torch._foreach_*`` operator over tensors of ``numels`` elements with
+    ``depth`` tensor lists, as ``multi_tensor_apply`` groups them (empty tensors skipped)."""
+    max_tensors = FOREACH_MAX_TENSORS[min(max(depth, 1), 5)]
+    launches = tensors = chunks_in_launch = 0
+    for numel in numels:
+        if numel == 0:
+            continue
+        tensors += 1
+        chunks = -(-numel // FOREACH_CHUNK)
+        for chunk in range(chunks):
+            chunks_in_launch += 1
+            if (tensors == max_tensors and chunk == chunks - 1) or chunks_in_launch == FOREACH_MAX_CHUNKS:
+                launches, chunks_in_launch = launches + 1, 0
+                tensors = 0 if chunk == chunks - 1 else 1  # a tensor cut mid-way starts the next launch
+    return launches + (chunks_in_launch > 0)
+
+
+def _launches_of(func, args, results) -> int:
+    """How many kernels an ATen operator launches on a GPU: one, or ``foreach_launches`` for a multi-tensor
+    operator (its tensor lists, and the list it returns when it is not in place)."""
+    if not func.__name__.startswith("_foreach_"):
+        return 1
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    depth = len(lists) + (1 if results else 0)
+    return foreach_launches([t.numel() for t in lists[0]], depth) if lists else 1
 
 
 def _composite(func) -> bool:
@@ -89,15 +130,15 @@ def _row_of(func, args) -> str:
 
 @dataclass
 class Count:
-    """Operators and kernels launched, bytes moved and FLOPs, in total and per breakdown row
-    (``[launches, bytes, flops, kernel launches, compulsory bytes]``), and each card's roofline floor: per
-    launch the larger of its FLOPs over the card's matmul rate and its compulsory bytes over the card's
-    bandwidth, plus the launch cost. An ATen operator's bytes are all compulsory (its inputs and outputs
-    once); a kernel's tile plan also counts what its programs read again (``kernels.launch.Moved``), which a
-    cache may serve: a floor must not count it."""
+    """Launches (PyTorch operators' kernels and Triton kernels), bytes moved and FLOPs, in total and per
+    breakdown row (``[launches, bytes, flops, Triton kernel launches, compulsory bytes]``), and each card's
+    roofline floor: per operator or kernel the larger of its FLOPs over the card's matmul rate and its
+    compulsory bytes over the card's bandwidth, plus the cost of each launch. An ATen operator's bytes are
+    all compulsory (its inputs and outputs once); a kernel's tile plan also counts what its programs read
+    again (``kernels.launch.Moved``), which a cache may serve: a floor must not count it."""
 
     half_precision: bool = True
-    ops: int = 0
+    launches: int = 0
     bytes: int = 0
     flops: int = 0
     kernels: int = 0
@@ -105,19 +146,22 @@ class Count:
     rows: dict[str, list[int]] = field(default_factory=lambda: {row: [0, 0, 0, 0, 0] for row in ROWS})
     floors: dict[str, float] = field(default_factory=dict)
 
-    def add(self, row: str, nbytes: int, flops: int = 0, kernel: bool = False, compulsory: int | None = None) -> None:
+    def add(
+        self, row: str, nbytes: int, flops: int = 0, kernel: bool = False, compulsory: int | None = None,
+        launches: int = 1,
+    ) -> None:  # fmt: skip
         compulsory = nbytes if compulsory is None else compulsory
-        self.ops += 1
+        self.launches += launches
         self.bytes += nbytes
         self.flops += flops
         self.kernels += kernel
         self.compulsory += compulsory
-        for i, value in enumerate((1, nbytes, flops, int(kernel), compulsory)):
+        for i, value in enumerate((launches, nbytes, flops, int(kernel), compulsory)):
             self.rows[row][i] += value
         for card in CARDS:
             peaks = card_peaks(card, self.half_precision)
             if peaks is not None:
-                seconds = max(flops / peaks[0], compulsory / peaks[1]) + LAUNCH_SECONDS
+                seconds = max(flops / peaks[0], compulsory / peaks[1]) + launches * LAUNCH_SECONDS
                 self.floors[card] = self.floors.get(card, 0.0) + seconds
 
 
@@ -156,6 +200,8 @@ class TrafficCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         name = str(func)
         results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not results:  # an in-place multi-tensor operator returns nothing: it writes its first list
+            results = [t for t in tree_leaves(_mutated(func, args, kwargs)) if isinstance(t, torch.Tensor)]
         if func.is_view or name in FREE or not results:  # views, allocations, metadata queries
             return out
         written_only = {a.name for a in func._schema.arguments if a.is_out}  # out=: written, not read
@@ -163,10 +209,17 @@ class TrafficCounter(TorchDispatchMode):
         nbytes = _bytes(tree_leaves(read)) + _bytes(results)
         formula = flop_registry.get(func._overloadpacket)
         flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
-        self.count.add(self._stage_row() or _row_of(func, args), nbytes, flops)
-        self.by_operator[name][0] += 1
+        launches = _launches_of(func, args, out)
+        self.count.add(self._stage_row() or _row_of(func, args), nbytes, flops, launches=launches)
+        self.by_operator[name][0] += launches
         self.by_operator[name][1] += nbytes
         return out
+
+
+def _mutated(func, args, kwargs) -> list:
+    """The arguments an operator writes in place (its schema's mutable arguments)."""
+    named = dict(zip((a.name for a in func._schema.arguments), args, strict=False)) | kwargs
+    return [named[a.name] for a in func._schema.arguments if a.alias_info and a.alias_info.is_write and a.name in named]
 
 
 @dataclass
@@ -178,13 +231,15 @@ class Traffic:
     resolution: int
     dtype: str
     as_device: str
-    ops: int  # ATen operators plus Triton kernel launches: every launch of the step
+    launches: int  # every kernel launch of the step: PyTorch operators' and Triton kernels
     bytes: int
     rows: dict[str, list[int]]  # [launches, bytes, flops, Triton kernel launches, compulsory bytes] per row
-    launches: int = 0  # of them, Triton kernel launches (the triton backend's)
+    kernels: int = 0  # of the launches, Triton kernels (the triton backend's)
+    operators: int = 0  # of the launches, PyTorch operators' kernels
     flops: int = 0
     compulsory_bytes: int = 0  # ``bytes`` less what kernels read again (a cache may serve it): the floors'
     floors: dict[str, float] = field(default_factory=dict)  # seconds per named card: a floor, never a time
+    by_operator: dict[str, list[int]] = field(default_factory=dict)  # name -> [launches, bytes], most first
     note: str = "a count of launches, bytes read and written, and FLOPs, with roofline floors: not a time"
 
 
@@ -232,10 +287,11 @@ def _counted_step(provider, model, mode, batch, resolution, dtype, as_device) ->
                 with autocast:
                     loss = F.cross_entropy(net(x), labels)
                 loss.backward()
-                torch.optim.SGD(params, lr=0.01).step()
+                torch.optim.SGD(params, lr=0.01, foreach=True).step()  # as on CUDA by default
     c = counter.count
-    traffic = Traffic(provider, model, mode, batch, resolution, dtype, as_device, c.ops, c.bytes, c.rows,
-                      c.kernels, c.flops, c.compulsory, c.floors)  # fmt: skip
+    tally = dict(sorted(((name, list(v)) for name, v in counter.by_operator.items()), key=lambda kv: -kv[1][0]))
+    traffic = Traffic(provider, model, mode, batch, resolution, dtype, as_device, c.launches, c.bytes, c.rows,
+                      c.kernels, c.launches - c.kernels, c.flops, c.compulsory, c.floors, tally)  # fmt: skip
     return traffic, launches
 
 
@@ -251,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
         "--as-device", default="cuda", choices=["cuda", "cpu"],
         help="whose operator choices fastdense's torch backend takes (default: a GPU's, what the count is for)",
     )  # fmt: skip
-    parser.add_argument("--json", help="write every count to this JSON file")
+    parser.add_argument("--by-operator", action="store_true", help="also list each count's launches by operator")
+    parser.add_argument("--json", help="write every count to this JSON file (with the tally by operator)")
     args = parser.parse_args(argv)
     unknown = [p for p in args.providers if p not in PROVIDERS or "compile" in p]
     if unknown:
@@ -265,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     batches = ", ".join(map(str, args.batch))
     print(f"{args.model}, batch {batches}, {args.resolution}^2, {args.dtype}, as on {args.as_device}: launches "
-          "(ATen operators and Triton kernels), GB read+written (all loads and stores; in brackets the compulsory "
+          "(PyTorch operators' kernels and Triton kernels; SGD as on CUDA, foreach), GB read+written (all loads "
+          "and stores; in brackets the compulsory "
           "part, without what kernels read again) and GFLOPs per step, counted on fake tensors; roofline floors "
           f"in ms (a floor, never a time: compulsory bytes, {LAUNCH_SECONDS * 1e6:.0f} us a launch)")  # fmt: skip
     base = {(r.mode, r.batch): r for r in results if r.provider == args.providers[0]}
@@ -273,10 +331,10 @@ def main(argv: list[str] | None = None) -> None:
         b = base[r.mode, r.batch]
         compulsory = r.compulsory_bytes / b.compulsory_bytes
         ratio = "" if r is b else (f" ({r.bytes / b.bytes:.2f}x the bytes [{compulsory:.2f}x]"
-                                   f", {r.ops / b.ops:.2f}x the launches)")  # fmt: skip
-        kernels = f", {r.launches} of them Triton kernels" if r.launches else ""
+                                   f", {r.launches / b.launches:.2f}x the launches)")  # fmt: skip
+        kernels = f" ({r.kernels} Triton kernels + {r.operators} PyTorch)" if r.kernels else ""
         batch = f" b{r.batch}" if len(args.batch) > 1 else ""
-        print(f"{r.mode:5}{batch} {r.provider:34} {r.ops:6d} launches{kernels}, {r.bytes / 1e9:6.2f} GB "
+        print(f"{r.mode:5}{batch} {r.provider:34} {r.launches:6d} launches{kernels}, {r.bytes / 1e9:6.2f} GB "
               f"[{r.compulsory_bytes / 1e9:.2f}], {r.flops / 1e9:5.0f} GFLOPs{ratio}")  # fmt: skip
         print("      floors: " + ", ".join(f"{card} {seconds * 1e3:.1f}" for card, seconds in r.floors.items()))
         for row, (ops, nbytes, flops, launches, compulsory) in r.rows.items():
@@ -284,6 +342,10 @@ def main(argv: list[str] | None = None) -> None:
                 triton = f" ({launches} Triton)" if launches else ""
                 print(f"      {row:16} {ops:6d} launches{triton:14} {nbytes / 1e9:6.2f} GB [{compulsory / 1e9:5.2f}] "
                       f"{flops / 1e9:5.0f} GFLOPs")  # fmt: skip
+        if args.by_operator:
+            print("      by operator (launches, GB):")
+            for name, (count, nbytes) in r.by_operator.items():
+                print(f"        {count:6d} {nbytes / 1e9:7.2f}  {name}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)
