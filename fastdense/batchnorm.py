@@ -11,6 +11,11 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
+
+# The rows of a statistics array (a dense block's; one kernel launch's): per channel the batch mean,
+# ``1 / sqrt(var + eps)`` and the biased variance.
+MEAN, RSTD, VAR = 0, 1, 2
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,7 +50,11 @@ def native_training_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, ru
     ``nn.BatchNorm2d`` does (the same operator), or none."""
     acc = accumulation_dtype(x.dtype)
     out, mean, rstd = torch.native_batch_norm(x, weight.to(acc), bias.to(acc), *running, True, momentum, eps)
-    return out, mean.to(acc), rstd.to(acc)  # (no-ops but on fake tensors, whose statistics take x's dtype)
+    if is_fake(mean) and mean.dtype != acc:
+        # The counters' fake tensors take x's dtype for the statistics, where the device's kernel returns
+        # them in the accumulation dtype: the same result, without counting a conversion no device runs.
+        return out, torch.empty_like(mean, dtype=acc), torch.empty_like(rstd, dtype=acc)
+    return out, mean.to(acc), rstd.to(acc)
 
 
 def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int | Tensor) -> None:
@@ -68,8 +77,8 @@ def update_many_running_stats(bns: list, means: list[Tensor], variances: list[Te
     same_dtypes = all(bn.running_mean.dtype == m.dtype == bn.running_var.dtype for bn, m in pairs)
     if len(momenta) == 1 and None not in momenta and same_dtypes:
         (momentum,) = momenta
-        torch._foreach_lerp_([bn.running_mean for bn in bns], means, momentum)
-        torch._foreach_lerp_([bn.running_var for bn in bns], unbiased, momentum)
+        running = [bn.running_mean for bn in bns] + [bn.running_var for bn in bns]
+        torch._foreach_lerp_(running, [*means, *unbiased], momentum)  # means and variances in one launch
         return
     for bn, mean, var in zip(bns, means, unbiased, strict=True):
         # momentum=None: the cumulative average, as a tensor (no host sync, and torch.compile traces it).
@@ -89,7 +98,8 @@ _STATS_ATTRIBUTE = "_fastdense_batch_stats"
 
 class KnownStats(NamedTuple):
     """A tensor's per-channel batch statistics, computed once for every BatchNorm that reads it: a
-    ``(3, C)`` array (mean, biased variance, ``1 / sqrt(var + eps)``, in the accumulation dtype) and that eps."""
+    ``(3, C)`` array (rows ``MEAN``, ``RSTD`` = ``1 / sqrt(var + eps)``, ``VAR`` biased; in the accumulation
+    dtype) and that eps."""
 
     stats: Tensor
     eps: float
@@ -97,7 +107,7 @@ class KnownStats(NamedTuple):
     def mean_var_rstd(self, eps: float, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and ``1 / sqrt(var + eps)`` for a BatchNorm of ``eps``: the array's own rstd when the
         eps is the same (no operator), else formed from the variance."""
-        mean, var, rstd = (row.to(acc) for row in self.stats)
+        mean, rstd, var = (self.stats[row].to(acc) for row in (MEAN, RSTD, VAR))
         return mean, var, rstd if eps == self.eps else torch.rsqrt(var + eps)
 
 
@@ -122,23 +132,24 @@ def running_stats(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]
 
 
 class Affine(NamedTuple):
-    """BatchNorm with given statistics as a per-channel map of ``x``; vectors in the accumulation dtype.
-
-    The torch backend applies it folded, ``x * scale + shift`` with ``shift = bias - mean * scale``, one
-    pass, the formula of PyTorch's own CPU BatchNorm (``torch_ops.normalized_relu``). The Triton kernels
-    apply it unfolded, ``(x - mean) * scale + bias``. The same map in training and eval: only the
-    statistics differ. ``weight`` is the module's gamma.
+    """BatchNorm with given statistics as a per-channel map of ``x``, folded: ``x * scale + shift`` with
+    ``shift = bias - mean * scale``, one pass, the formula of PyTorch's own CPU BatchNorm (the torch backend's
+    ``torch_ops.normalized_relu``); vectors in the accumulation dtype. ``weight`` is the module's gamma;
+    ``frozen``: the statistics are running ones (eval mode), so the map is affine in ``x``.
     """
 
     mean: Tensor
     scale: Tensor  # weight / sqrt(var + eps)
     bias: Tensor
-    shift: Tensor | None  # bias - mean * scale (None where no operation applies the folded map)
+    shift: Tensor
     weight: Tensor
+    rstd: Tensor
+    frozen: bool = False
 
     def channels(self, lo: int, hi: int, spatial_dims: int = 2) -> Affine:
         """The map for channels ``[lo, hi)`` of an ``(N, C, *spatial)`` tensor."""
-        return Affine(*(v if v is None else v[lo:hi].view(1, -1, *[1] * spatial_dims) for v in self))
+        vectors = (v[lo:hi].view(1, -1, *[1] * spatial_dims) for v in self[:6])
+        return Affine(*vectors, self.frozen)
 
 
 class NormMap(NamedTuple):
@@ -174,7 +185,7 @@ class NormMap(NamedTuple):
 
     def folded(self) -> Affine:
         """The map as ``x * scale + shift`` (``Affine``: a few operators on C-vectors)."""
-        return affine(self.weight, self.bias, self.mean.to(self.acc), self.rstd())
+        return affine(self.weight, self.bias, self.mean.to(self.acc), self.rstd(), frozen=self.from_var)
 
     def vectors(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(mean, scale, bias)`` float32 vectors, as a kernel forms them (the kernels' references)."""
@@ -186,13 +197,33 @@ class NormMap(NamedTuple):
         return NormMap(*(v[lo:hi] for v in self[:4]), self.eps, self.from_var)
 
 
-def affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, *, fold: bool = True) -> Affine:
-    """The map; ``fold=False`` leaves ``shift`` out (one operator fewer, a launch on a GPU, for the Triton
-    kernels, which never apply the folded map)."""
+def fold_many(maps: list[NormMap]) -> list[Affine]:
+    """Every map folded (``NormMap.folded``) by a few multi-tensor operators for all of them (one launch
+    each on a GPU): ``rstd`` from the variances (eval), ``scale = weight * rstd``, ``shift = bias - mean *
+    scale``; the same vectors, in the accumulation dtype, as folding them one by one."""
+    if not maps:
+        return []
+    acc = maps[0].acc
+    rstds = [m.inv.to(acc) for m in maps]
+    from_var = [i for i, m in enumerate(maps) if m.from_var]
+    if from_var:
+        added = torch._foreach_add([rstds[i] for i in from_var], [maps[i].eps for i in from_var])
+        torch._foreach_rsqrt_(added)
+        for i, rstd in zip(from_var, added, strict=True):
+            rstds[i] = rstd
+    weights, biases, means = ([getattr(m, name).to(acc) for m in maps] for name in ("weight", "bias", "mean"))
+    scales = torch._foreach_mul(weights, rstds)
+    shifts = torch._foreach_addcmul(biases, means, scales, value=-1)
+    parts = zip(means, scales, biases, shifts, weights, rstds, [m.from_var for m in maps], strict=True)
+    return [Affine(*vectors) for vectors in parts]
+
+
+def affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, *, frozen: bool = False) -> Affine:
+    """The folded map (two operators on C-vectors); ``frozen``: ``rstd`` and ``mean`` are running statistics."""
     weight, bias = weight.to(rstd.dtype), bias.to(rstd.dtype)
     scale = weight * rstd
-    shift = torch.addcmul(bias, mean, scale, value=-1) if fold else None
-    return Affine(mean, scale, bias, shift, weight)
+    shift = torch.addcmul(bias, mean, scale, value=-1)
+    return Affine(mean, scale, bias, shift, weight, rstd, frozen)
 
 
 def batch_norm_backward_in_place(

@@ -7,6 +7,7 @@ the state_dict are exactly torchvision's; only the block's forward differs. ``sp
 """
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from .batchnorm import KnownStats, share_batch_stats
 from .block_algorithm import BatchStats, BlockPlan, batch_stats_of, block_forward, update_block_running_stats
 from .block_op import backend_ops, run_dense_block
 from .sync_batchnorm import StatsSync, sync_group_name
+from .torch_ops import EXPORT_OPS
 from .tracing import call_module_node, exporting, is_traced, jit_compiling
 from .triton_ops import check_dtypes
 from .validation import autocast_off, check_block_input, compute_dtype
@@ -275,7 +277,7 @@ class FastDenseBlock(nn.ModuleDict):
         backend's algorithm traced into standard ATen operators instead of the registered block operator,
         so the exported program lowers to core ATen and to ONNX with no fastdense operator in it."""
         _, cdt, _ = self._check(x)
-        plan = self._plan("torch", cdt, "")
+        plan = replace(self._plan("torch", cdt, ""), ops=EXPORT_OPS)
         with autocast_off(x.device.type), torch.no_grad():  # an inference graph
             out, _ = block_forward(x, self.layer_params(), plan, save=False)
         return out
@@ -296,7 +298,7 @@ class FastDenseBlock(nn.ModuleDict):
             out, state = block_forward(x, self.layer_params(), plan, save=False, buffer=buffer)
         if not self.training:
             return out, None
-        stats = batch_stats_of(state)
+        stats = batch_stats_of(state, global_count=False)
         self._update_running_stats(stats, state.count)
         return out, KnownStats(stats.stats, self._eps1())
 

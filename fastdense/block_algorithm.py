@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .batchnorm import NormMap, accumulation_dtype, update_many_running_stats
+from .batchnorm import MEAN, RSTD, VAR, NormMap, accumulation_dtype, update_many_running_stats
 from .devices import device_type
 from .layout import as_images, as_rows
 from .stages import stage
@@ -74,9 +74,11 @@ class Ops:
     (``torch_ops``); the triton backend's fuse them into kernels (``triton_ops``). Both keep the same
     buffer layout and the same statistics arrays, so one loop and one saved state serve both.
 
-    Statistics are written into ``(3, c)`` views of a block's arrays, rows mean, biased variance and
-    ``1 / sqrt(var + eps)`` (``stats``, with ``stats_eps``). ``pool``: the block's arrival counters
-    (``kernels.last_program.CounterPool``, from ``counters``; None for the torch backend).
+    Statistics are written into ``(3, c)`` views of a block's arrays, rows ``MEAN``, ``RSTD`` (``1 / sqrt(var +
+    eps)``, with ``stats_eps``) and ``VAR`` (biased; with ``variance_from_rstd`` only the mean and rstd, the
+    algorithm forms every variance of the block at its end). ``pool``: the block's arrival counters
+    (``kernels.last_program.CounterPool``, from ``counters``; None for the torch backend). A BatchNorm map
+    is a ``NormMap``, or what ``fold_maps`` made of it where the ops have one.
 
     column_stats(cols, stats, eps, pool): the statistics of an ``M x c`` buffer slice.
     bottleneck(x, norm1, w1, stats, stats_eps, epilogue, pool) -> Y: ``relu(norm1(x)) @ w1^T`` for an
@@ -89,27 +91,33 @@ class Ops:
     new_features_backward(d_new, Y, norm2, w2, grid, training, need_weight, sync, count) ->
         (dY, d_gamma2, d_beta2, d_w2): the backward of ``new_features`` from the new features' gradient
         (dropout undone) to the bottleneck's (``torch_ops.conv3x3_norm2_backward``).
-    norm1_backward(dY, x, norm1, w1, G, sums, need_weight, from_w1_grad, first, pool) -> (d_gamma1, d_beta1,
-        d_w1): the backward of ``bottleneck``, adding ``coef * P`` into G's first ``C_l`` columns and
+    norm1_backward(dY, x, norm1, w1, G, sums, need_weight, from_w1_grad, first, pool, divisor) -> (d_gamma1,
+        d_beta1, d_w1): the backward of ``bottleneck``, adding ``coef * P`` into G's first ``C_l`` columns and
         ``coef * d_beta1``, ``coef * d_gamma1`` into the rows of ``sums`` (a ``(2, C_l)`` view of the block's
-        sums of G and G * xhat; None in eval), ``coef`` being gamma with batch statistics and the map's slope
-        with running ones (``torch_ops.norm1_backward``); ``from_w1_grad``: as ``norm1_weight_grad_serves``
-        said of the layer; ``first`` (only with ``norm1_writes_first``): the block's last layer, which writes
-        those columns of G.
+        sums of G and G * xhat; None when not needed), ``coef`` being gamma with batch statistics and the
+        map's slope with running ones (``torch_ops.norm1_backward``); ``from_w1_grad``: whether
+        ``norm1_weight_grad_divisors`` gave the layer a divisor (then ``divisor``); ``first`` (only with
+        ``norm1_writes_first``): the block's last layer, which writes those columns of G.
     finalize(g, x, d_out, stats, noise, dtype) -> dx: a segment's input gradient in ``dtype``
-        (``torch_ops.finalize``).
-    norm2_relu_training(Y, weight, bias, eps, stats) -> relu(norm2(Y)): training mode's norm2 statistics
-        (written into ``stats``) and activation at once (``torch_ops.norm2_relu_training``); then
-        ``bottleneck`` is asked for no statistics and ``new_features`` gets the activation, norm2 None.
-    norm1_weight_grad_serves(weights, biases, compute_dtype) -> list[bool] or None: per layer of a block,
-        whether its norm1 backward may take ``sum(P * xhat)`` from conv1's weight gradient
-        (``torch_ops.norm1_weight_grad_serves``); None: never.
+        (``torch_ops.finalize``); ``stats``: ``(mean, rstd, sum_g, sum_gx)`` in training, the sums None
+        unless ``finalize_takes_sums`` (or SyncBatchNorm's, which must be global).
+    norm2_relu_training(Y, weight, bias, eps) -> (relu(norm2(Y)), mean, rstd): training mode's norm2
+        statistics and activation at once (``torch_ops.norm2_relu_training``); then ``bottleneck`` is asked for
+        no statistics, ``new_features`` gets the activation, norm2 None, and the algorithm stores the block's
+        norm2 statistics at its end.
+    fold_maps(maps) -> list: the BatchNorm maps of a whole block (eval's, and the backward's) prepared in a
+        few operators (``batchnorm.fold_many``), for operations that apply a folded map.
+    norm1_weight_grad_divisors(weights, biases, compute_dtype) -> list: per layer of a block, None, or where
+        its norm1 backward may take ``sum(P * xhat)`` from conv1's weight gradient the divisor that takes
+        (``torch_ops.norm1_weight_grad_divisors``).
     counters(phase, m, c0, growth, width, layers, need_weights, device) -> CounterPool or None: the zeroed
         arrival counters a block's forward (``phase="forward"``) or backward takes its launches' from.
     fuses_eval_norm2: whether ``bottleneck`` applies an ``epilogue``.
     grad_in_buffer_dtype: whether G is in the buffer's dtype (else in the accumulation dtype).
     norm1_writes_first: whether the last layer's ``norm1_backward`` writes G's prefix (``first``), so that G
         starts uninitialised instead of as zeros (its last ``k`` columns are never read).
+    multi_tensor: whether the block's whole-block steps may use PyTorch's multi-tensor operators (the weights'
+        cast); not in what ``torch.export`` traces, which the exporters lower (``torch_ops.EXPORT_OPS``).
     """
 
     column_stats: Callable
@@ -118,12 +126,16 @@ class Ops:
     new_features_backward: Callable
     norm1_backward: Callable
     finalize: Callable
-    norm1_weight_grad_serves: Callable | None = None
+    norm1_weight_grad_divisors: Callable | None = None
     norm2_relu_training: Callable | None = None
     counters: Callable | None = None
+    fold_maps: Callable | None = None
     fuses_eval_norm2: bool = False
     grad_in_buffer_dtype: bool = False
     norm1_writes_first: bool = False
+    variance_from_rstd: bool = False
+    finalize_takes_sums: bool = True
+    multi_tensor: bool = True
 
 
 @dataclass
@@ -138,16 +150,26 @@ class LayerState:
 class BlockState:
     """What a block forward leaves for its backward: per layer ``LayerState``, the compute-dtype copy of the
     convolution weights (``weights``: one flat tensor, when the forward cast them), and in training the
-    batch statistics (``stats``: ``(3, C_total)``, rows mean, biased variance and rstd of every channel of
-    the buffer, shared by every norm1; ``norm2``: ``(3, L, 4k)``, the same per bottleneck) over ``count``
-    rows (every process's, with SyncBatchNorm). The statistics are outputs of the block operator, which the
-    autograd formula saves beside ``flatten()``'s tensors."""
+    batch statistics over ``count`` rows (every process's, with SyncBatchNorm): ``all_stats``, one
+    ``(3, C_total + L * 4k)`` array (rows ``MEAN``, ``RSTD``, ``VAR``) whose views are ``stats``, of every
+    channel of the buffer (shared by every norm1), and ``norm2``, ``(3, L, 4k)``, of each bottleneck. The
+    statistics are an output of the block operator, which the autograd formula saves beside ``flatten()``'s
+    tensors."""
 
     layers: list[LayerState] = field(default_factory=list)
     weights: Tensor | None = None
-    stats: Tensor | None = None
-    norm2: Tensor | None = None
+    all_stats: Tensor | None = None
     count: int = 0
+    c_total: int = 0
+    width: int = 0  # the bottleneck's channels, 4k
+
+    @property
+    def stats(self) -> Tensor | None:
+        return None if self.all_stats is None else split_statistics(self.all_stats, self.c_total, self.width)[0]
+
+    @property
+    def norm2(self) -> Tensor | None:
+        return None if self.all_stats is None else split_statistics(self.all_stats, self.c_total, self.width)[1]
 
     # The state goes through ctx.save_for_backward (not ctx attributes), so that autograd frees it
     # after backward like any saved tensor instead of keeping it as long as the graph is referenced.
@@ -156,17 +178,33 @@ class BlockState:
         return [self.weights, *per_layer]
 
     @classmethod
-    def unflatten(cls, tensors: list[Tensor | None], stats: Tensor | None, norm2: Tensor | None) -> BlockState:
+    def unflatten(cls, tensors: list[Tensor | None], all_stats: Tensor | None, c_total: int, width: int) -> BlockState:
         n = len(fields(LayerState))
         layers = [LayerState(*tensors[i : i + n]) for i in range(1, len(tensors), n)]
-        return cls(layers, tensors[0], stats, norm2)
+        return cls(layers, tensors[0], all_stats, c_total=c_total, width=width)
+
+
+def split_statistics(all_stats: Tensor, c_total: int, width: int) -> tuple[Tensor, Tensor]:
+    """A block's statistics array as ``(stats, norm2)``: ``(3, C_total)`` and ``(3, L, width)`` views."""
+    return all_stats[:, :c_total], all_stats[:, c_total:].unflatten(1, (-1, width))
+
+
+def batch_stats_of(state: BlockState, global_count: bool) -> BatchStats:
+    """A training forward's ``BatchStats``; the count as a tensor only for SyncBatchNorm (``global_count``:
+    every process's rows), zero-size otherwise (the caller knows its batch's rows: no launch)."""
+    if global_count:
+        count = state.all_stats.new_full((), state.count, dtype=torch.float64)
+    else:
+        count = state.all_stats.new_empty(0, dtype=torch.float64)
+    return BatchStats(state.stats, state.norm2, count)
 
 
 class BatchStats(NamedTuple):
-    """A training forward's batch statistics, biased, in the accumulation dtype: ``stats`` of the buffer's
-    channels (``(3, C_total)``: mean, variance, rstd; every norm1 reads a prefix of them), ``norm2`` of each
-    layer's bottleneck (``(3, L, 4k)``), and the number of rows they are over (a 0-dim float64 tensor: every
-    process's rows with SyncBatchNorm)."""
+    """A training forward's batch statistics, in the accumulation dtype: ``stats`` of the buffer's channels
+    (``(3, C_total)``, rows ``MEAN``, ``RSTD``, ``VAR`` (biased); every norm1 reads a prefix of them),
+    ``norm2`` of each layer's bottleneck (``(3, L, 4k)``), both views of one array, and the number of rows
+    they are over (a 0-dim float64 tensor with SyncBatchNorm: every process's rows; zero-size otherwise,
+    where the caller knows its batch's)."""
 
     stats: Tensor
     norm2: Tensor
@@ -174,16 +212,11 @@ class BatchStats(NamedTuple):
 
     @property
     def var(self) -> Tensor:
-        return self.stats[1]
+        return self.stats[VAR]
 
     @property
     def mean(self) -> Tensor:
-        return self.stats[0]
-
-
-def batch_stats_of(state: BlockState) -> BatchStats:
-    count = torch.full((), state.count, dtype=torch.float64, device=state.stats.device)
-    return BatchStats(state.stats, state.norm2, count)
+        return self.stats[MEAN]
 
 
 def update_block_running_stats(norms1, norms2, stats: BatchStats, count: int | Tensor, growth_rate: int) -> None:
@@ -192,8 +225,8 @@ def update_block_running_stats(norms1, norms2, stats: BatchStats, count: int | T
     multi-tensor operators for the whole block (``update_many_running_stats``)."""
     c0 = stats.stats.shape[1] - len(norms1) * growth_rate
     prefixes = [c0 + layer * growth_rate for layer in range(len(norms1))]
-    means = [stats.mean[:c_in] for c_in in prefixes] + list(stats.norm2[0].unbind(0))
-    variances = [stats.var[:c_in] for c_in in prefixes] + list(stats.norm2[1].unbind(0))
+    means = [stats.mean[:c_in] for c_in in prefixes] + list(stats.norm2[MEAN].unbind(0))
+    variances = [stats.var[:c_in] for c_in in prefixes] + list(stats.norm2[VAR].unbind(0))
     update_many_running_stats([*norms1, *norms2], means, variances, count)
 
 
@@ -201,33 +234,45 @@ def _layer_params(params: tuple[Tensor, ...], layer: int) -> tuple[Tensor, ...]:
     return params[layer * PARAMS_PER_LAYER : (layer + 1) * PARAMS_PER_LAYER]
 
 
-def conv_weights(params: tuple[Tensor, ...], dtype: torch.dtype, flat: Tensor | None = None):
+def conv_weights(params: tuple[Tensor, ...], dtype: torch.dtype, flat: Tensor | None = None, multi_tensor=True):
     """Every layer's ``(conv1.weight, conv2.weight)`` in the compute dtype ``dtype`` and contiguous (as the
     kernels read them), as a list of pairs, and the flat tensor that holds them when they were cast or copied
     (else None: the parameters themselves). The cast is one multi-tensor copy for the whole block (one launch
     on a GPU) into views of one new tensor; ``flat``: that tensor, kept by the forward (its views are taken
     again, nothing is copied). Weights in channels_last memory (``model.to(memory_format=...)``) are copied
-    as they are cast."""
+    as they are cast. ``multi_tensor=False``: one copy per weight instead (what exporters lower)."""
     weights = [w for layer in range(len(params) // PARAMS_PER_LAYER) for w in _layer_params(params, layer)[2::3]]
     if not weights or (flat is None and all(w.dtype == dtype and w.is_contiguous() for w in weights)):
         return list(zip(weights[0::2], weights[1::2], strict=True)), None
     if flat is None:
         flat = torch.empty(sum(w.numel() for w in weights), dtype=dtype, device=weights[0].device)
         views = [part.view(w.shape) for part, w in zip(flat.split([w.numel() for w in weights]), weights, strict=True)]
-        torch._foreach_copy_(views, weights)
+        if multi_tensor:
+            torch._foreach_copy_(views, weights)
+        else:
+            for view, w in zip(views, weights, strict=True):
+                view.copy_(w)
     else:
         views = [part.view(w.shape) for part, w in zip(flat.split([w.numel() for w in weights]), weights, strict=True)]
     return list(zip(views[0::2], views[1::2], strict=True)), flat
 
 
-def _synced(stats: Tensor, sync: StatsSync | None, rows: int, eps: float) -> None:
+def variance_from_rstd(stats: Tensor, eps: float) -> None:
+    """Fill the ``VAR`` row of a statistics array from its ``RSTD`` row: ``var = rstd^-2 - eps``, as PyTorch's
+    SyncBatchNorm recovers it (for the ops that give ``rstd``)."""
+    torch.pow(stats[RSTD], -2, out=stats[VAR]).sub_(eps).clamp_min_(0.0)
+
+
+def _synced(stats: Tensor, sync: StatsSync | None, rows: int, eps: float, ops: Ops) -> None:
     """SyncBatchNorm: a ``(3, c)`` statistics view made global (every process's rows), in place."""
     if sync is None:
         return
-    var, mean = sync.stats((stats[1], stats[0]), rows)
-    stats[0].copy_(mean)
-    stats[1].copy_(var)
-    torch.add(var, eps, out=stats[2]).rsqrt_()
+    if ops.variance_from_rstd:
+        variance_from_rstd(stats, eps)
+    var, mean = sync.stats((stats[VAR], stats[MEAN]), rows)
+    stats[MEAN].copy_(mean)
+    stats[VAR].copy_(var)
+    torch.add(var, eps, out=stats[RSTD]).rsqrt_()
 
 
 def _counters(ops: Ops, phase: str, *sizes):
@@ -255,17 +300,18 @@ def block_forward(
     else:
         buf = buffer
     rows = buf.view(m, c_total)
-    weights, flat = conv_weights(params, cdt)
+    weights, flat = conv_weights(params, cdt, multi_tensor=ops.multi_tensor)
     state = BlockState(weights=flat if save else None)
     pool = _counters(ops, "forward", m, c0, k, width, num_layers, False, x.device)
     eps2 = [float(norm.eps) for norm in plan.norms2]
     if plan.training:
-        stats = state.stats = torch.empty((3, c_total), dtype=acc, device=x.device)
-        norm2_stats = state.norm2 = torch.empty((3, num_layers, width), dtype=acc, device=x.device)
+        state.all_stats = torch.empty((3, c_total + num_layers * width), dtype=acc, device=x.device)
+        state.c_total, state.width = c_total, width
+        stats, norm2_stats = state.stats, state.norm2
         state.count = m if sync is None else sync.total(m, x.device)
         with stage("stats", x.device):
             ops.column_stats(rows[:, :c0], stats[:, :c0], plan.eps1, pool)
-            _synced(stats[:, :c0], sync, m, plan.eps1)
+            _synced(stats[:, :c0], sync, m, plan.eps1, ops)
 
     # Eval mode folds norm2 and relu2 into the GEMM's epilogue when the raw bottleneck is not kept. Training
     # takes norm2's statistics and its activation from one BatchNorm call where the ops have one (statistics
@@ -273,15 +319,17 @@ def block_forward(
     fuse_norm2 = ops.fuses_eval_norm2 and not plan.training and not (save and plan.keep_bottlenecks)
     fuse_train_norm2 = plan.training and ops.norm2_relu_training is not None and sync is None and m > 0
     kept_layers = kept_bottleneck_layers(num_layers, c_total, width, device_type(x), len(spatial))
+    eval_maps = [] if plan.training else _block_maps(params, plan.norms1, plan.norms2, ops)
+    norm2_parts = []  # (mean, rstd) per layer from norm2_relu_training, stored at the end
     for layer in range(num_layers):
         g1, b1, _, g2, b2, _ = _layer_params(params, layer)
         w1, w2 = weights[layer]
         c_in = c0 + layer * k
         if plan.training:
-            norm1 = NormMap(stats[0, :c_in], stats[2, :c_in], g1, b1)
+            norm1 = NormMap(stats[MEAN, :c_in], stats[RSTD, :c_in], g1, b1)
             stats2 = norm2_stats[:, layer]
         else:
-            norm1, norm2 = NormMap.running(plan.norms1[layer], g1, b1), NormMap.running(plan.norms2[layer], g2, b2)
+            norm1, norm2 = eval_maps[layer]
         with stage("gemm", x.device):
             bottleneck = ops.bottleneck(
                 rows[:, :c_in], norm1, w1.view(-1, c_in), stats2 if plan.training and not fuse_train_norm2 else None,
@@ -290,11 +338,12 @@ def block_forward(
         activated = None  # relu(norm2(bottleneck)), when its statistics came with it
         if fuse_train_norm2:
             with stage("conv", x.device):
-                activated = ops.norm2_relu_training(bottleneck, g2, b2, eps2[layer], stats2)
+                activated, *mean_rstd = ops.norm2_relu_training(bottleneck, g2, b2, eps2[layer])
+            norm2_parts.append(mean_rstd)
         elif plan.training:
-            _synced(stats2, sync, m, eps2[layer])
+            _synced(stats2, sync, m, eps2[layer], ops)
         if plan.training:
-            norm2 = NormMap(stats2[0], stats2[2], g2, b2)
+            norm2 = NormMap(stats2[MEAN], stats2[RSTD], g2, b2)
 
         noise = None
         p = plan.drop_rates[layer]
@@ -315,12 +364,49 @@ def block_forward(
             )
             del activated
         if plan.training:
-            _synced(stats[:, c_in : c_in + k], sync, m, plan.eps1)
+            _synced(stats[:, c_in : c_in + k], sync, m, plan.eps1, ops)
         if save:
             kept = plan.keep_bottlenecks and layer in kept_layers
             state.layers.append(LayerState(bottleneck if kept else None, noise))
         del bottleneck
+    if plan.training:
+        _finish_statistics(state, norm2_parts, plan.eps1, eps2, ops)
     return buf.movedim(-1, 1), state
+
+
+def _finish_statistics(state: BlockState, norm2_parts: list, eps1: float, eps2: list, ops: Ops):
+    """A training forward's statistics completed for the whole block at once: norm2's means and rstds from
+    ``norm2_relu_training`` stored (one operator each), and, with ``variance_from_rstd``, every variance
+    (three operators, when every norm2 shares norm1's eps)."""
+    stats, norm2_stats = state.stats, state.norm2
+    if norm2_parts:
+        torch.stack([mean for mean, _ in norm2_parts], out=norm2_stats[MEAN])
+        torch.stack([rstd for _, rstd in norm2_parts], out=norm2_stats[RSTD])
+    if not ops.variance_from_rstd:
+        return
+    if set(eps2) <= {eps1}:
+        variance_from_rstd(state.all_stats, eps1)
+        return
+    variance_from_rstd(stats, eps1)
+    for layer, eps in enumerate(eps2):
+        variance_from_rstd(norm2_stats[:, layer], eps)
+
+
+def _block_maps(params, norms1, norms2, ops: Ops, stats: Tensor | None = None, norm2_stats: Tensor | None = None):
+    """Per layer, norm1's and norm2's maps: of the batch statistics (``stats``, ``norm2_stats``: training's
+    backward), else of each module's running statistics; prepared for the whole block by ``ops.fold_maps``."""
+    maps = []
+    for layer in range(len(params) // PARAMS_PER_LAYER):
+        g1, b1, w1, g2, b2, _ = _layer_params(params, layer)
+        if stats is not None:
+            c_in = w1.shape[1]
+            maps += [NormMap(stats[MEAN, :c_in], stats[RSTD, :c_in], g1, b1),
+                     NormMap(norm2_stats[MEAN, layer], norm2_stats[RSTD, layer], g2, b2)]  # fmt: skip
+        else:
+            maps += [NormMap.running(norms1[layer], g1, b1), NormMap.running(norms2[layer], g2, b2)]
+    if ops.fold_maps is not None:
+        maps = ops.fold_maps(maps)
+    return list(zip(maps[0::2], maps[1::2], strict=True))
 
 
 def kept_bottleneck_layers(num_layers: int, c_total: int, width: int, device: str, spatial_dims: int) -> range:
@@ -396,8 +482,10 @@ def block_backward(
     grad_sum = (torch.empty if writes_first else torch.zeros)((m, c_total), dtype=g_dtype, device=out.device)
     sync = sync if training else None
     count = m if sync is None else sync.total(m, out.device)
-    # Per channel: sum_rows(G) and sum_rows(G * xhat), accumulated from each layer's dbeta, dgamma.
-    sums = torch.zeros((2, c_total), dtype=acc, device=out.device) if training else None
+    # Per channel: sum_rows(G) and sum_rows(G * xhat), accumulated from each layer's dbeta, dgamma (for
+    # finalize, where it takes them; global ones with SyncBatchNorm).
+    needs_sums = training and (ops.finalize_takes_sums or sync is not None)
+    sums = torch.zeros((2, c_total), dtype=acc, device=out.device) if needs_sums else None
     needs_w1 = any(needs_input_grad[1 + layer * PARAMS_PER_LAYER + 2] for layer in range(num_layers))
     pool = _counters(ops, "backward", m, c0, k, width, num_layers, needs_w1, out.device)
 
@@ -405,29 +493,26 @@ def block_backward(
         """Gradient of columns [lo, hi) once every consumer has been accumulated into G."""
         stats = None
         if training:
-            segment = (sums[0, lo:hi], sums[1, lo:hi])
+            segment = (None, None) if sums is None else (sums[0, lo:hi], sums[1, lo:hi])
             if sync is not None:  # over every process's rows; finalize divides by this process's m
                 segment = tuple(t.mul_(m / count) for t in sync.sum(*segment))
-            stats = (state.stats[0, lo:hi], state.stats[2, lo:hi], *segment)
+            stats = (state.stats[MEAN, lo:hi], state.stats[RSTD, lo:hi], *segment)
         return ops.finalize(grad_sum[:, lo:hi], rows[:, lo:hi], as_rows(grad_out[:, lo:hi]), stats, noise, dtype)
 
     grads: list[Tensor | None] = [None] * len(params)
-    from_w1_grad = [False] * num_layers
-    if ops.norm1_weight_grad_serves is not None:  # every norm1's weight, and every norm1's bias
+    divisors = [None] * num_layers  # per layer: norm1's sum(P * xhat) from conv1's weight gradient, divided by
+    if ops.norm1_weight_grad_divisors is not None:  # every norm1's weight, and every norm1's bias
         norms1 = list(params[0::PARAMS_PER_LAYER]), list(params[1::PARAMS_PER_LAYER])
-        from_w1_grad = ops.norm1_weight_grad_serves(*norms1, cdt)
+        with stage("gemm_backward", out.device):
+            divisors = ops.norm1_weight_grad_divisors(*norms1, cdt)
+    running = running or [None] * (2 * num_layers)
+    maps = _block_maps(params, running[0::2], running[1::2], ops, state.stats, state.norm2)
     for layer in reversed(range(num_layers)):
-        g1, b1, _, g2, b2, _ = _layer_params(params, layer)
         w1, w2 = weights[layer]
         saved, c_in = state.layers[layer], c0 + layer * k
         need = needs_input_grad[1 + layer * PARAMS_PER_LAYER : 1 + (layer + 1) * PARAMS_PER_LAYER]
         w1c = w1.view(-1, c_in)
-        if training:
-            norm1 = NormMap(state.stats[0, :c_in], state.stats[2, :c_in], g1, b1)
-            norm2 = NormMap(state.norm2[0, layer], state.norm2[2, layer], g2, b2)
-        else:
-            norm1 = NormMap.running(running[2 * layer], g1, b1)
-            norm2 = NormMap.running(running[2 * layer + 1], g2, b2)
+        norm1, norm2 = maps[layer]
 
         with stage("finalize", out.device):
             if layer == num_layers - 1:  # no consumer: G and its sums are zero there, the gradient is the output's
@@ -449,11 +534,12 @@ def block_backward(
                 norm1,
                 w1c,
                 grad_sum,
-                sums[:, :c_in] if training else None,
+                None if sums is None else sums[:, :c_in],
                 need[2],
-                from_w1_grad[layer],
+                divisors[layer] is not None,
                 writes_first and layer == num_layers - 1,
                 pool,
+                divisors[layer],
             )
         del d_bottleneck
         layer_grads = (d_g1, d_b1, d_w1, d_g2, d_b2, d_w2)

@@ -34,6 +34,7 @@ from .block_algorithm import (
     block_backward,
     block_forward,
     kept_bottleneck_layers,
+    split_statistics,
 )
 from .devices import device_type
 from .sync_batchnorm import StatsSync
@@ -85,11 +86,11 @@ def dense_block(
     backend: str,
     save: bool,
     sync_group: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    """The block forward: ``(out, stats, norm2, count, saved)``; a training forward's batch statistics
-    (``BatchStats``: ``(3, C_total)`` and ``(3, L, 4k)`` arrays, zero-size in eval) and the rows they are
-    over, ``saved`` what the backward reads (empty unless ``save``); ``sync_group``: the process group of
-    SyncBatchNorm statistics, "" for none.
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """The block forward: ``(out, stats, count, saved)``; a training forward's batch statistics (one
+    ``(3, C_total + L * 4k)`` array, ``block_algorithm.split_statistics``; zero-size in eval) and, with
+    SyncBatchNorm, the rows they are over (else zero-size), ``saved`` what the backward reads (empty unless
+    ``save``); ``sync_group``: the process group of SyncBatchNorm statistics, "" for none.
 
     ``params``: six per layer (``block_algorithm.PARAMS_PER_LAYER``); ``running``: norm1's then norm2's
     running mean and variance per layer; ``eps``: norm1's and norm2's per layer (in training every norm1
@@ -110,13 +111,11 @@ def dense_block(
     )
     with autocast_off(x.device.type):
         out, state = block_forward(x, tuple(params), plan, save=save)
-    if training:
-        stats, norm2, count = batch_stats_of(state)
-    else:
-        stats, norm2, count = state_vector(x), state_vector(x), _row_count(x, 0)
+    stats = state.all_stats if training else state_vector(x)
+    count = batch_stats_of(state, bool(sync_group)).count if training else state_vector(x, torch.float64)
     saved = [state_vector(x) if t is None else t for t in state.flatten()] if save else []
-    stats, norm2, count, *saved = _without_aliases([stats, norm2, count, *saved], [x, out, *params, *running])
-    return out, stats, norm2, count, saved
+    stats, count, *saved = _without_aliases([stats, count, *saved], [x, out, *params, *running])
+    return out, stats, count, saved
 
 
 def _running_norms(running: list[Tensor], eps: list[float]) -> list[RunningNorm]:
@@ -124,13 +123,9 @@ def _running_norms(running: list[Tensor], eps: list[float]) -> list[RunningNorm]
     return [RunningNorm(running[2 * i], running[2 * i + 1], eps[i]) for i in range(len(eps))]
 
 
-def _row_count(x: Tensor, value: int) -> Tensor:
-    return torch.full((), value, dtype=torch.float64, device=x.device)
-
-
-def state_vector(x: Tensor) -> Tensor:
-    """A zero-size tensor in the accumulation dtype of ``x``: stands for an absent output."""
-    return x.new_empty(0, dtype=accumulation_dtype(x.dtype))
+def state_vector(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A zero-size tensor (in the accumulation dtype of ``x``): stands for an absent output."""
+    return x.new_empty(0, dtype=dtype or accumulation_dtype(x.dtype))
 
 
 def _casts_weights(params, compute_dtype: torch.dtype) -> bool:
@@ -153,8 +148,8 @@ def _dense_block_fake(
         return x.new_empty(shape, dtype=dtype) if present else state_vector(x)
 
     out = x.new_empty((n, *spatial, c_total)).movedim(-1, 1)
-    stats = vector(3, c_total, present=training)
-    norm2 = vector(3, num_layers, width, present=training)
+    stats = vector(3, c_total + num_layers * width, present=training)
+    count = x.new_empty((), dtype=torch.float64) if training and sync_group else x.new_empty(0, dtype=torch.float64)
     saved = []
     if save:
         weights = sum(w.numel() for w in [*params[2::PARAMS_PER_LAYER], *params[5::PARAMS_PER_LAYER]])
@@ -163,7 +158,7 @@ def _dense_block_fake(
         for layer, p in enumerate(drop_rates):
             saved.append(vector(m, width, dtype=compute_dtype, present=keep_bottlenecks and layer in kept))
             saved.append(vector(m, growth_rate, dtype=compute_dtype, present=training and p > 0))
-    return out, stats, norm2, _row_count(x, 0), saved
+    return out, stats, count, saved
 
 
 @torch.library.custom_op("fastdense::dense_block_backward", mutates_args=())
@@ -173,7 +168,6 @@ def dense_block_backward(
     params: list[Tensor],
     running: list[Tensor],
     stats: Tensor,
-    norm2: Tensor,
     saved: list[Tensor],
     eps: list[float],
     growth_rate: int,
@@ -185,8 +179,9 @@ def dense_block_backward(
 ) -> tuple[Tensor, list[Tensor]]:
     """The input's and the parameters' gradients (zero-size where ``needs_input_grad`` says none:
     ``[input, *params]``). ``running``: in eval mode the forward's running statistics (as ``dense_block``
-    takes them), empty in training; ``stats``, ``norm2``: the forward's batch statistics (training)."""
-    state = BlockState.unflatten([_present(t) for t in saved], _present(stats), _present(norm2))
+    takes them), empty in training; ``stats``: the forward's batch statistics (training)."""
+    width = params[2].shape[0] if params else 0
+    state = BlockState.unflatten([_present(t) for t in saved], _present(stats), out.shape[1], width)
     with autocast_off(out.device.type):
         d_x, grads = block_backward(
             grad_out, out, tuple(params), state, tuple(needs_input_grad),
@@ -202,7 +197,7 @@ def dense_block_backward(
 
 @dense_block_backward.register_fake
 def _dense_block_backward_fake(
-    grad_out, out, params, running, stats, norm2, saved, eps, growth_rate, training, compute_dtype, backend,
+    grad_out, out, params, running, stats, saved, eps, growth_rate, training, compute_dtype, backend,
     sync_group, needs_input_grad,
 ):  # fmt: skip
     n, c_total, *spatial = out.shape
@@ -216,11 +211,11 @@ def _dense_block_backward_fake(
 
 def _setup_context(ctx, inputs, output) -> None:
     _x, params, running, eps, *_, growth_rate, training, _keep, compute_dtype, backend, _save, sync_group = inputs
-    out, stats, norm2, count, saved = output
-    ctx.mark_non_differentiable(stats, norm2, count, *saved)
+    out, stats, count, saved = output
+    ctx.mark_non_differentiable(stats, count, *saved)
     ctx.set_materialize_grads(False)  # else backward gets a zero tensor the size of every saved bottleneck
     kept_running = [] if training else list(running)  # eval: the statistics the forward normalised with
-    ctx.save_for_backward(out, stats, norm2, *params, *kept_running, *saved)
+    ctx.save_for_backward(out, stats, *params, *kept_running, *saved)
     ctx.num_params, ctx.num_kept_running, ctx.num_running = len(params), len(kept_running), len(running)
     ctx.num_settings = len(inputs) - 3
     ctx.eps = list(eps)
@@ -228,7 +223,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out, *_unused):
-    out, stats, norm2, *rest = ctx.saved_tensors
+    out, stats, *rest = ctx.saved_tensors
     if grad_out is None:  # the output took no part in the loss (only the statistics outputs did)
         grad_out = torch.zeros_like(out)
     params = rest[: ctx.num_params]
@@ -237,8 +232,7 @@ def _backward(ctx, grad_out, *_unused):
     needs_x, needs_params, *_ = ctx.needs_input_grad
     needs = [bool(needs_x), *map(bool, needs_params)]
     with torch.no_grad():
-        d_x, grads = dense_block_backward(grad_out, out, params, running, stats, norm2, saved, ctx.eps, *ctx.settings,
-                                          needs)  # fmt: skip
+        d_x, grads = dense_block_backward(grad_out, out, params, running, stats, saved, ctx.eps, *ctx.settings, needs)
     wanted = [g if need else None for g, need in zip([d_x, *grads], needs, strict=True)]
     if torch.is_grad_enabled() and grad_out.requires_grad:  # create_graph=True: as once_differentiable does
         wanted = _fail_if_differentiated(wanted)
@@ -274,7 +268,7 @@ def run_dense_block(
     params = list(block.layer_params())
     norms = [norm for layer in layers for norm in (layer.norm1, layer.norm2)]
     running = [t for norm in norms for t in (norm.running_mean, norm.running_var)]
-    out, stats, norm2, count, _saved = dense_block(
+    out, stats, count, _saved = dense_block(
         x,
         params,
         running,
@@ -289,7 +283,9 @@ def run_dense_block(
         save,
         sync_group,
     )
-    return out, BatchStats(stats, norm2, count) if block.training else None
+    if not block.training:
+        return out, None
+    return out, BatchStats(*split_statistics(stats, out.shape[1], params[2].shape[0]), count)
 
 
 # FlopCounterMode sees each operator as one call: the formulas count the convolutions inside.

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .batchnorm import (
+    Affine,
     KnownStats,
     NormMap,
     accumulation_dtype,
@@ -179,16 +180,19 @@ class BatchNormReLUPool(torch.autograd.Function):
         # activation, is not kept but computed again in backward. ``cast``: autocast's dtype for its weight.
         y = x if conv is None else _convolved(x, conv_weight, conv, cast)
         window = kernel_window(pool) if backend == "triton" else None  # 1-D and 3-D: PyTorch's ops
-        indices = None
+        indices = folded = None
         if window is not None:
             out, mean, rstd = _triton_forward(y, norm, window)
             if mean is None and any(ctx.needs_input_grad):  # eval: the backward's map from the running statistics
                 mean, rstd = running_stats(norm, accumulation_dtype(y.dtype))
         else:
-            out, indices, mean, rstd = _torch_forward(y, weight, bias, norm, pool)
+            out, indices, mean, rstd, folded = _torch_forward(y, weight, bias, norm, pool)
         del y
-        # With a max pool's indices the backward needs its output too (the ReLU mask at each window's maximum).
-        ctx.save_for_backward(x, conv_weight, weight, bias, mean, rstd, indices, out if indices is not None else None)
+        # With a max pool's indices the backward needs its output too (the ReLU mask at each window's maximum);
+        # an average pool's recomputes the activation with the forward's folded map (its two vectors, kept).
+        scale, shift = (None, None) if folded is None else (folded.scale, folded.shift)
+        pooled = out if indices is not None else None
+        ctx.save_for_backward(x, conv_weight, weight, bias, mean, rstd, indices, pooled, scale, shift)
         ctx.pool, ctx.training, ctx.part, ctx.conv, ctx.cast = pool, norm.training, part, conv, cast
         ctx.kernel_map = window is not None  # the backward recomputes the activation with the kernel's map
         return out
@@ -196,14 +200,14 @@ class BatchNormReLUPool(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable: say so, loudly
     def backward(ctx, grad_out: Tensor):
-        x, conv_weight, weight, bias, mean, rstd, indices, pooled = ctx.saved_tensors
+        x, conv_weight, weight, bias, mean, rstd, indices, pooled, scale, shift = ctx.saved_tensors
         conv, need_x, need_conv_weight = ctx.conv, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with stage(f"{ctx.part}_backward", x.device):
             y = x if conv is None else _convolved(x, conv_weight, conv, ctx.cast)
             need_y = need_x or conv is not None  # (a convolution's weight gradient needs it)
             d_y, d_weight, d_bias = _backward(
                 grad_out, y, weight, bias, mean, rstd, (indices, pooled), ctx.pool, ctx.training, need_y,
-                ctx.kernel_map,
+                ctx.kernel_map, (scale, shift),
             )  # fmt: skip
             del y
             d_x, d_conv_weight = d_y, None
@@ -243,22 +247,25 @@ def _convolution_backward(d_y, x, weight, conv: nn.Module, cast: torch.dtype | N
 
 
 def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d, pool: nn.Module):
-    """``(pooled, indices, mean, rstd)``: a 2-D or 3-D max pool's window indices are kept for the backward
-    (a quarter (an eighth) of the input's elements; int32 on the CPU, PyTorch's int64 elsewhere), so
-    that it recomputes nothing; None for other pools."""
+    """``(pooled, indices, mean, rstd, folded)``: a 2-D or 3-D max pool's window indices are kept for the
+    backward (a quarter (an eighth) of the input's elements; int32 on the CPU, PyTorch's int64 elsewhere),
+    so that it recomputes nothing; None for other pools. ``folded``: the map the activation came from, when
+    it was folded here (``Affine``), else None."""
     max_pool = type(pool) in _MAX_POOL_BACKWARD
+    folded = None
     if max_pool and _native_norm_serves(x, norm):
         act, mean, rstd = _native_training_norm(x, weight, bias, norm)
         act.relu_()
     else:
         mean, rstd = norm_statistics(x, norm)
-        act = _normalized_relu(x, weight, bias, mean, rstd)
+        folded = affine(weight, bias, mean, rstd)
+        act = _normalized_relu(x, folded)
     if max_pool:
         out, indices = _MAX_POOL[type(pool)](act, *_max_window(pool), return_indices=True)
         if device_type(x) == "cpu" and math.prod(x.shape[2:]) < 2**31:  # half the memory; on a GPU, traffic
             indices = indices.to(torch.int32)  # (an index into one channel's map)
-        return out, indices, mean, rstd
-    return _pooled(act, pool), None, mean, rstd
+        return out, indices, mean, rstd, folded
+    return _pooled(act, pool), None, mean, rstd, folded
 
 
 def _native_norm_serves(x: Tensor, norm: nn.BatchNorm2d) -> bool:
@@ -307,11 +314,10 @@ def _max_window(pool: nn.Module) -> tuple:
     return *_window(pool), nn.modules.utils._ntuple(POOLS[type(pool)])(pool.dilation), pool.ceil_mode
 
 
-def _normalized_relu(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
-    """``relu(norm(x))`` in ``x``'s dtype and layout (``torch_ops.normalized_relu``, the map's vectors
-    shaped per channel). The backward recomputes it the same way."""
-    normalize = affine(weight, bias, mean, rstd).channels(0, x.shape[1], x.dim() - 2)
-    return normalized_relu(x, normalize, x.dtype)
+def _normalized_relu(x: Tensor, folded: Affine) -> Tensor:
+    """``relu(norm(x))`` in ``x``'s dtype and layout (``torch_ops.normalized_relu``, the folded map's vectors
+    shaped per channel). The backward recomputes it with the same vectors."""
+    return normalized_relu(x, folded.channels(0, x.shape[1], x.dim() - 2), x.dtype)
 
 
 def _kernel_activation(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
@@ -369,7 +375,7 @@ def fused_transition(
 
 
 def _backward(grad_out, x, weight, bias, mean, rstd, max_pooled, pool, training: bool, need_input_grad: bool,
-              kernel_map: bool = False):  # fmt: skip
+              kernel_map: bool = False, scale_shift=(None, None)):  # fmt: skip
     """Back through the pool and the ReLU, then through the BatchNorm: PyTorch's own BatchNorm backward in
     training (the statistics are the forward's), the affine map's in eval.
 
@@ -378,7 +384,8 @@ def _backward(grad_out, x, weight, bias, mean, rstd, max_pooled, pool, training:
     output gradient is masked first (a pooled-size pass) and scattered back by the indices. Otherwise
     ``relu(norm(x))`` is recomputed for the pool's backward and the mask: by the Triton kernel with a 1x1
     window when the forward ran the kernel (``kernel_map``: one pass, and the forward's map and rounding, so
-    the forward's ReLU masks), else with the folded map."""
+    the forward's ReLU masks), else with the folded map (``scale_shift``: its vectors, when the forward kept
+    them)."""
     indices, pooled = max_pooled
     with autocast_off(x.device.type), stage("bn_relu_pool_backward", x.device):
         if indices is not None:
@@ -387,8 +394,12 @@ def _backward(grad_out, x, weight, bias, mean, rstd, max_pooled, pool, training:
             d_pre = backward(masked, x, *_max_window(pool), indices.long())  # x: the shape only
             del masked
         else:
-            act = _kernel_activation(x, weight, bias, mean, rstd) if kernel_map else _normalized_relu(
-                x, weight, bias, mean, rstd)  # fmt: skip
+            if kernel_map:
+                act = _kernel_activation(x, weight, bias, mean, rstd)
+            elif scale_shift[0] is not None:
+                act = _normalized_relu(x, Affine(mean, scale_shift[0], bias, scale_shift[1], weight, rstd))
+            else:
+                act = _normalized_relu(x, affine(weight, bias, mean, rstd))
             d_pre = _pool_backward(grad_out, act, pool)
             torch.ops.aten.threshold_backward.grad_input(d_pre, act, 0, grad_input=d_pre)  # through the ReLU
             del act

@@ -45,7 +45,7 @@ def block_forward_flops(x, params, *args, out_shape=None, **kwargs) -> int:
     )
 
 
-def block_backward_flops(grad_out, out, params, running, stats, norm2, saved, *args, out_shape=None, **kwargs) -> int:
+def block_backward_flops(grad_out, out, params, running, stats, saved, *args, out_shape=None, **kwargs) -> int:
     """``fastdense::dense_block_backward``: the convolutions' input and weight gradients autograd would
     compute for torchvision's layers, and the 1x1 convolutions of bottlenecks not kept."""
     needs_input_grad = args[-1] if args else kwargs["needs_input_grad"]

@@ -22,6 +22,7 @@ float32 otherwise).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +30,13 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from .batchnorm import (
+    MEAN,
+    RSTD,
     Affine,
     NormMap,
     batch_norm_backward_in_place,
     batch_stats,
+    fold_many,
     folded_input_grad,
     input_grad_from_sums,
     native_training_norm,
@@ -79,18 +83,27 @@ def _conv3x3(images: Tensor, weight: Tensor) -> Tensor:
     return _CONV_FUNCTIONS[images.dim() - 2](images, weight, padding=1)
 
 
+def _folded(norm) -> Affine:
+    """A BatchNorm map as the torch backend applies it: folded (``Affine``), as ``Ops.fold_maps`` prepared
+    it for the whole block, or now (two operators on C-vectors)."""
+    return norm if isinstance(norm, Affine) else norm.folded()
+
+
 def column_stats(cols: Tensor, stats: Tensor, eps: float, pool=None) -> None:
-    """``Ops.column_stats``: the statistics of an ``M x c`` buffer slice written into the ``(3, c)`` view
-    ``stats`` (mean, biased variance, ``1 / sqrt(var + eps)``) from ``column_var_mean``."""
-    var, mean = column_var_mean(cols)
-    write_statistics(stats, var, mean, eps)
-
-
-def write_statistics(stats: Tensor, var: Tensor, mean: Tensor, eps: float) -> None:
-    """Rows mean, variance and ``1 / sqrt(var + eps)`` of a ``(3, c)`` statistics view."""
-    stats[0].copy_(mean)
-    stats[1].copy_(var)
-    torch.add(var, eps, out=stats[2]).rsqrt_()
+    """``Ops.column_stats``: the mean and ``1 / sqrt(var + eps)`` of an ``M x c`` buffer slice written into
+    rows ``MEAN`` and ``RSTD`` of the ``(3, c)`` view ``stats`` (``Ops.variance_from_rstd``: the algorithm
+    forms the variances of the whole block at its end). On the CPU (and in float64) from the corrected two-pass
+    ``batch_stats``; on a GPU from one PyTorch BatchNorm call with ``eps``, whose statistics are the two
+    rows (and whose normalised output, the columns' size, is discarded)."""
+    if device_type(cols) == "cpu" or cols.numel() == 0 or cols.dtype == torch.float64:
+        var, mean = batch_stats(cols, dim=0)
+        stats[MEAN].copy_(mean)
+        torch.add(var, eps, out=stats[RSTD]).rsqrt_()
+        return
+    # (any float32 vector as the weight: it scales only the discarded output, and keeps the statistics float32)
+    _, mean, rstd = torch.native_batch_norm(cols, stats[MEAN], None, None, None, True, 0.0, eps)
+    stats[MEAN].copy_(mean)
+    stats[RSTD].copy_(rstd)
 
 
 def column_var_mean(cols: Tensor) -> tuple[Tensor, Tensor]:
@@ -129,7 +142,7 @@ def bottleneck(x: Tensor, norm1: NormMap, w1: Tensor, stats: Tensor | None, stat
     GEMM prologue, here as its own two passes, in ``row_chunks``), with its column statistics written into
     ``stats`` when given. No eval-mode epilogue (``fuses_eval_norm2`` is False)."""
     out = torch.empty((x.shape[0], w1.shape[0]), dtype=w1.dtype, device=x.device)
-    folded = norm1.folded()
+    folded = _folded(norm1)
     for lo, hi in row_chunks(x):
         torch.mm(normalized_relu(x[lo:hi], folded, w1.dtype), w1.t(), out=out[lo:hi])
     if stats is not None:
@@ -137,8 +150,8 @@ def bottleneck(x: Tensor, norm1: NormMap, w1: Tensor, stats: Tensor | None, stat
     return out
 
 
-def norm2_relu_training(bottleneck: Tensor, weight: Tensor, bias: Tensor, eps: float, stats: Tensor) -> Tensor:
-    """``Ops.norm2_relu_training``: norm2's batch statistics (into ``stats``) and ``relu(norm2(Y))`` of the contiguous
+def norm2_relu_training(bottleneck: Tensor, weight: Tensor, bias: Tensor, eps: float):
+    """``Ops.norm2_relu_training``: norm2's batch statistics and ``relu(norm2(Y))`` of the contiguous
     bottleneck from PyTorch's BatchNorm in training mode (statistics, then the map: two passes over ``Y``
     and one write) and an in-place ReLU, instead of the statistics and then ``normalized_relu``. Its vectors
     are float32 (float64 for float64 data), so are the statistics. The backward recomputes the activation
@@ -146,12 +159,10 @@ def norm2_relu_training(bottleneck: Tensor, weight: Tensor, bias: Tensor, eps: f
     map itself (the same bits: tested). A GPU's kernel computes ``(Y - mean) * rstd * weight + bias`` in
     float32: where that and the folded map round to different sides of a bfloat16/float16 value, or of zero
     (the ReLU mask), the recomputed activation differs from the forward's by one unit in its last place.
-    Returns the activation."""
+    Returns the activation, the mean and the rstd (the block's variances come from the rstds:
+    ``Ops.variance_from_rstd``)."""
     act, mean, rstd = native_training_norm(bottleneck, weight, bias, eps)
-    stats[0].copy_(mean)
-    stats[2].copy_(rstd)
-    torch.pow(rstd, -2, out=stats[1]).sub_(eps).clamp_min_(0.0)  # (rstd = 1 / sqrt(var + eps))
-    return act.relu_()
+    return act.relu_(), mean, rstd
 
 
 def conv3x3_into(bottleneck, norm2: NormMap | None, w2, grid, out, noise, stats: Tensor | None, stats_eps: float,
@@ -164,7 +175,7 @@ def conv3x3_into(bottleneck, norm2: NormMap | None, w2, grid, out, noise, stats:
     if norm2 is None:
         act2 = bottleneck
     elif activation is None:
-        act2 = normalized_relu(bottleneck, norm2.folded(), w2.dtype)
+        act2 = normalized_relu(bottleneck, _folded(norm2), w2.dtype)
     else:
         act2 = activation(bottleneck, norm2)
     new = _conv3x3(as_images(act2.to(w2.dtype), *grid), w2)  # (N, k, *spatial)
@@ -182,7 +193,7 @@ def conv3x3_into(bottleneck, norm2: NormMap | None, w2, grid, out, noise, stats:
 def conv3x3_norm2_backward(
     d_new,
     bottleneck,
-    norm2: NormMap,
+    norm2: NormMap | Affine,
     w2c,
     grid,
     training: bool,
@@ -202,9 +213,10 @@ def conv3x3_norm2_backward(
     conv2's weight (None when not needed)."""
     ones, zeros = [1] * (len(grid) - 1), [0] * (len(grid) - 1)
     cdt = w2c.dtype
-    rstd2 = norm2.rstd()
+    rstd2 = norm2.rstd if isinstance(norm2, Affine) else norm2.rstd()
+    mean2, weight2 = norm2.mean.to(rstd2.dtype), norm2.weight.to(rstd2.dtype)
     with stage("conv_backward", bottleneck.device):
-        act2 = normalized_relu(bottleneck, norm2.folded(), cdt) if activation is None else activation(bottleneck, norm2)
+        act2 = normalized_relu(bottleneck, _folded(norm2), cdt) if activation is None else activation(bottleneck, norm2)
         images = (as_images(d_new.to(cdt), *grid), as_images(act2, *grid))
         if len(grid) == 4 and act2.device.type == "cpu" and cdt in (torch.bfloat16, torch.float16):
             # PyTorch's CPU 3-D weight gradient from channels_last_3d bf16 tensors is wrong on 2x2x2 maps
@@ -223,41 +235,41 @@ def conv3x3_norm2_backward(
         if training and sync is None and d_pre2.numel() and in_place:
             as_channels = (t.t().unsqueeze(0) for t in (d_pre2, bottleneck))  # (1, C, M) views of the rows
             d_bottleneck, d_g2, d_b2 = batch_norm_backward_in_place(
-                *as_channels, norm2.weight.to(rstd2.dtype), norm2.mean.to(rstd2.dtype), rstd2, CHUNK_ELEMENTS["cpu"]
+                *as_channels, weight2, mean2, rstd2, CHUNK_ELEMENTS["cpu"]
             )
             return d_bottleneck.squeeze(0).t(), d_g2, d_b2, d_w2
         if training and sync is None and d_pre2.numel():  # (PyTorch's kernel divides by zero on no rows)
             # PyTorch's own BatchNorm backward from the forward's statistics (the bottleneck is contiguous).
-            weight, mean = norm2.weight.to(rstd2.dtype), norm2.mean.to(rstd2.dtype)
             d_bottleneck, d_g2, d_b2 = _aten.native_batch_norm_backward(
-                d_pre2, bottleneck, weight, None, None, mean, rstd2, True, 0.0, [True, True, True]
+                d_pre2, bottleneck, weight2, None, None, mean2, rstd2, True, 0.0, [True, True, True]
             )
             return d_bottleneck, d_g2, d_b2, d_w2
         # SyncBatchNorm (sums over every process), eval mode (an affine map), an empty batch: from the sums.
-        yhat = (bottleneck.to(rstd2.dtype) - norm2.mean.to(rstd2.dtype)).mul_(rstd2)
+        yhat = (bottleneck.to(rstd2.dtype) - mean2).mul_(rstd2)
         d_pre2 = d_pre2.to(rstd2.dtype)
         d_b2, d_g2 = d_pre2.sum(0), (d_pre2 * yhat).sum(0)
         sums = (d_b2, d_g2) if sync is None else sync.sum(d_b2, d_g2)  # the parameters' gradients stay local
-        scale = norm2.weight.to(rstd2.dtype) * rstd2
-        d_bottleneck = input_grad_from_sums(d_pre2, yhat, *sums, scale, count, training).to(cdt)
+        d_bottleneck = input_grad_from_sums(d_pre2, yhat, *sums, weight2 * rstd2, count, training).to(cdt)
     return d_bottleneck, d_g2, d_b2, d_w2
 
 
 def norm1_backward(
-    d_bottleneck, x, norm1: NormMap, w1c, grad_sum, sums, need_weight: bool, from_w1_grad=False, first=False, pool=None
-):
+    d_bottleneck, x, norm1: NormMap | Affine, w1c, grad_sum, sums, need_weight: bool, from_w1_grad=False, first=False,
+    pool=None, divisor=None,
+):  # fmt: skip
     """``Ops.norm1_backward``: norm1 backward over an ``M x C_l`` buffer prefix, in ``row_chunks``. With
     ``a = relu(norm1(x))`` recomputed, ``P = (dY @ W1) * [a > 0]`` is norm1's output gradient and ``dW1 = dY^T @ a``;
     ``P * coef`` (gamma with batch statistics, the eval map's slope otherwise) is added to G's first ``C_l``
     columns, or with ``first`` (the block's last layer: nothing is in those columns yet) written there; the
     gradients' ``coef``-weighted sums are added to ``sums`` (training).
-    ``from_w1_grad`` (``norm1_weight_grad_serves``): ``sum(P * xhat)`` comes from ``dW1`` (``_sum_p_xhat``)
-    instead of a product and a reduction over the whole prefix.
+    ``from_w1_grad`` (``norm1_weight_grad_divisors``): ``sum(P * xhat)`` comes from ``dW1`` (``_sum_p_xhat``,
+    dividing by ``divisor``, the weight with zeros made ones, when given) instead of a product and a reduction
+    over the whole prefix.
 
     Returns norm1's weight and bias gradients and conv1's weight gradient (None when not needed)."""
-    folded = norm1.folded()
-    rstd1, acc, c_in = norm1.rstd(), folded.scale.dtype, x.shape[1]
-    coef = folded.scale if norm1.from_var else norm1.weight.to(acc)
+    folded = _folded(norm1)
+    rstd1, acc, c_in = folded.rstd, folded.scale.dtype, x.shape[1]
+    coef = folded.scale if folded.frozen else folded.weight
     d_w1 = d_b1 = d_gx = None  # d_gx: sum(P * x); the sums over every chunk's rows
     for lo, hi in row_chunks(x):
         x_rows, d_y = x[lo:hi], d_bottleneck[lo:hi]
@@ -276,16 +288,16 @@ def norm1_backward(
             grad_sum[lo:hi, :c_in].addcmul_(p_grad, coef)
         del p_grad
     if from_w1_grad:
-        d_g1 = _sum_p_xhat(d_w1, w1c, folded, d_b1)
+        d_g1 = _sum_p_xhat(d_w1, w1c, folded, d_b1, divisor)
     else:
-        d_g1 = torch.addcmul(d_gx, norm1.mean.to(acc), d_b1, value=-1.0).mul_(rstd1)
+        d_g1 = torch.addcmul(d_gx, folded.mean, d_b1, value=-1.0).mul_(rstd1)
     if sums is not None:
         sums[0].addcmul_(coef, d_b1)
         sums[1].addcmul_(coef, d_g1)
     return d_g1, d_b1, d_w1 if need_weight else None
 
 
-def _sum_p_xhat(d_w1, w1c, norm1: Affine, sum_p):
+def _sum_p_xhat(d_w1, w1c, norm1: Affine, sum_p, divisor=None):
     """norm1's weight gradient ``sum(P * xhat)`` per channel from conv1's weight gradient, with no pass over
     ``P``. The activation ``a`` is zero wherever ``P``'s ReLU mask is, so ``sum(P * a) = sum((dY @ W1) * a) =
     sum_k W1[k] * (dY^T @ a)[k]``: the column sums of ``W1 * dW1``. Where ``a`` is not zero it is
@@ -293,11 +305,27 @@ def _sum_p_xhat(d_w1, w1c, norm1: Affine, sum_p):
     leaves ``a`` and ``P`` zero: its channel's gradient is that difference, zero.)"""
     sum_p_act = torch.mul(w1c, d_w1.to(sum_p.dtype)).sum(0)
     weighted = sum_p_act.addcmul_(norm1.bias, sum_p, value=-1.0)  # weight * sum(P * xhat)
-    return weighted.div_(torch.where(norm1.weight != 0, norm1.weight, 1.0))
+    return weighted.div_(_divisors(norm1.weight) if divisor is None else divisor)
+
+
+def _divisors(weight: Tensor) -> Tensor:
+    """A weight with its zeros made ones: what ``_sum_p_xhat`` divides by."""
+    return torch.where(weight != 0, weight, 1.0)
+
+
+def norm1_weight_grad_divisors(weights: list[Tensor], biases: list[Tensor], compute_dtype: torch.dtype):
+    """``Ops.norm1_weight_grad_divisors``: per layer of a block, ``_sum_p_xhat``'s divisor (the weight, zeros made
+    ones) where ``norm1_backward`` takes ``sum(P * xhat)`` from conv1's weight
+    gradient (``norm1_weight_grad_serves``), else None: one concatenation of the block's weights for both."""
+    serves, weight = _serving(weights, biases, compute_dtype)
+    if not any(serves):
+        return [None] * len(weights)
+    divisors = _divisors(weight).split([w.numel() for w in weights])
+    return [divisor if serving else None for divisor, serving in zip(divisors, serves, strict=True)]
 
 
 def norm1_weight_grad_serves(weights: list[Tensor], biases: list[Tensor], compute_dtype: torch.dtype) -> list[bool]:
-    """``Ops.norm1_weight_grad_serves``: per layer of a block, whether ``norm1_backward`` takes
+    """Per layer of a block, whether ``norm1_backward`` takes
     ``sum(P * xhat)`` from conv1's weight gradient (``_sum_p_xhat``). That subtracts ``bias * sum(P)`` from
     ``sum(P * a)``, which amplifies the rounding of the recomputed activation ``a`` by about
     ``bias / |weight|`` (a negative bias only shrinks ``a``); so it serves where every channel of the layer's
@@ -306,16 +334,22 @@ def norm1_weight_grad_serves(weights: list[Tensor], biases: list[Tensor], comput
     One read on the host per block: none under CUDA graph capture (which forbids it: the product is taken
     there), none on fake tensors (the traffic counter's: counted as serving, as for fresh weights and
     torchvision's pretrained ones, whose norm1 biases are all below their weights' magnitude)."""
+    return _serving(weights, biases, compute_dtype)[0]
+
+
+def _serving(weights, biases, compute_dtype) -> tuple[list[bool], Tensor | None]:
+    """``norm1_weight_grad_serves``' answer and the block's weights concatenated (None where it read none)."""
     if not weights:
-        return []
+        return [], None
+    weight = torch.cat(weights) if len(weights) > 1 else weights[0]
     if is_fake(weights[0]):
-        return [True] * len(weights)
+        return [True] * len(weights), weight
     if weights[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        return [False] * len(weights)
+        return [False] * len(weights), None
     bound = WEIGHT_GRAD_BIAS_BOUND[compute_dtype]
-    weight, bias = torch.cat(weights), torch.cat(biases)
+    bias = torch.cat(biases) if len(biases) > 1 else biases[0]
     serves = (bias <= weight.abs().mul_(bound)).cpu()  # one host read for the block
-    return [bool(part.all()) for part in serves.split([w.numel() for w in weights])]
+    return [bool(part.all()) for part in serves.split([w.numel() for w in weights])], weight
 
 
 def _accumulate(total: Tensor | None, part: Tensor, acc: torch.dtype) -> Tensor:
@@ -330,10 +364,16 @@ def finalize(g: Tensor, x: Tensor, d_out: Tensor, stats, noise: Tensor | None, d
     None in eval (frozen statistics: each norm1 is an affine map, already in G). ``noise``: the layer's
     dropout multiplier, applied last (dropout backward).
 
-    Training: ``dx = (g - sum_g/m - xhat * sum_gx/m) * rstd + d_out``, folded into ``g * rstd + x * b + c``
-    per channel: three passes."""
-    if stats is None:
+    Training: ``dx = (g - sum_g/m - xhat * sum_gx/m) * rstd + d_out``. Without the sums (``Ops.
+    finalize_takes_sums`` is False: the block keeps none, but with SyncBatchNorm) that is PyTorch's BatchNorm
+    backward of ``g`` with weight 1 (one operator, which sums as it goes), plus ``d_out``; with them it is
+    folded into ``g * rstd + x * b + c`` per channel: three passes."""
+    if stats is None or g.shape[0] == 0:  # eval; an empty batch (PyTorch's kernel would divide by no rows)
         d_x = g + d_out
+    elif stats[2] is None:
+        mean, rstd = stats[:2]
+        d_x = _aten.native_batch_norm_backward(g, x, None, None, None, mean, rstd, True, 0.0, [True, False, False])[0]
+        d_x.add_(d_out)
     else:
         mean, rstd, sum_g, sum_gx = stats  # G is gamma-scaled already: the fold's scale is rstd
         b, c = folded_input_grad(rstd, rstd, mean, sum_g, sum_gx, g.shape[0])
@@ -349,9 +389,16 @@ TORCH_OPS = Ops(
     new_features=conv3x3_into,
     new_features_backward=conv3x3_norm2_backward,
     norm1_backward=norm1_backward,
-    norm1_weight_grad_serves=norm1_weight_grad_serves,
+    norm1_weight_grad_divisors=norm1_weight_grad_divisors,
     norm2_relu_training=norm2_relu_training,
     finalize=finalize,
+    fold_maps=fold_many,
     grad_in_buffer_dtype=True,
     norm1_writes_first=True,
+    variance_from_rstd=True,
+    finalize_takes_sums=False,
 )
+
+# What ``torch.export`` traces of an eval-mode block (``FastDenseBlock._exported_forward``): the same operations
+# without PyTorch's multi-tensor operators, which neither exporter lowers (each map folded where it is used).
+EXPORT_OPS = replace(TORCH_OPS, fold_maps=None, multi_tensor=False)

@@ -86,7 +86,7 @@ def _new_features_cudnn(bottleneck, norm2, w2, grid, out, noise, stats, stats_ep
 
 
 def _norm1_backward(d_bottleneck, x, norm1, w1c, grad_sum, sums, need_weight, from_w1_grad=False, first=False,
-                    pool=None):  # fmt: skip
+                    pool=None, divisor=None):  # fmt: skip
     """dgrad into G with norm1's gradients and the block's sums, and wgrad, by the kernels (mask recomputed as
     the forward's; the sums come from the kernel's own pass, so ``from_w1_grad`` is never asked for; with
     ``first`` the dgrad writes G's prefix instead of adding to it: G needs no zero-fill). The gradients are

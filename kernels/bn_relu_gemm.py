@@ -8,7 +8,7 @@ right after it is loaded, so the normalised activations never exist in memory. O
   the product; exact because the 1x1 conv and the average pool are both linear.
 * ``epilogue`` (eval mode): norm2's map (running statistics) and ReLU applied to the output tile, so the
   layer's 3x3 conv reads finished activations.
-* ``stats`` (training): the output's per-column batch mean, variance and rstd (norm2's), from per-tile
+* ``stats`` (training): the output's per-column batch mean, rstd and variance (norm2's), from per-tile
   partials that the launch's last programs merge (``kernels.last_program``): no second launch.
 
 The weight is read where it lies (a 1x1 conv's ``(N, K)`` rows) and the BatchNorm maps as they are stored
@@ -181,8 +181,8 @@ def bn_relu_gemm(
     ``N*H*W`` rows of channels_last images and the output has ``N*(H//2)*(W//2)`` rows.
     norm, epilogue: ``fastdense.batchnorm.NormMap``s (the epilogue's from running statistics: eval mode).
     weight: ``N_out x K`` (or a 1x1 conv's ``N_out x K x 1 x 1``), contiguous, in the compute dtype.
-    stats: a float32 ``(3, N_out)`` view that receives the output's column mean, biased variance and
-    ``1 / sqrt(var + stats_eps)``. out: optional ``rows x N_out`` destination with unit column stride (e.g. a
+    stats: a float32 ``(3, N_out)`` view that receives the output's column mean, ``1 / sqrt(var + stats_eps)``
+    and biased variance. out: optional ``rows x N_out`` destination with unit column stride (e.g. a
     buffer slice). pool: the counters' pool (a dense block's), else the launch zeroes its own.
     """
     check_kernel_tensors(x, weight)

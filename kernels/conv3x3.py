@@ -130,8 +130,8 @@ def conv3x3(
     y: the ``M x C`` contiguous bottleneck (channels_last rows of ``nhw = (N, H, W)`` images); ``act`` is
     ``relu(norm2(y))`` with ``prologue`` (a ``fastdense.batchnorm.NormMap``), else ``y`` itself.
     weight: ``(k, C, 3, 3)``, contiguous, in the compute dtype. noise: optional ``M x k`` dropout multiplier.
-    stats: a float32 ``(3, k)`` view that receives the written columns' mean, biased variance and
-    ``1 / sqrt(var + stats_eps)``. pool: the counters' pool (a dense block's).
+    stats: a float32 ``(3, k)`` view that receives the written columns' mean, ``1 / sqrt(var + stats_eps)`` and
+    biased variance. pool: the counters' pool (a dense block's).
     """
     check_kernel_tensors(y, weight, out)
     n, h, w = nhw

@@ -120,8 +120,8 @@ def finish_statistics(
     column_tile, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """After this program wrote partial row ``tile`` (its ``rows_per_tile`` rows' mean and M2 of ``cols``):
-    the two-level merge. The last program writes the columns' batch mean, biased variance and
-    ``1 / sqrt(var + eps)`` as rows 0, 1 and 2 of ``out`` (row stride ``out_stride``). Counters:
+    the two-level merge. The last program writes the columns' batch mean, ``1 / sqrt(var + eps)`` and
+    biased variance as rows 0, 1 and 2 of ``out`` (row stride ``out_stride``). Counters:
     ``column_tile * (groups + 1)`` onwards (``counters_needed``)."""
     groups = tl.cdiv(tiles, _GROUP)
     counter = counter_ptr + column_tile * (groups + 1)
@@ -140,8 +140,8 @@ def finish_statistics(
                                                C, BLOCK_T)  # fmt: skip
             var = m2 / tl.maximum(count, 1.0)
             tl.store(out_ptr + cols, mean, mask=col_mask)
-            tl.store(out_ptr + out_stride + cols, var, mask=col_mask)
-            tl.store(out_ptr + 2 * out_stride + cols, tl.div_rn(1.0, tl.sqrt_rn(var + eps)), mask=col_mask)
+            tl.store(out_ptr + out_stride + cols, tl.div_rn(1.0, tl.sqrt_rn(var + eps)), mask=col_mask)
+            tl.store(out_ptr + 2 * out_stride + cols, var, mask=col_mask)
             tl.store(counter + groups, 0)
 
 

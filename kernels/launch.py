@@ -15,6 +15,10 @@ Autotuning on a GPU is budgeted (``benchmarks/gpu_check.sh`` has minutes, not ho
 * results are kept on disk (Triton's ``cache_results``, under ``TRITON_CACHE_DIR``), so the processes of
   one benchmark tune each key once between them.
 
+Once a key is tuned, a launch goes straight to the kernel with the configuration found (``Launcher``'s own
+table, looked up by the key's argument values): no walk through Triton's autotuner on every call, which
+costs host time a step of hundreds of launches cannot spare.
+
 ``FASTDENSE_AUTOTUNE=0`` launches compiled kernels with each kernel's first configuration (the one sized
 for Hopper) instead of tuning; the interpreter always uses its own small one. float32 products in full
 precision (``PRECISION="ieee"``: TF32 turned off) cannot use the tensor cores, so they run their own,
@@ -135,9 +139,9 @@ class Launcher:
         self._tuning = {"restore_value": restore_value}
         self._forced: triton.Config | None = None
         self.plan = None  # (arguments by name, a configuration's meta-parameters) -> Moved: ``planned``
-        # The configuration of the latest launch (the autotuner's choice, once made): how many rows of a
-        # partial-results array that launch wrote, which the caller then reads without zero-filling it.
-        self.last_config: triton.Config | None = None
+        # The autotuner's choice per tuning key (``_tuning_key``): later launches of a key skip the autotuner.
+        self._chosen: dict[tuple, triton.Config] = {}
+        self._key_positions = [fn.arg_names.index(name) for name in self.key if name in fn.arg_names]
         LAUNCHERS[self.name] = self
 
     def planned(self, plan):
@@ -202,24 +206,32 @@ class Launcher:
 
         return tuple((name, kind(name, value)) for name, value in named.items())
 
+    def _tuning_key(self, args, kwargs) -> tuple:
+        """What a tuning result holds for: the key arguments' values (positional or by name) and every
+        tensor's dtype, as Triton's autotuner keys its results."""
+        values = [args[i] for i in self._key_positions if i < len(args)]
+        values += [kwargs[name] for name in self.key if name in kwargs]
+        dtypes = [a.dtype for a in args if hasattr(a, "dtype")]
+        return (*values, *dtypes, kwargs.get("PRECISION"))
+
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             precision = kwargs.get("PRECISION")
             if _recorded is not None:
-                # a recorded launch is counted with this configuration (``Launch.moved``'s default)
-                self.last_config = self._forced or self.configs_for(precision)[0]
                 if _recorded_keep:
                     self._record(args, kwargs)
                 if not _recorded_run:
                     return None
             config = self.config(precision)
             if config is None:
-                tuner = self._autotuners[precision == "ieee"]
-                result = tuner[grid](*args, **kwargs)
-                self.last_config = tuner.best_config
-                return result
-            self.last_config = config
-            meta = dict(config.kwargs)
+                key = self._tuning_key(args, kwargs)
+                config = self._chosen.get(key)
+                if config is None:  # the first launch of this key: tune it (or read Triton's cache of it)
+                    tuner = self._autotuners[precision == "ieee"]
+                    result = tuner[grid](*args, **kwargs)
+                    self._chosen[key] = tuner.best_config
+                    return result
+            meta = config.kwargs
             resolved = grid(meta) if callable(grid) else grid
             return self.fn[resolved](*args, **kwargs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -246,7 +258,8 @@ def tuned(
 ):
     """A ``Launcher`` for the decorated kernel (see its docstring). ``key``: the arguments a tuning result
     holds for; ``restore_value``: arguments a trial updates in place, put back after each trial (partial
-    results need no reset: only the rows the launch writes are read, ``Launcher.last_config``)."""
+    results need no reset: a launch's last programs merge only what that launch wrote, and leave their
+    arrival counters at zero, ``kernels.last_program``)."""
 
     def wrap(kernel):
         return Launcher(

@@ -2,8 +2,8 @@
 
 Each program reduces ``ROW_TILES`` tiles of ``BLOCK_M`` rows of a ``BLOCK_C``-column strip and merges them on
 the fly (Chan et al.'s pairwise update of count, mean and M2), writes one partial per strip, and the last
-programs merge the partials (``last_program.finish_statistics``): one launch gives the columns' mean, biased
-variance and ``1 / sqrt(var + eps)``. Unlike ``E[x^2] - E[x]^2`` in fp32 this keeps full precision for a
+programs merge the partials (``last_program.finish_statistics``): one launch gives the columns' mean,
+``1 / sqrt(var + eps)`` and biased variance. Unlike ``E[x^2] - E[x]^2`` in fp32 this keeps full precision for a
 column whose mean is large against its spread, over millions of rows. The GEMM and conv kernels finish
 their epilogues' statistics the same way.
 """
@@ -84,7 +84,7 @@ def no_partials(device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 def statistics_rows(columns: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
-    """An uninitialised ``(3, columns)`` array for a launch's statistics: rows mean, biased variance, rstd."""
+    """An uninitialised ``(3, columns)`` array for a launch's statistics: rows mean, rstd, biased variance."""
     return torch.empty((3, columns), dtype=dtype, device=device)
 
 
@@ -92,15 +92,16 @@ def check_statistics_out(out: Tensor, columns: int, what: str) -> None:
     if out.dtype != torch.float32 or out.shape != (3, columns) or out.stride(1) != 1:
         raise ValueError(
             f"{what}: statistics out must be a float32 (3, {columns}) array with unit column stride "
-            f"(rows mean, var, rstd), got {out.dtype} {tuple(out.shape)}"
+            f"(rows mean, rstd, var), got {out.dtype} {tuple(out.shape)}"
         )
 
 
 def empty_batch_statistics(out: Tensor, eps: float) -> Tensor:
     """An empty batch's statistics, as PyTorch's BatchNorm leaves them: mean and variance zero, nothing
     normalised (rstd of a zero variance)."""
-    out[:2].zero_()
-    out[2].fill_(float(eps) ** -0.5)
+    out[0].zero_()
+    out[1].fill_(float(eps) ** -0.5)
+    out[2].zero_()
     return out
 
 
@@ -112,7 +113,7 @@ def column_stats_counters(m: int, c: int) -> int:
 def column_stats(
     x: Tensor, eps: float = 0.0, out: Tensor | None = None, pool: CounterPool | None = None
 ) -> Tensor:
-    """The ``(3, C)`` float32 mean, biased variance and ``1 / sqrt(var + eps)`` of each column of an ``M x C``
+    """The ``(3, C)`` float32 mean, ``1 / sqrt(var + eps)`` and biased variance of each column of an ``M x C``
     matrix with unit column stride (a column slice of a channels_last buffer, any row stride), written into
     ``out`` when given (a view, e.g. a dense block's statistics for a column range). One launch."""
     check_kernel_tensors(x)
@@ -165,4 +166,4 @@ def partials_moved(tiles: int, columns: int, arrays: int = 2, finals: int = 3) -
 def column_stats_reference(x: Tensor, eps: float = 0.0) -> Tensor:
     """What ``column_stats`` computes, with PyTorch ops (for the tests)."""
     var, mean = torch.var_mean(x.double(), dim=0, correction=0)
-    return torch.stack([mean, var, torch.rsqrt(var + eps)]).float()
+    return torch.stack([mean, torch.rsqrt(var + eps), var]).float()

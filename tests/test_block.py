@@ -318,10 +318,9 @@ def test_norm2_statistics_and_activation_from_one_batchnorm_call(dtype):
     y = (torch.randn(3000, 24, generator=generator, dtype=torch.float64) * 3 + 1).to(dtype)
     weight, bias = torch.rand(24, generator=generator) + 0.5, torch.rand(24, generator=generator) - 0.5
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    stats = torch.empty(3, 24, dtype=acc)
-    act = torch_ops.norm2_relu_training(y, weight, bias, 1e-5, stats)
-    mean, var, rstd = stats
-    assert act.dtype == dtype
+    act, mean, rstd = torch_ops.norm2_relu_training(y, weight, bias, 1e-5)
+    var = rstd.pow(-2) - 1e-5  # (as the block forms its variances: block_algorithm.variance_from_rstd)
+    assert act.dtype == dtype and mean.dtype == rstd.dtype == acc
     norm2 = affine(weight.to(acc), bias.to(acc), mean, rstd)
     assert torch.equal(act, torch_ops.normalized_relu(y, norm2, dtype))
     ref_var, ref_mean = torch.var_mean(y.double(), dim=0, correction=0)

@@ -67,7 +67,9 @@ def test_triton_backend_imagenet_variants_bf16_autocast(name, training):
 
 def test_triton_kernels_past_2_31_elements():
     """A buffer whose M * C_total exceeds 2^31 elements: the kernels' int64 row offsets reach its last
-    rows (checked there against PyTorch), and the statistics cover every row."""
+    rows (checked there against PyTorch), and the statistics and sums their last programs merge cover every
+    row."""
+    from fastdense.batchnorm import NormMap
     from fastdense.kernels.bn_relu_gemm import bn_relu_gemm, bn_relu_gemm_reference
     from fastdense.kernels.conv3x3 import conv3x3, conv3x3_reference
     from fastdense.kernels.stats import column_stats
@@ -76,24 +78,28 @@ def test_triton_kernels_past_2_31_elements():
     assert m * c_total > 2**31
     g = torch.Generator(device="cuda").manual_seed(0)
     buf = torch.randn(m, c_total, device="cuda", dtype=torch.bfloat16, generator=g)
-    norm = tuple(torch.randn(c_in, device="cuda", generator=g) for _ in range(3))
+    vectors = [torch.randn(c_in, device="cuda", generator=g) for _ in range(4)]
+    norm = NormMap(vectors[0], vectors[1].abs() + 0.5, vectors[2], vectors[3])
     weight = torch.randn(128, c_in, device="cuda", dtype=torch.bfloat16, generator=g) * 0.05
-    y, (var, mean) = bn_relu_gemm(buf[:, :c_in], norm, weight, stats=True)
+    stats = torch.empty(3, 128, device="cuda")
+    y = bn_relu_gemm(buf[:, :c_in], norm, weight, stats=stats, stats_eps=1e-5)
     tail = slice(m - 4096, m)
     expected = bn_relu_gemm_reference(buf[tail, :c_in], norm, weight)
     assert ((y[tail].float() - expected.float()).norm() / expected.float().norm()).item() <= 2e-3
     ref_var, ref_mean = torch.var_mean(y.float(), dim=0, correction=0)
+    mean, rstd, var = stats
     assert torch.allclose(mean, ref_mean, rtol=1e-4, atol=1e-4) and torch.allclose(var, ref_var, rtol=1e-4)
+    assert torch.allclose(rstd, torch.rsqrt(ref_var + 1e-5), rtol=1e-4)
     del y
-    stats_var, stats_mean = column_stats(buf[:, c_in:])
+    stats_mean, _, stats_var = column_stats(buf[:, c_in:])
     ref_var, ref_mean = torch.var_mean(buf[:, c_in:].float(), dim=0, correction=0)
     assert torch.allclose(stats_mean, ref_mean, atol=1e-4) and torch.allclose(stats_var, ref_var, rtol=1e-4)
     # The 3x3 conv writes the last 8 columns; images of 100 x 84 rows so the last rows are a whole image.
     bottleneck = buf[:, :128].contiguous()
     w2 = torch.randn(8, 128, 3, 3, device="cuda", dtype=torch.bfloat16, generator=g) * 0.05
-    conv3x3(bottleneck, w2, (1000, 100, 84), buf[:, c_in:], prologue=tuple(v[:128] for v in norm))
+    conv3x3(bottleneck, w2, (1000, 100, 84), buf[:, c_in:], prologue=norm.channels(0, 128))
     last_image = slice(m - 8400, m)
-    expected = conv3x3_reference(bottleneck[last_image], w2, (1, 100, 84), prologue=tuple(v[:128] for v in norm))
+    expected = conv3x3_reference(bottleneck[last_image], w2, (1, 100, 84), prologue=norm.channels(0, 128))
     got = buf[last_image, c_in:].float()
     assert ((got - expected.float()).norm() / expected.float().norm()).item() <= 2e-3
     del bottleneck
@@ -104,23 +110,23 @@ def test_triton_kernels_past_2_31_elements():
 
     grad_sum = torch.zeros(m, c_total, device="cuda")
     d_y = torch.randn(m, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-    mean, coef = torch.randn(c_in, device="cuda", generator=g), torch.rand(c_in, device="cuda", generator=g)
-    sum_p, sum_px, d_w = norm1_gemm_backward(d_y, buf[:, :c_in], norm, mean, coef, weight, grad_sum, True)
+    d_gamma, d_beta, d_w = (torch.empty(shape, device="cuda") for shape in (c_in, c_in, (128, c_in)))
+    norm1_gemm_backward(d_y, buf[:, :c_in], norm, weight, grad_sum, d_gamma=d_gamma, d_beta=d_beta, d_weight=d_w)
     tail_sum = torch.zeros(4096, c_total, device="cuda")
-    want = norm1_gemm_backward_reference(d_y[tail], buf[tail, :c_in], norm, mean, coef, weight, tail_sum, False)
+    norm1_gemm_backward_reference(d_y[tail], buf[tail, :c_in], norm, weight, tail_sum, False)
     assert ((grad_sum[tail] - tail_sum).norm() / tail_sum.norm()).item() <= 1e-4
-    ref_d_w = torch.zeros_like(d_w)
+    ref = [torch.zeros(c_in, device="cuda"), torch.zeros(c_in, device="cuda"), torch.zeros_like(d_w)]
     for lo in range(0, m, 1 << 20):  # the reference in row chunks, to keep its memory small
         rows = slice(lo, min(lo + (1 << 20), m))
         scratch = torch.zeros(rows.stop - lo, c_in, device="cuda")
-        ref_d_w += norm1_gemm_backward_reference(d_y[rows], buf[rows, :c_in], norm, mean, coef, weight, scratch, True)[
-            2
-        ]
-    assert ((d_w - ref_d_w).norm() / ref_d_w.norm()).item() <= 1e-3
-    assert sum_p.shape == sum_px.shape == want[0].shape
+        parts = norm1_gemm_backward_reference(d_y[rows], buf[rows, :c_in], norm, weight, scratch, True)
+        for total, part in zip(ref, parts, strict=True):
+            total += part
+    for name, got_, want in zip(("d_gamma", "d_beta", "dW"), (d_gamma, d_beta, d_w), ref, strict=True):
+        assert ((got_ - want).norm() / want.norm()).item() <= 1e-3, name
     stats = (
-        mean,
-        coef + 0.5,
+        norm.mean,
+        norm.inv,
         torch.randn(c_in, device="cuda", generator=g),
         torch.randn(c_in, device="cuda", generator=g),
     )

@@ -36,13 +36,14 @@ def norm_map(c, seed=1, from_var=False, dtype=torch.float32):
 
 
 def statistics_view(c, pad=3):
-    """A float32 ``(3, c)`` statistics view inside a wider array (a dense block's, for one column range)."""
+    """A float32 ``(3, c)`` statistics view (rows mean, rstd, variance) inside a wider array (a dense block's,
+    for one column range)."""
     return torch.full((3, c + 2 * pad), float("nan"), device=DEVICE)[:, pad : pad + c]
 
 
 def assert_statistics(stats, columns, eps):
     want = column_stats_reference(columns.float(), eps)
-    for name, got, expected, tol in zip(("mean", "var", "rstd"), stats, want, (1e-6, 1e-5, 1e-5), strict=True):
+    for name, got, expected, tol in zip(("mean", "rstd", "var"), stats, want, (1e-6, 1e-5, 1e-5), strict=True):
         assert relative_error(got, expected) <= tol, name
 
 
@@ -59,7 +60,7 @@ def test_column_stats(m, c, offset, dtype):
 
 
 def test_column_stats_of_an_empty_batch_leave_nothing_normalised():
-    mean, var, rstd = column_stats(randn(0, 5), 1e-5)
+    mean, rstd, var = column_stats(randn(0, 5), 1e-5)
     assert not mean.any() and not var.any() and torch.allclose(rstd, torch.full_like(rstd, 1e-5**-0.5))
 
 

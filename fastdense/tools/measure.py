@@ -139,12 +139,15 @@ class Prepared:
     model: torch.nn.Module  # the eager module (its state_dict, its backend)
     x: torch.Tensor
     step: object
-    first_step_s: float  # the first call: compilation, autotuning, allocator warm-up
+    first_step_s: float  # the first call: compilation, autotuning, allocator warm-up (and a graph's capture)
+    graph_peak_bytes: int | None = None  # a CUDA graph provider's: its warm-up and capture, which replays reuse
 
 
-def make_step(model, x: torch.Tensor, mode: str, dtype: torch.dtype, params):
-    """One inference forward or one training step (forward, cross-entropy, backward, SGD update)."""
-    autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
+def make_step(model, x: torch.Tensor, mode: str, dtype: torch.dtype, params, *, cache_casts: bool = True):
+    """One inference forward or one training step (forward, cross-entropy, backward, SGD update: foreach on
+    CUDA, PyTorch's default there). ``cache_casts``: autocast's cache of cast weights (off in a CUDA graph,
+    as PyTorch requires)."""
+    autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=cache_casts)
     if mode == "infer":
 
         def step() -> None:
@@ -165,6 +168,26 @@ def make_step(model, x: torch.Tensor, mode: str, dtype: torch.dtype, params):
     return step
 
 
+def graphed_step(step, device: torch.device, warmup_steps: int = WARMUP_STEPS):
+    """``step`` captured in one CUDA graph: ``warmup_steps`` eager calls on a side stream first (autotuning,
+    cuDNN's algorithm choices, the optimizer's state: nothing may be chosen or allocated for the first time
+    inside a capture), then the capture (its tensors in the graph's own memory pool, which every replay
+    reuses). Returns the replay, which runs the whole step as one launch from the host, and the peak memory
+    of warm-up and capture."""
+    peak = PeakMemory(device)
+    peak.start()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup_steps):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()  # (a training step sets its gradients to None first: backward allocates them in the pool)
+    return graph.replay, peak.stop()
+
+
 def prepare(provider: str, setting: Setting, warmup_steps: int = WARMUP_STEPS) -> Prepared:
     """Build the provider's model, wrap it (torch.compile), and warm it up."""
     dev = setting.torch_device
@@ -175,8 +198,16 @@ def prepare(provider: str, setting: Setting, warmup_steps: int = WARMUP_STEPS) -
     if setting.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    step = make_step(spec.wrap(model), x, setting.mode, DTYPES[setting.dtype], model.parameters())
+    step = make_step(spec.wrap(model), x, setting.mode, DTYPES[setting.dtype], model.parameters(),
+                     cache_casts=not spec.cuda_graph)  # fmt: skip
     timer = StepTimer(dev)
+    if spec.cuda_graph:
+        if dev.type != "cuda":
+            raise ValueError(f"{provider} captures CUDA graphs: it needs a CUDA device, not {dev}")
+        captured = []
+        first = timer(lambda: captured.extend(graphed_step(step, dev)))
+        replay, graph_peak = captured
+        return Prepared(model, x, replay, first, graph_peak)
     first = timer(step)
     # Further warm-up: oneDNN on the CPU keeps getting faster over the first calls of a new shape.
     for _ in range(warmup_steps - 1):
@@ -208,10 +239,13 @@ def measure_time(providers: list[str], setting: Setting, repeats: int) -> list[d
             failed[provider] = describe(error)
             _release(setting.torch_device)
     times: dict[str, list[float]] = {provider: [] for provider in prepared}
+    enqueued: dict[str, list[float]] = {provider: [] for provider in prepared}  # CUDA: host time to issue it
     for _ in range(repeats):
         for provider, p in list(prepared.items()):
             try:
                 times[provider].append(timer(p.step))
+                if timer.enqueued is not None:
+                    enqueued[provider].append(timer.enqueued)
             except Exception as error:
                 failed[provider] = describe(error)
                 del prepared[provider]
@@ -219,7 +253,7 @@ def measure_time(providers: list[str], setting: Setting, repeats: int) -> list[d
     rows = [setting.row(provider) | {"error": failed[provider]} for provider in providers if provider in failed]
     for provider, p in prepared.items():
         try:
-            rows.append(_timed_row(provider, p, times[provider], setting, repeats))
+            rows.append(_timed_row(provider, p, times[provider], setting, repeats, enqueued[provider]))
         except Exception as error:
             rows.append(setting.row(provider) | {"error": describe(error)})
     return rows
@@ -234,10 +268,14 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _timed_row(provider: str, p: Prepared, seconds: list[float], setting: Setting, repeats: int) -> dict:
+def _timed_row(
+    provider: str, p: Prepared, seconds: list[float], setting: Setting, repeats: int, enqueued: list[float]
+) -> dict:
     peak_mb = _peak_mb(p, setting.torch_device) if setting.torch_device.type == "cuda" else None
     ms = sorted(t * 1e3 for t in seconds)
     median = statistics.median(ms)
+    # CUDA: the host time a step took to enqueue (median), beside its GPU time
+    host = {"host_ms_median": statistics.median(enqueued) * 1e3} if enqueued else {}
     quantiles = statistics.quantiles(ms, n=5, method="inclusive") if len(ms) > 1 else [median] * 4
     return (
         setting.row(provider)
@@ -253,10 +291,14 @@ def _timed_row(provider: str, p: Prepared, seconds: list[float], setting: Settin
             "max_rel_err": None if PROVIDERS[provider].compile_mode else max_rel_err(p, setting),
         }
         | ({} if peak_mb is None else {"peak_mem_mb": peak_mb})
+        | host
     )
 
 
 def _peak_mb(prepared: Prepared, device: torch.device) -> float:
+    """A step's extra peak memory; a CUDA graph's replay allocates nothing, so its warm-up and capture's."""
+    if prepared.graph_peak_bytes is not None:
+        return prepared.graph_peak_bytes / 2**20
     peak = PeakMemory(device)
     peak.start()
     prepared.step()

@@ -29,6 +29,7 @@ class Provider:
     compile_mode: str | None = None  # torch.compile mode; None runs eagerly
     cuda_only: bool = False
     fastdense_backend: str = "auto"  # fastdense's backend= argument
+    cuda_graph: bool = False  # the whole step captured in one CUDA graph after warm-up, then replayed
 
     def build(self, model: str) -> nn.Module:
         """A fresh model (random weights, torchvision's initialisation) of this provider's library."""
@@ -44,7 +45,8 @@ class Provider:
 
     def backend(self, model: nn.Module) -> str:
         name = (model.active_backend or model.backend) if self.library == "fastdense" else "torchvision"
-        return name if self.compile_mode is None else f"{name}+inductor"
+        name = name if self.compile_mode is None else f"{name}+inductor"
+        return f"{name}+cuda-graph" if self.cuda_graph else name
 
     def available(self, device: torch.device) -> bool:
         return device.type == "cuda" or not self.cuda_only
@@ -71,6 +73,13 @@ PROVIDERS = {
             memory_efficient=True,
             cuda_only=True,
             fastdense_backend="triton",
+        ),
+        # A whole step (forward, loss, backward, optimizer; or an inference call) captured in a CUDA graph
+        # after warm-up (autotuning done): what is left of a step once its launches cost no host time.
+        Provider("torchvision-cuda-graph", "torchvision", cuda_only=True, cuda_graph=True),
+        Provider("fastdense-cuda-graph", "fastdense", cuda_only=True, cuda_graph=True, fastdense_backend="torch"),
+        Provider(
+            "fastdense-triton-cuda-graph", "fastdense", cuda_only=True, cuda_graph=True, fastdense_backend="triton"
         ),
     )
 }

@@ -26,7 +26,10 @@ VERIFY_BATCH, VERIFY_RESOLUTION = 2, 64
 # the input, and its input gradient is rounding noise, whose relative error says nothing.
 VOLUME_VERIFY_BATCH, VERIFY_VOLUME = 3, 32
 REPORT_PROVIDERS = ["torchvision-eager", "torchvision-memory-efficient", "fastdense", "fastdense-memory-efficient"]
-CUDA_REPORT_PROVIDERS = ["fastdense-triton", "fastdense-triton-memory-efficient"]  # added on a GPU
+CUDA_REPORT_PROVIDERS = [  # added on a GPU
+    "fastdense-triton", "fastdense-triton-memory-efficient",
+    "torchvision-cuda-graph", "fastdense-cuda-graph", "fastdense-triton-cuda-graph",
+]  # fmt: skip
 
 
 def _torchvision_pair(model_name: str, device: torch.device, memory_efficient: bool):

@@ -8,17 +8,22 @@ import torch
 
 
 class StepTimer:
-    """Wall time of one call, in seconds."""
+    """Wall time of one call, in seconds. On CUDA also ``enqueued``: the host time the call took to return,
+    before waiting for the device (Python, dispatch and launches: when it is about the GPU time, the host
+    is what the step waits on)."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.enqueued: float | None = None
 
     def __call__(self, fn) -> float:
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             start.record()
+            begin = time.perf_counter()
             fn()
+            self.enqueued = time.perf_counter() - begin
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
