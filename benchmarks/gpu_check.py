@@ -84,6 +84,7 @@ GPU_BENCH = ("--device", "cuda", "--model", "densenet121", "--dtype", "bfloat16"
 CPU_BENCH = ("--device", "cpu", "--model", "densenet-tiny", "--resolution", "32", "--dtype", "float32")
 EAGER = ("torchvision-eager", "torchvision-memory-efficient", "fastdense", "fastdense-memory-efficient")
 TRITON = ("fastdense-triton", "fastdense-triton-memory-efficient")
+GRAPHS = ("torchvision-cuda-graph", "fastdense-cuda-graph", "fastdense-triton-cuda-graph")
 PYTEST = (PYTHON, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider")
 FIXED_ENV = {"FASTDENSE_AUTOTUNE": "0"}
 
@@ -130,6 +131,15 @@ def stages() -> list[Stage]:
             "floor, which the summary prints beside the measured time",
         ),
         Stage(
+            "host", 150,
+            [PYTHON, "-m", "fastdense", "host", "--json", "{results}/host.json"],
+            background=True,
+            rehearsal=[PYTHON, "-m", "fastdense", "host", "--model", "densenet-tiny", "--mode", "train", "--repeats",
+                       "2", "--providers", "torchvision-eager", "fastdense-triton", "--json", "{results}/host.json"],
+            why="each provider's host time per step on this machine's CPU, without the GPU (a stub CUDA driver), "
+            "beside the enqueue time the benchmark stages measure on the GPU",
+        ),
+        Stage(
             "correctness", 60, [*PYTEST, "tests/test_gpu_correctness.py"], FIXED, env=FIXED_ENV,
             rehearsal=[*PYTEST, "tests/test_gpu_correctness.py", "-k", "torch and train"],
             why="both backends, densenet121 batch 32 at 224, bf16 and fp32, train and eval, against torchvision",
@@ -160,6 +170,15 @@ def stages() -> list[Stage]:
             rehearsal=_bench("headline-compile", *CPU_BENCH, "--mode", "infer", "--batch", "2", "--repeats", "2",
                              "--providers", "torchvision-eager", "fastdense-memory-efficient", gpu=False),
             why="torch.compile of torchvision at batch 64 and 256, from the warmed cache",
+        ),
+        Stage(
+            "headline-graphs", 50,
+            _bench("headline-graphs", *GPU_BENCH, "--mode", "both", "--batch", "64", "256", "--repeats", "10",
+                   "--no-roofline", "--providers", "torchvision-eager", *GRAPHS),
+            TUNED,
+            rehearsal=_bench("headline-graphs", *CPU_BENCH, "--mode", "train", "--batch", "2", "--repeats", "2",
+                             "--providers", "torchvision-eager", "fastdense", gpu=False),
+            why="whole steps captured in CUDA graphs (torchvision, both backends), batch 64 and 256, train and infer",
         ),
         Stage(
             "kernels", 20, [PYTHON, "-m", "fastdense", "kernels", "--json", "{results}/kernels.json"], TUNED,

@@ -90,6 +90,8 @@ def needs() -> dict[str, Need]:
         "environment": Need(processes=1),
         "fit": Need(processes=1, counts=12, note="CPU only: 4 providers, 3 counts each"),
         "traffic": Need(processes=1, counts=6, note="CPU only: 6 providers, 2 modes, 2 batches; a quarter count each"),
+        "host": Need(processes=7, counts=2, note="CPU only: 6 processes with a stub CUDA driver (Triton's compiled "
+                     "kernels from the shared cache), the counted floors"),
         "warm-compile": Need(inductor=[["train"], ["train"], ["infer", "infer"]], steps=1.25 + 1 / 3 * 1.25,
                              note="three chains of processes beside the stages below"),
         "correctness": Need(
@@ -106,6 +108,10 @@ def needs() -> dict[str, Need]:
             steps=_bench_steps(6, [64, 256], ["infer"]),
         ),
         "headline-compile": Need(processes=4, inductor=[["cached"] * 4], steps=_bench_steps(2, [64, 256], BOTH)),
+        "headline-graphs": Need(
+            processes=3, workloads=[Workload("fastdense-triton-cuda-graph", m, b) for m in BOTH for b in (64, 256)],
+            steps=_bench_steps(4, [64, 256], BOTH), note="3 warm-up steps and a capture per provider",
+        ),
         "kernels": Need(processes=1, kernel_bench=True, steps=4),
         "max-batch": Need(
             processes=4, workloads=[Workload("fastdense-triton", "train", 512, tuned=False)],

@@ -35,6 +35,7 @@ def summary(results: Path, rows: list[dict], budget: int, elapsed: float, rehear
         try:
             json_file = results / f"{name}.json"
             detail = _pytest(results / f"{name}.log") + _kernels(results, name) + _fit(results, name)
+            detail += _host(results, name)
             detail += _volumes(json_file) if name.startswith("volumes") else _bench(json_file, floors)
         except Exception as error:  # a summary must never cost the run: say what could not be read
             detail = [f"(this stage's results could not be summarised: {type(error).__name__}: {error})"]
@@ -84,7 +85,7 @@ def _bench(path: Path, floors: dict | None = None) -> list[str]:
             for r in rows
         ]
     floors = floors or {}
-    lines = [f"{'mode':5} {'batch':>5} {'provider':34} {'ms':>8} {'floor':>6} {'img/s':>8} {'speed':>6} "
+    lines = [f"{'mode':5} {'batch':>5} {'provider':34} {'ms':>8} {'host':>6} {'floor':>6} {'img/s':>8} {'speed':>6} "
              f"{'peak MiB':>9} {'memory':>6} {'first s':>7} {'max_rel_err':>11}"]  # fmt: skip
     if not result.get("complete"):
         lines[0] += "   (stage cut: the rows measured so far)"
@@ -102,15 +103,31 @@ def _bench(path: Path, floors: dict | None = None) -> list[str]:
         err = r.get("max_rel_err")
         floor = floors.get((r["provider"], r["mode"], r["batch"]))
         floor = "-" if floor is None else f"{floor:.1f}"
+        host = "-" if r.get("host_ms_median") is None else f"{r['host_ms_median']:.1f}"
         lines.append(
-            f"{head} {r['ms_median']:8.1f} {floor:>6} {r['images_per_s']:8.1f} {_x(speed):>6} {_num(peak):>9} "
+            f"{head} {r['ms_median']:8.1f} {host:>6} {floor:>6} {r['images_per_s']:8.1f} {_x(speed):>6} "
+            f"{_num(peak):>9} "
             f"{_x(peak / base_peak if peak and base_peak else None):>6} {r['first_step_s']:7.1f} "
             f"{'-' if err is None else f'{err:.1e}':>11}"
         )
-    if floors and len(lines) > 1:
-        lines.append("(floor: the step's roofline floor in ms, counted on fake tensors by the traffic stage, on the "
-                     "card's data sheet: a floor, never a time)")  # fmt: skip
+    if len(lines) > 1:
+        lines.append("(host: the ms a step took to enqueue, before waiting for the GPU; floor: the step's roofline "
+                     "floor in ms, counted on fake tensors by the traffic stage, on the card's data sheet: a floor, "
+                     "never a time)")  # fmt: skip
     return lines
+
+
+def _host(results: Path, name: str) -> list[str]:
+    """The host stage's table: host time per step on this machine's CPU without the GPU (``fastdense host``)."""
+    path = results / "host.json"
+    if name != "host" or not path.exists():
+        return []
+    rows = json.loads(path.read_text())
+    return [
+        f"{r['mode']:5} {r['provider']:30} host {r['host_ms']:6.1f} ms = {r['measured_ms']:5.1f} measured + "
+        f"{r['aten_calls']} PyTorch calls counted; {r['triton_launches']} Triton launches"
+        for r in rows
+    ] + ["(measured on the CPU with a stub CUDA driver; the benchmark stages' host column is the GPU's enqueue time)"]
 
 
 def _fit(results: Path, name: str) -> list[str]:

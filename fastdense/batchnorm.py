@@ -18,6 +18,12 @@ from torch._subclasses.fake_tensor import is_fake
 MEAN, RSTD, VAR = 0, 1, 2
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``: itself when it already is (a no-op ``.to()`` still costs a microsecond of host
+    time, and a block's maps ask hundreds of times a step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics and gradient sums run in float64 for float64 data, in float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -49,7 +55,8 @@ def native_training_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, ru
     accumulation dtype; ``running``: ``(running_mean, running_var)`` to update with ``momentum`` as
     ``nn.BatchNorm2d`` does (the same operator), or none."""
     acc = accumulation_dtype(x.dtype)
-    out, mean, rstd = torch.native_batch_norm(x, weight.to(acc), bias.to(acc), *running, True, momentum, eps)
+    weight, bias = as_dtype(weight, acc), as_dtype(bias, acc)
+    out, mean, rstd = torch.native_batch_norm(x, weight, bias, *running, True, momentum, eps)
     if is_fake(mean) and mean.dtype != acc:
         # The counters' fake tensors take x's dtype for the statistics, where the device's kernel returns
         # them in the accumulation dtype: the same result, without counting a conversion no device runs.
@@ -157,7 +164,7 @@ class NormMap(NamedTuple):
     it is stored: ``inv`` is the rstd, or (``from_var``) a variance to which ``eps`` is added first (eval mode's
     running statistics), so that nothing is computed before the map is applied. The Triton kernels take it as
     it is (``kernels.affine``, the vectors formed in registers); the torch backend folds it (``folded``).
-    ``weight`` and ``bias`` are the module's parameters, in their own dtype."""
+    ``weight`` and ``bias`` are the module's parameters, in their own dtype; every vector has unit stride."""
 
     mean: Tensor
     inv: Tensor
@@ -180,12 +187,12 @@ class NormMap(NamedTuple):
 
     def rstd(self) -> Tensor:
         """``1 / sqrt(var + eps)`` per channel, in the accumulation dtype (an operator or two in eval mode)."""
-        inv = self.inv.to(self.acc)
+        inv = as_dtype(self.inv, self.acc)
         return torch.rsqrt(inv + self.eps) if self.from_var else inv
 
     def folded(self) -> Affine:
         """The map as ``x * scale + shift`` (``Affine``: a few operators on C-vectors)."""
-        return affine(self.weight, self.bias, self.mean.to(self.acc), self.rstd(), frozen=self.from_var)
+        return affine(self.weight, self.bias, as_dtype(self.mean, self.acc), self.rstd(), frozen=self.from_var)
 
     def vectors(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(mean, scale, bias)`` float32 vectors, as a kernel forms them (the kernels' references)."""
@@ -204,14 +211,14 @@ def fold_many(maps: list[NormMap]) -> list[Affine]:
     if not maps:
         return []
     acc = maps[0].acc
-    rstds = [m.inv.to(acc) for m in maps]
+    rstds = [as_dtype(m.inv, acc) for m in maps]
     from_var = [i for i, m in enumerate(maps) if m.from_var]
     if from_var:
         added = torch._foreach_add([rstds[i] for i in from_var], [maps[i].eps for i in from_var])
         torch._foreach_rsqrt_(added)
         for i, rstd in zip(from_var, added, strict=True):
             rstds[i] = rstd
-    weights, biases, means = ([getattr(m, name).to(acc) for m in maps] for name in ("weight", "bias", "mean"))
+    weights, biases, means = ([as_dtype(getattr(m, name), acc) for m in maps] for name in ("weight", "bias", "mean"))
     scales = torch._foreach_mul(weights, rstds)
     shifts = torch._foreach_addcmul(biases, means, scales, value=-1)
     parts = zip(means, scales, biases, shifts, weights, rstds, [m.from_var for m in maps], strict=True)
@@ -220,7 +227,7 @@ def fold_many(maps: list[NormMap]) -> list[Affine]:
 
 def affine(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, *, frozen: bool = False) -> Affine:
     """The folded map (two operators on C-vectors); ``frozen``: ``rstd`` and ``mean`` are running statistics."""
-    weight, bias = weight.to(rstd.dtype), bias.to(rstd.dtype)
+    weight, bias = as_dtype(weight, rstd.dtype), as_dtype(bias, rstd.dtype)
     scale = weight * rstd
     shift = torch.addcmul(bias, mean, scale, value=-1)
     return Affine(mean, scale, bias, shift, weight, rstd, frozen)

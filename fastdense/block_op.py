@@ -56,9 +56,9 @@ def _present(t: Tensor) -> Tensor | None:
 
 def _without_aliases(tensors: list[Tensor], others: Sequence[Tensor]) -> list[Tensor]:
     """``tensors`` with a copy in place of any that shares memory with ``others`` or an earlier one:
-    an operator's outputs may alias neither its inputs nor each other (the vectors are tiny). Fake tensors
-    (shape-only, as ``fastdense.tools.traffic`` runs the operator) have no memory to share."""
-    if tensors and is_fake(tensors[0]):  # (one op's outputs: all fake or none)
+    an operator's outputs may alias neither its inputs nor each other (the vectors are tiny). Fake and meta
+    tensors (shape-only, as the counting tools run the operator) have no memory to share."""
+    if tensors and (is_fake(tensors[0]) or tensors[0].is_meta):  # (one op's outputs: all fake or none)
         return tensors
     seen = {t.untyped_storage().data_ptr() for t in others if t.numel()}
     result = []

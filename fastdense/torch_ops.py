@@ -34,6 +34,7 @@ from .batchnorm import (
     RSTD,
     Affine,
     NormMap,
+    as_dtype,
     batch_norm_backward_in_place,
     batch_stats,
     fold_many,
@@ -214,10 +215,10 @@ def conv3x3_norm2_backward(
     ones, zeros = [1] * (len(grid) - 1), [0] * (len(grid) - 1)
     cdt = w2c.dtype
     rstd2 = norm2.rstd if isinstance(norm2, Affine) else norm2.rstd()
-    mean2, weight2 = norm2.mean.to(rstd2.dtype), norm2.weight.to(rstd2.dtype)
+    mean2, weight2 = as_dtype(norm2.mean, rstd2.dtype), as_dtype(norm2.weight, rstd2.dtype)
     with stage("conv_backward", bottleneck.device):
         act2 = normalized_relu(bottleneck, _folded(norm2), cdt) if activation is None else activation(bottleneck, norm2)
-        images = (as_images(d_new.to(cdt), *grid), as_images(act2, *grid))
+        images = (as_images(as_dtype(d_new, cdt), *grid), as_images(act2, *grid))
         if len(grid) == 4 and act2.device.type == "cpu" and cdt in (torch.bfloat16, torch.float16):
             # PyTorch's CPU 3-D weight gradient from channels_last_3d bf16 tensors is wrong on 2x2x2 maps
             # (relative error ~1, seen with torch 2.14); from contiguous ones it is right.
@@ -303,7 +304,7 @@ def _sum_p_xhat(d_w1, w1c, norm1: Affine, sum_p, divisor=None):
     sum_k W1[k] * (dY^T @ a)[k]``: the column sums of ``W1 * dW1``. Where ``a`` is not zero it is
     ``weight * xhat + bias``, so ``weight * sum(P * xhat) = sum(P * a) - bias * sum(P)``. (A zero weight
     leaves ``a`` and ``P`` zero: its channel's gradient is that difference, zero.)"""
-    sum_p_act = torch.mul(w1c, d_w1.to(sum_p.dtype)).sum(0)
+    sum_p_act = torch.mul(w1c, as_dtype(d_w1, sum_p.dtype)).sum(0)
     weighted = sum_p_act.addcmul_(norm1.bias, sum_p, value=-1.0)  # weight * sum(P * xhat)
     return weighted.div_(_divisors(norm1.weight) if divisor is None else divisor)
 
@@ -380,7 +381,7 @@ def finalize(g: Tensor, x: Tensor, d_out: Tensor, stats, noise: Tensor | None, d
         d_x = torch.empty(g.shape, dtype=g.dtype, device=g.device)
         torch.addcmul(c, g, rstd, out=d_x).addcmul_(x, b).add_(d_out)
     d_x = d_x.mul_(noise) if noise is not None else d_x
-    return d_x.to(dtype)
+    return as_dtype(d_x, dtype)
 
 
 TORCH_OPS = Ops(

@@ -15,9 +15,10 @@ from torch import Tensor
 
 
 def norm_arguments(norm) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
-    """``(mean, inv, weight, bias, eps)`` of a ``fastdense.batchnorm.NormMap`` as a kernel takes them
-    (vectors with unit stride: views of what the map holds, no copies); ``FROM_VAR`` is ``norm.from_var``."""
-    return (*(v.contiguous() for v in (norm.mean, norm.inv, norm.weight, norm.bias)), float(norm.eps))
+    """``(mean, inv, weight, bias, eps)`` of a ``fastdense.batchnorm.NormMap`` as a kernel takes them: what the
+    map holds, itself (its vectors have unit stride: parameters, buffers and rows of statistics arrays);
+    ``FROM_VAR`` is ``norm.from_var``."""
+    return norm.mean, norm.inv, norm.weight, norm.bias, float(norm.eps)
 
 
 @triton.jit

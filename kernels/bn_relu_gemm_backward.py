@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 from triton import cdiv
 
-from .affine import bn_relu, load_norm
+from .affine import bn_relu, load_norm, norm_arguments
 from .last_program import CounterPool, arrive, counters_needed, merged_sums, take_counters
 from .launch import (
     INTERPRET,
@@ -258,7 +258,7 @@ def norm1_gemm_backward(
         for t in (d_gamma, d_beta, *([] if d_weight is None else [d_weight])):
             t.zero_()
         return
-    mean, inv, gamma, beta, eps = (*(v.contiguous() for v in (norm.mean, norm.inv, norm.weight, norm.bias)), norm.eps)
+    mean, inv, gamma, beta, eps = norm_arguments(norm)
     # Partial results, uninitialised: room for the most any configuration writes; the last programs read only
     # the rows their launch wrote.
     partials = uninitialised(2, triton.cdiv(m, _DGRAD_MIN_BLOCK_M), c, device=x.device)

@@ -271,8 +271,9 @@ def tuned(
 
 def uninitialised(*shape: int, device: torch.device) -> torch.Tensor:
     """A float32 array for partial results a launch writes only part of: uninitialised on a GPU (no
-    zero-fill); NaN under the interpreter, so that a test reading a row no launch wrote fails."""
-    if INTERPRET:
+    zero-fill); NaN under the interpreter, so that a test reading a row no launch wrote fails (but not where
+    launches are recorded without running: a count takes the step as a GPU runs it)."""
+    if INTERPRET and (_recorded is None or _recorded_run):
         return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
     return torch.empty(shape, dtype=torch.float32, device=device)
 
@@ -285,10 +286,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+# Set by ``fastdense.tools.stub_cuda.activate``: launches go through Triton's whole launch path to a stub CUDA
+# driver that runs nothing, so CPU tensors' pointers are passed as device ones (host-time measurement only).
+STUB_DRIVER = False
+
+
 def check_kernel_tensors(*tensors: torch.Tensor) -> None:
     """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter only."""
     for t in tensors:
-        if t.device.type != "cuda" and not INTERPRET and (_recorded is None or _recorded_run):
+        if t.device.type != "cuda" and not INTERPRET and not STUB_DRIVER and (_recorded is None or _recorded_run):
             raise RuntimeError(
                 f"fastdense Triton kernels need CUDA tensors (got a {t.device} tensor); on the CPU they run only "
                 "under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"

@@ -110,9 +110,7 @@ def column_stats_counters(m: int, c: int) -> int:
     return counters_needed(triton.cdiv(m, _MIN_ROWS_PER_PROGRAM), triton.cdiv(c, _MIN_BLOCK_C))
 
 
-def column_stats(
-    x: Tensor, eps: float = 0.0, out: Tensor | None = None, pool: CounterPool | None = None
-) -> Tensor:
+def column_stats(x: Tensor, eps: float = 0.0, out: Tensor | None = None, pool: CounterPool | None = None) -> Tensor:
     """The ``(3, C)`` float32 mean, ``1 / sqrt(var + eps)`` and biased variance of each column of an ``M x C``
     matrix with unit column stride (a column slice of a channels_last buffer, any row stride), written into
     ``out`` when given (a view, e.g. a dense block's statistics for a column range). One launch."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastdense.tools.measure import Setting, measure_max_batch
+from fastdense.tools.measure import Setting, measure_max_batch, prepare
 from fastdense.tools.providers import MODELS, PROVIDERS
 from fastdense.tools.roofline import inference_work
 
@@ -152,6 +152,12 @@ def test_roofline_macs_match_the_model(model, resolution):
         net.classifier(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(features, 1), 1))
     assert inference_work(model, 1, resolution, 2).macs == macs
     assert MODELS[model][1] == tuple(len(b) for b in net.dense_blocks())
+
+
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if PROVIDERS[p].cuda_graph])
+def test_cuda_graph_providers_say_they_need_cuda(provider):
+    with pytest.raises(ValueError, match=f"{provider} captures CUDA graphs: it needs a CUDA device, not cpu"):
+        prepare(provider, Setting(model="densenet-tiny", batch=2, resolution=32, device="cpu"))
 
 
 def test_max_batch_search_needs_cuda():

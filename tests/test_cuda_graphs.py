@@ -98,3 +98,33 @@ def test_reduce_overhead_compile_trains_like_torchvision(backend):
                 assert relative_error(value, ref_state[name]) <= 1e-4, name
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_benchmarks_graphed_training_step_trains_like_torchvision(backend):
+    """The benchmark's CUDA-graph providers (``fastdense.tools.measure.graphed_step``): a whole training step
+    (forward, cross-entropy, backward, SGD with momentum) captured once and replayed trains as torchvision's
+    eager steps do, in float32: after the warm-up steps and two replays, the same parameters, buffers and
+    momentum within 1e-4."""
+    from fastdense.tools.measure import WARMUP_STEPS, graphed_step, make_step
+
+    model = small_model(backend)
+    ref = torchvision.models.DenseNet(**SMALL).cuda()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(8, 3, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    steps = []
+    for net in (model, ref):
+        torch.manual_seed(4)  # the same targets
+        steps.append(make_step(net, x, "train", torch.float32, net.parameters(), cache_casts=False,
+                               classes=SMALL["num_classes"]))  # fmt: skip
+    replay, peak = graphed_step(steps[0], x.device)
+    assert peak > 0
+    for _ in range(WARMUP_STEPS):  # (the capture itself runs nothing)
+        steps[1]()
+    for _ in range(2):
+        replay()
+        steps[1]()
+    ref_state = ref.state_dict()
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            assert relative_error(value, ref_state[name]) <= 1e-4, name

@@ -58,9 +58,9 @@ def test_rehearsal_leaves_a_summary_and_one_archive_within_the_return_limits(reh
         names = set(tar.getnames())
     for stage, row in _stage_rows(summary).items():
         assert f"results/{stage}.log" in names or row[3] == "SKIPPED", stage
-    for bench in ("headline-train", "headline-infer", "headline-compile"):
+    for bench in ("headline-train", "headline-infer", "headline-compile", "headline-graphs"):
         assert f"results/{bench}.json" in names
-    assert "results/kernels.json" in names and "results/traffic.json" in names
+    assert "results/kernels.json" in names and "results/traffic.json" in names and "results/host.json" in names
 
 
 def test_the_summary_prints_each_steps_counted_floor_beside_its_measured_time(rehearsal):
@@ -68,11 +68,22 @@ def test_the_summary_prints_each_steps_counted_floor_beside_its_measured_time(re
     benchmark rows carry that roofline floor in the column after the measured milliseconds."""
     out, _ = rehearsal
     section = (out / "summary.txt").read_text().split("== headline-train\n")[1].split("\n\n")[0].splitlines()
-    assert section[0].split()[3:5] == ["ms", "floor"], section[0]
+    assert section[0].split()[3:6] == ["ms", "host", "floor"], section[0]
     rows = {line.split()[2]: line.split() for line in section[1:] if line.startswith("train")}
     for provider in ("torchvision-eager", "fastdense"):  # the rehearsal's triton row is its failing provider
-        assert float(rows[provider][4]) > 0 and float(rows[provider][3]) > 0, rows  # floor, measured ms
+        assert float(rows[provider][5]) > 0 and float(rows[provider][3]) > 0, rows  # floor, measured ms
+        assert rows[provider][4] == "-"  # no GPU to enqueue on: the host column is the GPU's enqueue time
     assert "a floor, never a time" in "\n".join(section)
+
+
+def test_the_host_stage_measures_host_time_with_a_stub_driver(rehearsal):
+    """The host stage (``python -m fastdense host``, background): each provider's host time on the CPU,
+    the triton backend's Triton launches going through a stub CUDA driver."""
+    out, _ = rehearsal
+    section = (out / "summary.txt").read_text().split("== host\n")[1].split("\n\n")[0]
+    assert "torchvision-eager" in section and "fastdense-triton" in section and "stub CUDA driver" in section
+    triton = next(line for line in section.splitlines() if "fastdense-triton" in line)
+    assert "0 Triton launches" not in triton, section
 
 
 def test_rehearsal_goes_on_past_a_failing_stage_a_cut_stage_and_a_failing_provider(rehearsal):

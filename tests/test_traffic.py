@@ -186,3 +186,45 @@ def test_the_triton_backend_meets_the_inference_traffic_target():
         count_step(p, "densenet121", "infer", 64, 224, "bfloat16") for p in ("torchvision-eager", "fastdense-triton")
     )
     assert fused.compulsory_bytes <= 0.35 * tv.compulsory_bytes, (fused.compulsory_bytes, tv.compulsory_bytes)
+
+
+def test_multi_tensor_operators_launch_as_cuda_groups_them():
+    """``torch._foreach_*`` on CUDA: one launch per 448 tensors (two lists) or 2240 chunks of 64 Ki elements,
+    whichever fills first; empty tensors take no part (PyTorch's multi_tensor_apply, 32 KB arguments)."""
+    from fastdense.tools.traffic import foreach_launches
+
+    assert foreach_launches([1] * 364, depth=2) == 1  # densenet121's SGD update: one launch
+    assert foreach_launches([1] * 449, depth=2) == 2 and foreach_launches([1] * 449, depth=1) == 1
+    assert foreach_launches([2240 * 65536 + 1], depth=2) == 2  # a tensor cut across two launches
+    assert foreach_launches([0, 0], depth=2) == 0
+    with FakeTensorMode():
+        params = [torch.empty(3) for _ in range(500)]
+        counter = TrafficCounter()
+        with counter:
+            torch._foreach_add_(params, params)
+    assert counter.count.launches == 2 and counter.count.bytes == 500 * 3 * 4 * 3  # two read, one written
+
+
+@pytest.mark.parametrize("batch", [64, 256])
+def test_a_training_step_meets_the_launch_targets(batch):
+    """Issue 31's counted targets (densenet121, 224^2, bf16 autocast, channels_last, SGD foreach): the triton
+    backend's training step in at most 0.4x torchvision eager's launches with an H200 floor at most 0.6x its
+    floor; the torch backend's in at most 1.2x its launches."""
+    tv, torch_backend, triton = (
+        count_step(p, "densenet121", "train", batch, 224, "bfloat16")
+        for p in ("torchvision-eager", "fastdense", "fastdense-triton")
+    )
+    assert triton.launches <= 0.4 * tv.launches, (triton.launches, tv.launches)
+    assert triton.floors["H200, data sheet"] <= 0.6 * tv.floors["H200, data sheet"], (triton.floors, tv.floors)
+    assert torch_backend.launches <= 1.2 * tv.launches, (torch_backend.launches, tv.launches)
+
+
+def test_inference_meets_the_launch_targets():
+    """Inference, batch 64: the triton backend in at most 0.3x torchvision eager's launches, the torch backend in
+    at most 1.2x (and below torchvision's floor)."""
+    tv, torch_backend, triton = (
+        count_step(p, "densenet121", "infer", 64, 224, "bfloat16")
+        for p in ("torchvision-eager", "fastdense", "fastdense-triton")
+    )
+    assert triton.launches <= 0.3 * tv.launches and torch_backend.launches <= 1.2 * tv.launches
+    assert torch_backend.floors["H200, data sheet"] <= tv.floors["H200, data sheet"]

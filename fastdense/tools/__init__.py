@@ -13,7 +13,7 @@ import sys
 # Subcommand -> the module whose ``main(argv)`` runs it; no subcommand runs the report.
 SUBCOMMANDS = {
     "bench": "bench", "profile": "profile", "kernels": "kernel_bench", "traffic": "traffic", "volumes": "volumes",
-    "fit": "fit",
+    "fit": "fit", "host": "host",
 }  # fmt: skip
 DEFAULT = "report"
 

@@ -143,10 +143,11 @@ class Prepared:
     graph_peak_bytes: int | None = None  # a CUDA graph provider's: its warm-up and capture, which replays reuse
 
 
-def make_step(model, x: torch.Tensor, mode: str, dtype: torch.dtype, params, *, cache_casts: bool = True):
-    """One inference forward or one training step (forward, cross-entropy, backward, SGD update: foreach on
-    CUDA, PyTorch's default there). ``cache_casts``: autocast's cache of cast weights (off in a CUDA graph,
-    as PyTorch requires)."""
+def make_step(model, x: torch.Tensor, mode: str, dtype: torch.dtype, params, *, cache_casts: bool = True,
+              classes: int = 1000):  # fmt: skip
+    """One inference forward or one training step (forward, cross-entropy against random targets of ``classes``
+    classes, backward, SGD update: foreach on CUDA, PyTorch's default there). ``cache_casts``: autocast's cache
+    of cast weights (off in a CUDA graph, as PyTorch requires)."""
     autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=cache_casts)
     if mode == "infer":
 
@@ -156,7 +157,7 @@ def make_step(model, x: torch.Tensor, mode: str, dtype: torch.dtype, params, *, 
 
         return step
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
+    target = torch.randint(0, classes, (x.shape[0],), device=x.device)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)

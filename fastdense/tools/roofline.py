@@ -76,6 +76,9 @@ CARDS = {
 # microseconds of CPU each; the floor takes 4 us (stated, not measured: a step whose launches outrun the
 # GPU's work is bounded by them).
 LAUNCH_SECONDS = 4e-6
+# The host (CPU) time an eager PyTorch operator call takes on CUDA, Python to launch: published figures run from
+# about 2 to 7 us (pytorch/pytorch#41383); ``python -m fastdense host`` counts each call at this (not measured).
+ATEN_CALL_SECONDS = 5e-6
 
 
 def card_peaks(card: str, half_precision: bool) -> tuple[float, float] | None:
