@@ -52,26 +52,28 @@ _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
 #   128x128x64, 8 warps, 3 stages: 130-226 regs,  81-161 KB
 #   128x64x64,  4 warps, 4 stages: 147-255 regs,  82-162 KB (fp32 reaches the cap, unspilled)
 #   64x128x64,  4 warps, 4 stages: 128-248 regs,  90-178 KB
-#   128x128x32, 4 warps, 4 stages: 207-255 regs,  57-113 KB (fp32 reaches the cap, unspilled)
+#   128x128x32, 8 warps, 4 stages: 120-222 regs,  57-146 KB (on 4 warps fp32 with statistics spilled 8 B)
 #   64x64x32,   4 warps, 5 stages:  72-116 regs,  37-73 KB
 _CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=5),
 ]
 # float32 with TF32 off (PRECISION="ieee") multiplies on the FMA units: the accumulator and both operand
 # tiles live in registers, and every configuration above with a 64-wide K step or 4 warps on a 128-row
-# tile spilled (24-280 B per thread), and 64x64x32 on 5 or 4 stages 8 B in triton 3.6. Cost on sm_90
-# (compile_for_hopper.py --all --match ieee, triton 3.8 and 3.6; no spills):
-#   128x64x32,  8 warps, 3 stages: 104-110 regs, 65 KB
-#   64x128x32,  8 warps, 3 stages: 106-114 regs, 57 KB
+# tile spilled (24-280 B per thread), and 64x64x32 on 5 or 4 stages 8 B in triton 3.6; once the prologue
+# formed its map from the stored statistics, 128x64x32 and 64x128x32 on 8 warps spilled 8 B in triton 3.6
+# too (ptxas held them to 128 registers): their K step is 16 now. Cost on sm_90 (compile_for_hopper.py
+# --all --match ieee, triton 3.8 and 3.6; no spills):
+#   128x64x16,  4 warps, 3 stages: 240-254 regs, 33 KB
+#   64x128x16,  8 warps, 3 stages: 128 regs,     29 KB
 #   128x128x32, 8 warps, 3 stages: 192-198 regs, 81 KB
 #   64x64x32,   4 warps, 3 stages:  95-96 regs,  41 KB
 _IEEE_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
 ]

@@ -84,6 +84,9 @@ def test_the_host_stage_measures_host_time_with_a_stub_driver(rehearsal):
     assert "torchvision-eager" in section and "fastdense-triton" in section and "stub CUDA driver" in section
     triton = next(line for line in section.splitlines() if "fastdense-triton" in line)
     assert "0 Triton launches" not in triton, section
+    for line in section.splitlines()[:2]:  # a step's measured part: positive, and at most the whole step
+        fields = line.split()
+        assert fields[2] == "host" and 0 < float(fields[6]) <= float(fields[3]), section
 
 
 def test_rehearsal_goes_on_past_a_failing_stage_a_cut_stage_and_a_failing_provider(rehearsal):

@@ -5,10 +5,11 @@ the optimizer (SGD, foreach: the traffic count's step), fastdense's operator cho
 (``devices.counted_as``), and every Triton kernel launch through fastdense's launcher and Triton's whole
 launch path down to the driver's launch call, which is a stub that returns at once (``stub_cuda``). The
 PyTorch operators the step calls run too, on the CPU and on a small input. Those that launch a kernel on a GPU
-(the traffic count's: not views, allocations or metadata) do arithmetic here that is no GPU host's work, so a
-profile of the same step takes their time out, and each such call is counted instead at the host cost of an
-eager PyTorch operator on CUDA (``roofline.ATEN_CALL_SECONDS``, a published figure); views and allocations
-stay in the measured part:
+(the traffic count's: not views, allocations or metadata) do arithmetic here that is no GPU host's work, so
+steps under the CPU profiler, interleaved with plain ones, give their time to take out of a plain step's wall
+time (less what the profiler adds to each call it records: the profiled steps' extra time per call), and each such
+call is counted instead at the host cost of an eager PyTorch operator on CUDA (``roofline.ATEN_CALL_SECONDS``,
+a published figure); views and allocations stay in the measured part:
 
     host time = measured (Python, autograd, views, Triton launches) + launching PyTorch calls x 5 us (counted)
 
@@ -29,8 +30,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-PROFILED_STEPS = 2
-
 
 @dataclass
 class HostTime:
@@ -43,7 +42,8 @@ class HostTime:
     aten_calls: int  # calls of PyTorch operators that launch kernels on a GPU, from Python or autograd
     triton_launches: int
     wall_ms: float  # the whole step on this CPU, its operators' arithmetic on the small input included
-    spread_ms: tuple[float, float]  # wall time, 20th and 80th percentiles
+    spread_ms: tuple[float, float]  # measured_ms, 20th and 80th percentiles over the steps
+    profiler_us_per_event: float  # what the profiler adds to an operator call it records (its extra time per call)
     floors: dict  # the traffic count's roofline floors (ms) at --floor-batch, per card
     floor_batch: int
     note: str = "host time on this CPU: measured Python, autograd and Triton launch path + counted PyTorch calls"
@@ -114,37 +114,36 @@ def measure(provider: str, model: str, mode: str, dtype: str, resolution: int, r
         loss.backward()
         optimizer.step()
 
-    launches = []
     with counted_as("cuda"):
         step()  # compiles the Triton kernels for sm_90 (cached afterwards), autotuning off
         with recording(run=True) as launches:
             step()
-        launches = len(launches)
-        walls = []
+        # Plain and profiled steps interleaved, so that both see the same load on a shared machine.
+        walls, profiled, profiles = [], [], []
         for _ in range(repeats):
             begin = time.perf_counter()
             step()
             walls.append(time.perf_counter() - begin)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-            begin = time.perf_counter()
-            for _ in range(PROFILED_STEPS):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                begin = time.perf_counter()
                 step()
-            profiled = time.perf_counter() - begin
+                profiled.append(time.perf_counter() - begin)
+            profiles.append(profile.events())
     launching = _launching_operators(provider, model, mode, dtype, resolution)
-    events = profile.events()
-    aten_seconds, aten_calls, inner_events = _launching_calls(events, launching)
-    wall = statistics.median(walls)
-    quantiles = statistics.quantiles(walls, n=5, method="inclusive") if len(walls) > 1 else [wall] * 4
-    # The profiler slows every operator call it records (views and allocations too) by about the same amount:
-    # its cost per event, from the profiled steps' extra wall time, comes off the launching calls' intervals
-    # (which hold their own events and those inside them) before they come off the unprofiled wall time.
-    per_event = max(profiled / PROFILED_STEPS - wall, 0.0) / (len(events) / PROFILED_STEPS)
-    operators = (aten_seconds - per_event * inner_events) / PROFILED_STEPS
-    measured = wall - operators
+    events = statistics.median(len(e) for e in profiles)
+    # What the profiler adds to each operator call it records (the launching calls' intervals hold theirs
+    # and those of the calls inside them), from the profiled steps' extra wall time.
+    per_event = max(statistics.median(profiled) - statistics.median(walls), 0.0) / events
+    measured, calls = [], 0
+    for wall, step_events in zip(walls, profiles, strict=True):
+        aten_seconds, calls, inner = _launching_calls(step_events, launching)
+        measured.append(wall - (aten_seconds - per_event * inner))
+    median = statistics.median(measured)
+    quantiles = statistics.quantiles(measured, n=5, method="inclusive") if len(measured) > 1 else [median] * 4
     return {
-        "provider": provider, "model": model, "mode": mode, "dtype": dtype, "measured_ms": measured * 1e3,
-        "aten_calls": aten_calls // PROFILED_STEPS, "triton_launches": launches, "wall_ms": wall * 1e3,
-        "spread_ms": (quantiles[0] * 1e3, quantiles[-1] * 1e3),
+        "provider": provider, "model": model, "mode": mode, "dtype": dtype, "measured_ms": median * 1e3,
+        "aten_calls": calls, "triton_launches": len(launches), "wall_ms": statistics.median(walls) * 1e3,
+        "spread_ms": (quantiles[0] * 1e3, quantiles[-1] * 1e3), "profiler_us_per_event": per_event * 1e6,
     }  # fmt: skip
 
 
