@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton import cdiv
 
 from .affine import bn_relu, load_norm, norm_arguments, rounded
 from .last_program import CounterPool, counters_needed, take_counters
@@ -32,6 +31,7 @@ from .launch import (
     INTERPRET,
     Moved,
     bucket,
+    cdiv,
     check_kernel_tensors,
     check_rows,
     dot_precision,
@@ -162,7 +162,7 @@ _pooled_gemm_kernel = _tuned(_POOL_CONFIGS, "pooled_gemm")
 
 def gemm_counters(m: int, n: int) -> int:
     """The arrival counters a launch with statistics of an ``m x n`` output uses (``CounterPool``)."""
-    return counters_needed(triton.cdiv(m, _MIN_BLOCK_M), triton.cdiv(n, _MIN_BLOCK_N))
+    return counters_needed(cdiv(m, _MIN_BLOCK_M), cdiv(n, _MIN_BLOCK_N))
 
 
 def bn_relu_gemm(
@@ -211,13 +211,13 @@ def bn_relu_gemm(
     if m == 0:
         return out
     with_stats = stats is not None
-    partials = empty_partials(triton.cdiv(m, _MIN_BLOCK_M), n_out, x.device) if with_stats else no_partials(x.device)
+    partials = empty_partials(cdiv(m, _MIN_BLOCK_M), n_out, x.device) if with_stats else no_partials(x.device)
     counter = take_counters(pool, gemm_counters(m, n_out), x.device) if with_stats else partials[0]
     second = norm_arguments(epilogue) if epilogue is not None else norm_arguments(norm)  # unused without one
     kernel = _bn_relu_gemm_kernel if pool_hw is None else _pooled_gemm_kernel
 
     def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"])
+        return cdiv(m, meta["BLOCK_M"]), cdiv(n_out, meta["BLOCK_N"])
 
     kernel[grid](
         x, *norm_arguments(norm), weight, out, *second, *partials, counter,

@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton import cdiv
 
 from .affine import bn_relu, load_norm, norm_arguments
 from .last_program import CounterPool, arrive, counters_needed, merged_sums, take_counters
@@ -30,6 +29,7 @@ from .launch import (
     INTERPRET,
     Moved,
     bucket,
+    cdiv,
     check_kernel_tensors,
     check_rows,
     dot_precision,
@@ -210,9 +210,9 @@ def _wgrad_kernel(
 
 def norm1_backward_counters(m: int, c: int, k: int, need_weight: bool) -> int:
     """The arrival counters ``norm1_gemm_backward`` uses for an ``m x c`` prefix and ``k`` bottleneck channels."""
-    dgrad = counters_needed(triton.cdiv(m, _DGRAD_MIN_BLOCK_M), triton.cdiv(c, _DGRAD_MIN_BLOCK_N))
-    tiles = triton.cdiv(k, _WGRAD_MIN_N) * triton.cdiv(c, _WGRAD_MIN_C)
-    wgrad = tiles * (triton.cdiv(_WGRAD_MAX_SPLIT, WGRAD_GROUP) + 1) if need_weight else 0
+    dgrad = counters_needed(cdiv(m, _DGRAD_MIN_BLOCK_M), cdiv(c, _DGRAD_MIN_BLOCK_N))
+    tiles = cdiv(k, _WGRAD_MIN_N) * cdiv(c, _WGRAD_MIN_C)
+    wgrad = tiles * (cdiv(_WGRAD_MAX_SPLIT, WGRAD_GROUP) + 1) if need_weight else 0
     return dgrad + wgrad
 
 
@@ -263,13 +263,13 @@ def norm1_gemm_backward(
     mean, inv, gamma, beta, eps = norm_arguments(norm)
     # Partial results, uninitialised: room for the most any configuration writes; the last programs read only
     # the rows their launch wrote.
-    partials = uninitialised(2, triton.cdiv(m, _DGRAD_MIN_BLOCK_M), c, device=x.device)
+    partials = uninitialised(2, cdiv(m, _DGRAD_MIN_BLOCK_M), c, device=x.device)
     counter = take_counters(pool, norm1_backward_counters(m, c, k, d_weight is not None), x.device)
-    dgrad_counters = counters_needed(triton.cdiv(m, _DGRAD_MIN_BLOCK_M), triton.cdiv(c, _DGRAD_MIN_BLOCK_N))
+    dgrad_counters = counters_needed(cdiv(m, _DGRAD_MIN_BLOCK_M), cdiv(c, _DGRAD_MIN_BLOCK_N))
     precision = dot_precision(weight.dtype)
 
     def dgrad_grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"])
+        return cdiv(m, meta["BLOCK_M"]), cdiv(c, meta["BLOCK_N"])
 
     _dgrad_kernel[dgrad_grid](
         d_y, weight, x, mean, inv, gamma, beta, float(eps), grad_sum, partials[0], partials[1], counter,
@@ -283,7 +283,7 @@ def norm1_gemm_backward(
     splits = uninitialised(_WGRAD_MAX_SPLIT, k, c, device=x.device)
 
     def wgrad_grid(meta):
-        return triton.cdiv(k, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"]), meta["SPLIT_M"]
+        return cdiv(k, meta["BLOCK_N"]), cdiv(c, meta["BLOCK_C"]), meta["SPLIT_M"]
 
     _wgrad_kernel[wgrad_grid](
         d_y, x, mean, inv, gamma, beta, float(eps), splits, counter[dgrad_counters:], d_weight,

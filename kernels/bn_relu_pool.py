@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .affine import bn_relu, load_norm, norm_arguments, rounded
-from .launch import INTERPRET, Moved, bucket, check_kernel_tensors, check_rows, row_bucket, tuned, unit_columns
+from .launch import INTERPRET, Moved, bucket, cdiv, check_kernel_tensors, check_rows, row_bucket, tuned, unit_columns
 from .offsets import row_offsets
 
 
@@ -79,7 +79,7 @@ def _bn_relu_pool_plan(args: dict, meta: dict) -> Moved:
     images = m // (args["H_OUT"] * args["W_OUT"])
     taps = images * inside(args["H"], args["H_OUT"], args["KH"]) * inside(args["W"], args["W_OUT"], args["KW"])
     x_bytes, vectors = args["x_ptr"].element_size() * c, 4 * c * args["mean_ptr"].element_size()
-    read = taps * x_bytes + vectors * triton.cdiv(m, meta["BLOCK_M"])
+    read = taps * x_bytes + vectors * cdiv(m, meta["BLOCK_M"])
     pixels_read = images * min(args["H"], (args["H_OUT"] - 1) * stride - pad + args["KH"])
     pixels_read *= min(args["W"], (args["W_OUT"] - 1) * stride - pad + args["KW"])  # the windows' union
     return Moved(read, m * c * args["out_ptr"].element_size(), 0, read - pixels_read * x_bytes - vectors)
@@ -115,7 +115,7 @@ def bn_relu_pool(x: Tensor, norm, kernel: int | tuple[int, int], stride: int, pa
     if m > 0 and c > 0:
 
         def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"])
+            return cdiv(m, meta["BLOCK_M"]), cdiv(c, meta["BLOCK_C"])
 
         _bn_relu_pool_kernel[grid](
             x, *norm_arguments(norm), out, m, c, h, w, h_out, w_out, c, out.stride(0), kh, kw, stride, padding,

@@ -15,13 +15,13 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton import cdiv
 
 from .affine import bn_relu, load_norm, norm_arguments, rounded
 from .last_program import CounterPool, counters_needed, take_counters
 from .launch import (
     INTERPRET,
     Moved,
+    cdiv,
     check_kernel_tensors,
     check_rows,
     dot_precision,
@@ -108,7 +108,7 @@ def _conv3x3_kernel(
 
 def conv_counters(m: int, k: int) -> int:
     """The arrival counters a launch with statistics of ``m`` rows and ``k`` new channels uses."""
-    return counters_needed(triton.cdiv(m, _MIN_BLOCK_M), triton.cdiv(k, _MIN_BLOCK_N))
+    return counters_needed(cdiv(m, _MIN_BLOCK_M), cdiv(k, _MIN_BLOCK_N))
 
 
 def conv3x3(
@@ -155,12 +155,12 @@ def conv3x3(
     if m == 0:
         return out
     with_stats = stats is not None
-    partials = empty_partials(triton.cdiv(m, _MIN_BLOCK_M), k, y.device) if with_stats else no_partials(y.device)
+    partials = empty_partials(cdiv(m, _MIN_BLOCK_M), k, y.device) if with_stats else no_partials(y.device)
     counter = take_counters(pool, conv_counters(m, k), y.device) if with_stats else partials[0]
     norm = norm_arguments(prologue) if prologue is not None else (y, y, y, y, 0.0)  # unused pointers otherwise
 
     def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"])
+        return cdiv(m, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_N"])
 
     _conv3x3_kernel[grid](
         y, *norm, weight, out, noise if noise is not None else y, *partials, counter,

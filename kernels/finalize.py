@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import Moved, bucket, check_kernel_tensors, check_rows, tuned, unit_columns
+from .launch import Moved, bucket, cdiv, check_kernel_tensors, check_rows, tuned, unit_columns
 from .offsets import row_offsets
 
 
@@ -79,7 +79,7 @@ def finalize(
     if m > 0 and c > 0:
 
         def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"])
+            return cdiv(m, meta["BLOCK_M"]), cdiv(c, meta["BLOCK_C"])
 
         _finalize_kernel[grid](
             grad_sum, x, d_out, noise if noise is not None else grad_sum, out, *vectors,
@@ -96,9 +96,9 @@ def _finalize_plan(args: dict, meta: dict) -> Moved:
     m, c, training = args["M"], args["C"], args["TRAINING"]
     read = m * c * (4 + args["dout_ptr"].element_size())
     vectors = 4 * 4 * c if training else 0
-    read += m * c * args["x_ptr"].element_size() + vectors * triton.cdiv(m, meta["BLOCK_M"]) if training else 0
+    read += m * c * args["x_ptr"].element_size() + vectors * cdiv(m, meta["BLOCK_M"]) if training else 0
     read += m * c * args["noise_ptr"].element_size() if args["DROPOUT"] else 0
-    reread = vectors * (triton.cdiv(m, meta["BLOCK_M"]) - 1)
+    reread = vectors * (cdiv(m, meta["BLOCK_M"]) - 1)
     return Moved(read, m * c * args["out_ptr"].element_size(), 0, reread)
 
 

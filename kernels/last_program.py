@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cdiv
+
 # Partial rows merged by the last program of a group (the first level); the second level merges one row per
 # group. 32 rows of a 128-column fp32 tile are 16 KB per array.
 GROUP = 32
@@ -29,7 +31,7 @@ _GROUP = tl.constexpr(GROUP)  # the same, as the kernels read it
 
 
 def groups_of(tiles: int) -> int:
-    return triton.cdiv(tiles, GROUP)
+    return cdiv(tiles, GROUP)
 
 
 def counters_needed(tiles: int, column_tiles: int = 1) -> int:

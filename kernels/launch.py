@@ -315,10 +315,18 @@ def check_rows(rows: int, what: str) -> None:
         )
 
 
+# Host-side integer helpers in plain Python: Triton's own (``triton.cdiv``, ``triton.next_power_of_2``) are
+# constexpr functions in Triton 3.8, whose call wrapper costs a few microseconds each, and a launch's
+# grid and buffer sizes call them several times.
+def cdiv(a: int, b: int) -> int:
+    """``a / b`` rounded up (a grid's tile count)."""
+    return -(-a // b)
+
+
 def bucket(n: int) -> int:
     """A size rounded up to a power of two: autotuning keys on it (``*_BUCKET`` kernel arguments), so a
     network's dozens of layer widths share a few tuning runs instead of one each."""
-    return triton.next_power_of_2(max(int(n), 1))
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def row_bucket(m: int) -> int:

@@ -19,6 +19,7 @@ from .last_program import CounterPool, chan_update, counters_needed, finish_stat
 from .launch import (
     Moved,
     bucket,
+    cdiv,
     check_kernel_tensors,
     check_rows,
     row_bucket,
@@ -107,7 +108,7 @@ def empty_batch_statistics(out: Tensor, eps: float) -> Tensor:
 
 def column_stats_counters(m: int, c: int) -> int:
     """The arrival counters ``column_stats`` uses for an ``m x c`` matrix (``last_program.CounterPool``)."""
-    return counters_needed(triton.cdiv(m, _MIN_ROWS_PER_PROGRAM), triton.cdiv(c, _MIN_BLOCK_C))
+    return counters_needed(cdiv(m, _MIN_ROWS_PER_PROGRAM), cdiv(c, _MIN_BLOCK_C))
 
 
 def column_stats(x: Tensor, eps: float = 0.0, out: Tensor | None = None, pool: CounterPool | None = None) -> Tensor:
@@ -123,12 +124,12 @@ def column_stats(x: Tensor, eps: float = 0.0, out: Tensor | None = None, pool: C
     check_statistics_out(out, c, "column_stats")
     if m == 0 or c == 0:
         return empty_batch_statistics(out, eps)
-    tiles = triton.cdiv(m, _MIN_ROWS_PER_PROGRAM)  # the most partial rows any configuration writes
+    tiles = cdiv(m, _MIN_ROWS_PER_PROGRAM)  # the most partial rows any configuration writes
     partials = empty_partials(tiles, c, x.device)
     counter = take_counters(pool, column_stats_counters(m, c), x.device)
 
     def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_TILES"]), triton.cdiv(c, meta["BLOCK_C"])
+        return cdiv(m, meta["BLOCK_M"] * meta["ROW_TILES"]), cdiv(c, meta["BLOCK_C"])
 
     _column_stats_kernel[grid](
         x, *partials, counter, out, out.stride(0), float(eps), m, c, x.stride(0), bucket(c), row_bucket(m),
@@ -143,7 +144,7 @@ def _column_stats_plan(args: dict, meta: dict) -> Moved:
     programs (two levels); the three statistics written."""
     m, c = args["M"], args["C"]
     return Moved(m * c * args["x_ptr"].element_size(), 0) + partials_moved(
-        triton.cdiv(m, meta["BLOCK_M"] * meta["ROW_TILES"]), c
+        cdiv(m, meta["BLOCK_M"] * meta["ROW_TILES"]), c
     )
 
 
@@ -153,7 +154,7 @@ def partials_moved(tiles: int, columns: int, arrays: int = 2, finals: int = 3) -
     ``finals`` vectors written; arrival counters read and written (``last_program``)."""
     from .last_program import GROUP
 
-    groups = triton.cdiv(tiles, GROUP)
+    groups = cdiv(tiles, GROUP)
     row = arrays * columns * 4
     written = tiles * row + groups * row + finals * columns * 4
     read = tiles * row + groups * row
