@@ -98,7 +98,7 @@ def update_many_running_stats(bns: list, means: list[Tensor], variances: list[Te
 
 # Batch statistics of a dense block's output ride on the output tensor itself (an attribute, gone with
 # the tensor): the next BatchNorm that reads the same tensor (a transition's norm, norm5) reuses them
-# instead of reducing the buffer again (DESIGN.md section 3). They count only while the tensor is
+# instead of reducing the buffer again (docs/design.md section 3). They count only while the tensor is
 # unmodified (same version counter); a copy or a view of it does not carry them.
 _STATS_ATTRIBUTE = "_fastdense_batch_stats"
 

@@ -200,6 +200,7 @@ class FastDenseBlock(nn.ModuleDict):
             weight=layers[0].conv1.weight,
             training=self.training,
             spatial_dims=self.spatial_dims,
+            name=f"FastDenseBlock(num_layers={len(layers)}, num_input_features={self.num_input_features})",
         )
         eps1 = {layer.norm1.eps for layer in layers}
         if self.training and len(eps1) > 1:

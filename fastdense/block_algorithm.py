@@ -1,11 +1,11 @@
-"""A dense block's algorithm, shared by both backends: DESIGN.md sections 2 and 4.
+"""A dense block's algorithm, shared by both backends: docs/design.md sections 2 and 4.
 
 One channels_last buffer per block holds every feature map; seen as a row-major ``M x C_total``
 matrix (``M = N*H*W``), layer ``l`` reads the column prefix ``[0, C_l)`` and writes its ``k`` new
 columns in place. Training-mode batch statistics of a column are computed once, when it is written,
 and shared by every BatchNorm that reads it. The backward recomputes the normalised activations from
 the buffer and sums every consumer's BatchNorm gradient into one gradient buffer ``G``, finalising each
-segment once (the derivation is in DESIGN.md section 4).
+segment once (the derivation is in docs/design.md section 4).
 
 This module holds the loops over layers, the saved state and the forward/backward contract; the
 operations inside them come as an ``Ops`` record: plain PyTorch in ``torch_ops``, Triton kernels in
@@ -464,7 +464,7 @@ def block_backward(
     running: list | None = None,
     sync: StatsSync | None = None,
 ) -> tuple[Tensor | None, list[Tensor | None]]:
-    """Gradients of the input and of every parameter, per DESIGN.md section 4. ``ops``: the forward's;
+    """Gradients of the input and of every parameter, per docs/design.md section 4. ``ops``: the forward's;
     ``running`` (eval mode): each layer's norm1 and norm2 as ``RunningNorm``s (the statistics the forward
     normalised with); ``sync``: the forward's SyncBatchNorm group, if any."""
     n, c_total, *spatial = out.shape

@@ -43,7 +43,7 @@ from .torch_ops import (
     normalized_relu,
 )
 from .triton_ops import check_dtypes
-from .validation import autocast_enabled, autocast_off
+from .validation import autocast_enabled, autocast_off, check_rank
 
 # BatchNorm and the pools that go with it, per number of spatial dimensions.
 NORMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
@@ -430,6 +430,10 @@ def _affine_backward(d_pre, x, weight, mean, rstd, training: bool, need_input_gr
     return d_x, d_weight, d_bias
 
 
+# How an error names the part of the network whose input it refuses.
+PART_NAMES = {"stem": "the stem (conv0, norm0, pool0)", "transition": "a transition", "head": "the head (norm5)"}
+
+
 def bn_relu_pool(
     x: Tensor,
     norm: nn.BatchNorm2d,
@@ -442,6 +446,7 @@ def bn_relu_pool(
     ``backend`` is a resolved backend ("torch" or "triton"); ``part`` names the stage it runs in
     ("stem", "transition" or "head", and its backward "<part>_backward"). ``conv`` (``recomputable``):
     ``pool(relu(norm(conv(x))))``, the convolution's output computed again in backward, not kept."""
+    check_rank(x, NORMS.get(type(norm), 2), PART_NAMES.get(part, part))
     cast = None
     if conv is not None and x.dtype == torch.float32 and autocast_enabled(x.device.type):
         cast = torch.get_autocast_dtype(x.device.type)  # the convolution runs in it, as nn.Conv would
@@ -449,8 +454,8 @@ def bn_relu_pool(
     positions = math.prod(x.shape[2:]) if conv is None else _positions(x, conv)
     if norm.training and x.shape[0] * positions == 1:
         raise ValueError(
-            f"expected more than 1 value per channel when training (BatchNorm batch statistics), "
-            f"got input size {tuple(x.shape)}"
+            f"{PART_NAMES.get(part, part)}: expected more than 1 value per channel when training (BatchNorm batch "
+            f"statistics), got input size {tuple(x.shape)}; use a larger batch or call .eval()"
         )
     conv_weight = None if conv is None else conv.weight
     with autocast_off(x.device.type), stage(part, x.device), stage("bn_relu_pool", x.device):

@@ -202,7 +202,10 @@ def convert(module: nn.Module, *, backend: str = "auto", strict: bool = False) -
     Works on a whole DenseNet, any model containing dense blocks, or a single block (then the new block
     is returned). Blocks that cannot be reproduced exactly are left alone with a ``UserWarning`` that
     names them and says why, or, with ``strict=True``, make it raise a ``ValueError`` before anything
-    is changed. Returns ``module`` (modified in place) or the new block.
+    is changed. In a torchvision or MONAI DenseNet whose blocks converted, the ``features`` Sequential and
+    its plain transitions become fastdense's too (the stem's norm-ReLU-pool and each transition run fused,
+    as in the built model; names, keys and parameters unchanged, the originals kept for ``revert``).
+    Returns ``module`` (modified in place) or the new block.
     """
     check_backend_name(backend)
     if is_dense_block(module):
@@ -226,31 +229,34 @@ def convert(module: nn.Module, *, backend: str = "auto", strict: bool = False) -
             setattr(parent, child_name, _fast_block(block, backend))
         else:
             _refuse(f"left {full_name!r} unchanged: {reasons[full_name]}", strict)
-    for network in [m for m in module.modules() if _is_monai_densenet(m)]:
-        # Only together with blocks that converted: a network whose blocks all stayed MONAI's keeps every
-        # module it had (same types, same repr), the stem and transitions included.
+    for network in [m for m in module.modules() if _is_densenet(m)]:
+        # Only together with blocks that converted: a network whose blocks all stayed the original library's
+        # keeps every module it had (same types, same repr), the stem and transitions included.
         if any(isinstance(m, FastDenseBlock) for m in network.features.children()):
             _convert_stem_and_transitions(network, backend)
     return module
 
 
-def _is_monai_densenet(module: nn.Module) -> bool:
-    """MONAI's ``DenseNet`` (and its ``DenseNet121/169/201/264``), recognised by its parts."""
-    monai = any(cls.__name__ == "DenseNet" and cls.__module__.startswith("monai.") for cls in type(module).__mro__)
-    return monai and type(getattr(module, "features", None)) is nn.Sequential
+def _is_densenet(module: nn.Module) -> bool:
+    """torchvision's ``DenseNet`` or MONAI's (and its ``DenseNet121/169/201/264``), recognised by its parts:
+    the networks whose stem and transitions ``convert`` swaps too."""
+    classes = type(module).__mro__
+    ours = any(cls.__name__ == "DenseNet" and cls.__module__.startswith(("monai.", "torchvision.")) for cls in classes)
+    return ours and type(getattr(module, "features", None)) is nn.Sequential
 
 
 def _fast_transition(module: nn.Module, backend: str) -> Transition | None:
-    """fastdense's Transition holding a MONAI ``_Transition``'s modules when those are the plain ones
-    (BatchNorm, ReLU, bias-free 1x1 conv, average pool: ``Transition.exact``), else None."""
-    if not _foreign_class(module, "_Transition", "monai") or list(module._modules) != ["norm", "relu", "conv", "pool"]:
+    """fastdense's Transition holding a torchvision or MONAI ``_Transition``'s modules when those are the
+    plain ones (BatchNorm, ReLU, bias-free 1x1 conv, average pool: ``Transition.exact``), else None."""
+    original = _foreign_class(module, "_Transition", "monai") or _foreign_class(module, "_Transition", "torchvision")
+    if not original or list(module._modules) != ["norm", "relu", "conv", "pool"]:
         return None
     transition = Transition.of_modules(OrderedDict(module._modules), backend=backend)
     return transition if transition.exact() else None
 
 
 def _convert_stem_and_transitions(network: nn.Module, backend: str) -> None:
-    """A MONAI DenseNet's ``features`` as fastdense's (the stem's norm-relu-pool as one recomputing op,
+    """A torchvision or MONAI DenseNet's ``features`` as fastdense's (the stem's norm-relu-pool as one recomputing op,
     which falls back to the modules one by one where they are not the plain ones) and its plain
     transitions as fastdense's; the replaced containers are kept for ``revert``. Keys are unchanged."""
     features = Features(OrderedDict(network.features._modules), backend=backend)

@@ -19,6 +19,7 @@ from .block import CONVS, FastDenseBlock
 from .bn_relu_pool import (
     AVERAGE_POOLS,
     NORMS,
+    PART_NAMES,
     POOLS,
     bn_relu_pool,
     fusable,
@@ -30,7 +31,7 @@ from .bn_relu_pool import (
 )
 from .layout import channels_last
 from .tracing import call_module_node, is_traced, jit_compiling
-from .validation import compute_dtype
+from .validation import check_rank, compute_dtype
 
 
 class Transition(nn.Sequential):
@@ -281,6 +282,7 @@ class FastDenseNet(nn.Module):
         the BatchNorms after a block reuse its batch statistics in training mode."""
         from fastdense.kernels.bn_relu_pool import pooled_size
 
+        check_rank(x, 2, PART_NAMES["stem"])
         features = self.features
         stem = features.conv0(x)
         kernel, stride, padding, _ = kernel_window(features.pool0)

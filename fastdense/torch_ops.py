@@ -139,7 +139,7 @@ def normalized_relu(x: Tensor, norm: Affine, dtype: torch.dtype) -> Tensor:
 
 def bottleneck(x: Tensor, norm1: NormMap, w1: Tensor, stats: Tensor | None, stats_eps: float, epilogue=None,
                pool=None) -> Tensor:  # fmt: skip
-    """``Ops.bottleneck``: ``relu(norm1(x)) @ W1^T`` for an ``M x C_l`` prefix of the buffer (DESIGN.md's
+    """``Ops.bottleneck``: ``relu(norm1(x)) @ W1^T`` for an ``M x C_l`` prefix of the buffer (docs/design.md's
     GEMM prologue, here as its own two passes, in ``row_chunks``), with its column statistics written into
     ``stats`` when given. No eval-mode epilogue (``fuses_eval_norm2`` is False)."""
     out = torch.empty((x.shape[0], w1.shape[0]), dtype=w1.dtype, device=x.device)

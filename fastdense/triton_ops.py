@@ -1,5 +1,5 @@
 """The ``triton`` backend: a dense block's operations (``block_algorithm.Ops``) as the kernels of
-``kernels/`` (DESIGN.md sections 3 and 4).
+``kernels/`` (docs/design.md sections 3 and 4).
 
 The layer loops, running-statistics updates and the saved state are ``block_algorithm``'s, shared with
 the torch backend (``torch_ops``); only the operations inside differ. Forward: the block input's

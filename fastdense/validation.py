@@ -37,6 +37,20 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 _LAYOUTS = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
 
 
+def check_rank(x: Tensor, spatial_dims: int, name: str) -> None:
+    """Refuse an input that is not a tensor of ``spatial_dims + 2`` dimensions (a batch), naming ``name``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != spatial_dims + 2:
+        unbatched = (
+            " (one unbatched sample? add the batch dimension: x.unsqueeze(0))" if x.dim() == spatial_dims + 1 else ""
+        )
+        raise ValueError(
+            f"{name}: input must be a {spatial_dims + 2}-D {_LAYOUTS[spatial_dims]} tensor "
+            f"(spatial_dims={spatial_dims}), got {x.dim()}-D input of shape {tuple(x.shape)}{unbatched}"
+        )
+
+
 def check_block_input(
     x: Tensor,
     *,
@@ -51,13 +65,7 @@ def check_block_input(
     ``weight`` is any parameter of the block; it fixes the expected device and (outside autocast)
     the expected dtype.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != spatial_dims + 2:
-        raise ValueError(
-            f"{name}: input must be a {spatial_dims + 2}-D {_LAYOUTS[spatial_dims]} tensor "
-            f"(spatial_dims={spatial_dims}), got {x.dim()}-D input of shape {tuple(x.shape)}"
-        )
+    check_rank(x, spatial_dims, name)
     if not x.is_floating_point():
         raise TypeError(f"{name}: input must have a floating point dtype, got {x.dtype}")
     if x.shape[1] != expected_channels:

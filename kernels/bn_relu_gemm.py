@@ -1,4 +1,4 @@
-"""BN-ReLU-1x1 conv as one GEMM over a column prefix of the block buffer (DESIGN.md section 3).
+"""BN-ReLU-1x1 conv as one GEMM over a column prefix of the block buffer (docs/design.md section 3).
 
 ``Y = relu(X[:, :K] * a + b) @ W^T`` with ``X`` an ``M x K`` row-major matrix of any row stride (the
 buffer's leading dimension is ``C_total``). The BatchNorm map and the ReLU are applied to each A tile

@@ -1,4 +1,4 @@
-"""Backward of BN-ReLU-1x1 conv over the block buffer (DESIGN.md section 4), two kernels.
+"""Backward of BN-ReLU-1x1 conv over the block buffer (docs/design.md section 4), two kernels.
 
 With ``u = (X[:, :C] - mean) * gamma * rstd + beta`` recomputed from the buffer (never stored) and ``dY`` the
 gradient of the layer's bottleneck:
@@ -101,7 +101,7 @@ def _dgrad_kernel(
     scale = gamma * rstd
     active = bn_relu(x, mean, scale, beta, INTERPRETED) > 0  # norm1's ReLU mask, recomputed
     p = tl.where(mask & active, acc, 0.0)
-    # P's factor into G: gamma with batch statistics (DESIGN.md section 4); the map's slope with frozen ones
+    # P's factor into G: gamma with batch statistics (docs/design.md section 4); the map's slope with frozen ones
     coef = scale if FROM_VAR else gamma
     g_ptrs = g_ptr + row_offsets(rows, stride_g)[:, None] + cols[None, :]
     if FIRST:  # the first layer to reach these columns: nothing to add to

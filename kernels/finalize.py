@@ -1,4 +1,4 @@
-"""Segment finalize (DESIGN.md section 4): the input gradient of one column range of the block buffer
+"""Segment finalize (docs/design.md section 4): the input gradient of one column range of the block buffer
 once every consumer's BatchNorm gradient has been summed into ``G``.
 
 Training (batch statistics shared by every consumer):

@@ -103,3 +103,30 @@ def test_empty_batch_through_the_whole_network(training):
         out.sum().backward()
         assert x.grad.shape == x.shape
     assert_same_grads_and_buffers(fast, ref, TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 1, 3, 32, 32), (2, 3, 32)], ids=["unbatched", "5-D", "3-D"])
+def test_network_wrong_rank_names_the_stem_and_the_layout(backend, shape):
+    """torchvision's densenet121 refuses these in norm0 ("expected 4D input"); fastdense's stem says which
+    part refused what, and how to batch a single image."""
+    import fastdense
+
+    model = fastdense.densenet121(backend=backend)
+    message = rf"the stem \(conv0, norm0, pool0\): input must be a 4-D \(N, C, H, W\) tensor .*got {len(shape)}-D"
+    for mode, grad in ((True, True), (False, True), (False, False)):  # eval without autograd: one buffer chain
+        with pytest.raises(ValueError, match=message) as refused, torch.set_grad_enabled(grad):
+            model.train(mode)(torch.randn(shape))
+        assert ("unsqueeze(0)" in str(refused.value)) == (len(shape) == 3)
+
+
+def test_transition_and_block_errors_name_their_part():
+    import fastdense
+
+    model = fastdense.densenet121()
+    with pytest.raises(ValueError, match=r"a transition: input must be a 4-D \(N, C, H, W\) tensor"):
+        model.features.transition1(torch.randn(256, 8, 8))
+    with pytest.raises(ValueError, match=r"FastDenseBlock\(num_layers=24, num_input_features=256\): input has 3"):
+        model.features.denseblock3(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"FastDenseBlock\(num_layers=16, .*more than 1 value per channel"):
+        model.features.denseblock4(torch.randn(1, 512, 1, 1))

@@ -9,6 +9,7 @@ from torch import nn
 from torchvision.models.densenet import _DenseBlock
 
 import fastdense
+from fastdense.densenet import Features
 from fastdense.tools.verify import compare, randomize_batchnorm
 
 from .helpers import TOLERANCE, block_pair
@@ -37,6 +38,8 @@ def test_convert_densenet_keeps_state_and_results(memory_efficient):
     blocks = [m for m in model.modules() if isinstance(m, fastdense.FastDenseBlock)]
     assert len(blocks) == 2 and not any(isinstance(m, _DenseBlock) for m in model.modules())
     assert all(b.backend == "torch" and b.memory_efficient == memory_efficient for b in blocks)
+    # The stem and the transitions as the built model runs them (fused), under the same names.
+    assert type(model.features) is Features and type(model.features.transition1) is fastdense.Transition
     assert list(model.state_dict()) == keys
     assert {name: id(p) for name, p in model.named_parameters()} == params  # same tensors: optimizers keep working
     reference.load_state_dict(model.state_dict())  # strict, both ways
@@ -106,3 +109,16 @@ def test_convert_rejects_unknown_backend():
     _, model = torchvision_pair()
     with pytest.raises(ValueError, match="backend must be one of"):
         fastdense.convert(model, backend="cudnn")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_converted_torchvision_densenet121_counts_the_built_models_training_peak(backend):
+    """convert swaps the stem and the transitions as well as the blocks, so a converted torchvision model
+    trains in the built model's memory (counted on fake tensors, batch 64, 224x224, bf16, channels_last)."""
+    settings = {"autocast_dtype": torch.bfloat16, "channels_last": True}
+    built = fastdense.estimate_peak_memory(fastdense.densenet121(backend=backend), (64, 3, 224, 224), **settings)
+    converted_model = fastdense.convert(torchvision.models.densenet121(), backend=backend)
+    converted = fastdense.estimate_peak_memory(converted_model, (64, 3, 224, 224), **settings)
+    reference = fastdense.estimate_peak_memory(torchvision.models.densenet121(), (64, 3, 224, 224), **settings)
+    assert abs(int(converted) / int(built) - 1) <= 0.05, (converted, built)
+    assert int(converted) < 0.5 * int(reference), (converted, reference)

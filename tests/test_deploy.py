@@ -49,6 +49,8 @@ def test_revert_of_a_converted_torchvision_model_gives_its_blocks_back(training)
     assert reverted is converted
     assert not any(isinstance(m, fastdense.FastDenseBlock) for m in reverted.modules())
     assert all(type(reverted.get_submodule(name)) is _DenseBlock for name in originals)
+    assert type(reverted.features) is torch.nn.Sequential  # convert swapped it and the transitions too
+    assert all(type(m) is type(ref.features.transition1) for n, m in reverted.features.named_children() if "trans" in n)
     assert_same_objects(reverted, objects)
     errors = compare(reverted, ref, [x64(2, 3, 32, 32, seed=s) for s in range(2)], training)
     assert max(errors.values()) <= 1e-12, errors  # the very same code as torchvision's now

@@ -112,6 +112,20 @@ def test_every_document_is_linked_and_the_readme_fits_about_two_screens():
     assert len(readme.splitlines()) <= 110
     for page in (ROOT / "docs").glob("*.md"):
         assert f"docs/{page.name}" in readme, page.name
-    for path in DOCS:  # relative links point at files that exist
+    for path in DOCS:  # relative links point at files that exist, inside the repository (a clone has no more)
         for target in re.findall(r"\]\(([^)#:]+)\)", path.read_text()):
             assert (path.parent / target).exists(), (path.name, target)
+            assert (path.parent / target).resolve().is_relative_to(ROOT), (path.name, target)
+
+
+def test_no_document_or_source_cites_a_file_outside_the_repository():
+    """The design lives in docs/design.md; nothing cites the design notes or folders a clone does not have."""
+    sources = [
+        *DOCS,
+        *(ROOT / "fastdense").rglob("*.py"),
+        *(ROOT / "kernels").glob("*.py"),
+        *(ROOT / "examples").glob("*.py"),
+    ]
+    for path in sources:
+        text = path.read_text()
+        assert "DESIGN.md" not in text and "../shared" not in text, path

@@ -83,3 +83,23 @@ def test_importing_the_library_loads_none_of_the_tools():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_help_lists_every_subcommand_and_a_typo_names_the_closest():
+    from fastdense.tools import SUBCOMMANDS
+
+    done = subprocess.run([sys.executable, "-m", "fastdense", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    listed = done.stdout.split("subcommands (")[1].splitlines()[1:]
+    assert [line.split()[0] for line in listed if line.strip()] == list(SUBCOMMANDS)
+    done = subprocess.run([sys.executable, "-m", "fastdense", "fitt"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown subcommand 'fitt' (did you mean 'fit'?)" in done.stderr
+
+
+@pytest.mark.parametrize("tool", ["fit", "bench", "host", "traffic", "volumes", "profile"])
+def test_each_tools_help_describes_it_in_whole_sentences(tool):
+    done = subprocess.run([sys.executable, "-m", "fastdense", tool, "--help"], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    description = done.stdout.split("\n\n")[1]
+    assert description.startswith(f"``python -m fastdense {tool}``") and description.rstrip().endswith("."), description

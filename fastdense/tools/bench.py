@@ -335,7 +335,9 @@ def plan_from_args(args: argparse.Namespace, default_providers: list[str] | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastdense bench", description=__doc__.splitlines()[0])
+    from . import describe
+
+    parser = argparse.ArgumentParser(prog="python -m fastdense bench", description=describe(__doc__))
     add_arguments(parser, default_providers_note="default: every provider the device supports")
     parser.add_argument("--plot", help="write PNG plots to this path (…/name.png)")
     parser.add_argument(

@@ -205,7 +205,9 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastdense fit", description=__doc__.splitlines()[0])
+    from . import describe
+
+    parser = argparse.ArgumentParser(prog="python -m fastdense fit", description=describe(__doc__))
     parser.add_argument("--model", default="densenet121", choices=sorted(MODELS) + sorted(VOLUME_MODELS))
     parser.add_argument("--mode", choices=("train", "infer"), default="train")
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")

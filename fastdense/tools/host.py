@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--worker"]:
         _worker(argv[1:])
         return
-    parser = argparse.ArgumentParser(prog="python -m fastdense host", description=__doc__.split("\n")[0])
+    from . import describe
+
+    parser = argparse.ArgumentParser(prog="python -m fastdense host", description=describe(__doc__))
     parser.add_argument("--model", default="densenet121", choices=sorted(MODELS))
     parser.add_argument("--providers", nargs="+", default=["torchvision-eager", "fastdense", "fastdense-triton"])
     parser.add_argument("--mode", default="both", choices=[*MODES, "both"])

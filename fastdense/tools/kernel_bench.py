@@ -126,7 +126,9 @@ def measure(case: dict, device: torch.device, repeats: int, peaks) -> list[dict]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastdense kernels", description=__doc__.splitlines()[0])
+    from . import describe
+
+    parser = argparse.ArgumentParser(prog="python -m fastdense kernels", description=describe(__doc__))
     parser.add_argument("--batch", type=int, default=None, help="default: 64 on CUDA, 1 on the CPU (interpreter)")
     parser.add_argument("--repeats", type=int, default=None, help="default: 50 on CUDA, 2 on the CPU")
     parser.add_argument("--json", help="write the rows and the device's peaks to this JSON file")

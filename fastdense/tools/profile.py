@@ -115,7 +115,9 @@ def print_rows(title: str, rows: list[dict], limit: int, peaks=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastdense profile", description=__doc__.splitlines()[0])
+    from . import describe
+
+    parser = argparse.ArgumentParser(prog="python -m fastdense profile", description=describe(__doc__))
     parser.add_argument("--provider", default="fastdense", choices=sorted(PROVIDERS))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--model", default="densenet121", choices=sorted(MODELS))

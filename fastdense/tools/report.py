@@ -96,7 +96,14 @@ def print_verification(rows: list[dict], model: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastdense", description=__doc__.splitlines()[0])
+    from . import subcommands_help
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fastdense",
+        description=__doc__.splitlines()[0],
+        epilog=subcommands_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     note = f"default: {' '.join(REPORT_PROVIDERS)} (on CUDA also {' '.join(CUDA_REPORT_PROVIDERS)})"
     bench.add_arguments(parser, default_providers_note=note)
     parser.add_argument("--skip-verify", action="store_true")

@@ -1,7 +1,7 @@
 """Roofline floor of DenseNet inference: multiply-accumulates, the fewest bytes a fused design moves,
 and the device's measured matmul rate and copy bandwidth.
 
-The byte count assumes DESIGN.md's fused inference: each dense layer reads its input prefix once,
+The byte count assumes docs/design.md's fused inference: each dense layer reads its input prefix once,
 writes and reads back its bottleneck once and writes its new channels once; the stem writes and
 reads its convolution output once; a transition reads its input once and writes its pooled output
 once; weights are read once per batch. Halos, statistics and the classifier's input are neglected.
@@ -65,7 +65,7 @@ class Peaks:
 # Roofline floors of counted steps (``python -m fastdense traffic``), per named card: the dense matmul rate
 # in bf16/fp16 and in TF32 (float32 steps), and the memory bandwidth. "data sheet": NVIDIA's figures (H100
 # SXM: 989 TFLOP/s bf16 and 495 TF32 dense, 3.35 TB/s; H200: the same rates, 4.8 TB/s). "measured": the
-# GPU machine's own, as ../shared/WORKING.md records them (bf16 matmul and device copy; no TF32 figure).
+# GPU machine's own, measured there by the team before any fastdense run (bf16 matmul and device copy; no TF32 figure).
 CARDS = {
     "H100 SXM, data sheet": (989e12, 495e12, 3.35e12),
     "H200, data sheet": (989e12, 495e12, 4.8e12),

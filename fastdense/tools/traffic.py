@@ -296,7 +296,9 @@ def _counted_step(provider, model, mode, batch, resolution, dtype, as_device) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastdense traffic", description=__doc__.split("\n")[0])
+    from . import describe
+
+    parser = argparse.ArgumentParser(prog="python -m fastdense traffic", description=describe(__doc__))
     parser.add_argument("--model", default="densenet121", choices=sorted(MODELS))
     parser.add_argument("--providers", nargs="+", default=["torchvision-eager", "fastdense"])
     parser.add_argument("--mode", default="both", choices=[*MODES, "both"])

@@ -223,7 +223,9 @@ def run_and_print(options: Options) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastdense volumes", description=__doc__.split("\n")[0])
+    from . import describe
+
+    parser = argparse.ArgumentParser(prog="python -m fastdense volumes", description=describe(__doc__))
     parser.add_argument("--model", default="monai-densenet121-3d", choices=sorted(MODELS))
     edges = f"CPU {' '.join(map(str, CPU_VOLUMES))}, CUDA {' '.join(map(str, CUDA_VOLUMES))}"
     parser.add_argument("--volumes", type=int, nargs="+", help=f"volume edges (default: {edges})")
