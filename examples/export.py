@@ -1,6 +1,6 @@
 """Deploy a fastdense DenseNet: ONNX (checked in onnxruntime), torch.export, and feature extraction.
 
-    python examples/export.py [--checkpoint ckpt.pt] [--num-classes 1000] [--out densenet121.onnx]
+    python examples/export.py [--checkpoint ckpt.pt] [--num-classes 1000] [--image-size 224] [--out densenet121.onnx]
 
 ``--checkpoint``: a state_dict with torchvision's keys (``examples/train_classifier.py`` writes one, under
 "model"); without it the weights are random. Exports need no extra step: in eval mode a dense block

@@ -52,12 +52,14 @@ def loaders(data: Path, image_size: int, batch_size: int, workers: int, distribu
     return train, DataLoader(val_set, batch_size, num_workers=workers), len(train_set.classes), sampler
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def peak_memory(device: torch.device) -> str:
+    """What the run's memory peak is on this device, and its name: the tensors' peak on a GPU; on the CPU the
+    process's resident high-water mark (tensors, the interpreter and its libraries together)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return f"peak tensor memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # the process's high-water mark
+    return f"process peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB"
 
 
 def main() -> None:
@@ -122,7 +124,7 @@ def main() -> None:
         if rank == 0:
             rate = seen / (time.perf_counter() - began)
             print(f"\repoch {epoch}: loss {loss.item():.3f}, {rate:.1f} img/s on this process, val accuracy "
-                  f"{accuracy:.3f}, peak memory {peak_memory_mb(device):.0f} MiB")  # fmt: skip
+                  f"{accuracy:.3f}, {peak_memory(device)}")  # fmt: skip
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch}  # fmt: skip
             torch.save(state, args.checkpoint)

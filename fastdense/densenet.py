@@ -31,7 +31,7 @@ from .bn_relu_pool import (
 )
 from .layout import channels_last
 from .tracing import call_module_node, is_traced, jit_compiling
-from .validation import check_rank, compute_dtype
+from .validation import check_stem_input, compute_dtype
 
 
 class Transition(nn.Sequential):
@@ -129,6 +129,8 @@ class Features(nn.Sequential):
         block buffer after it (PyTorch's CPU max pool is more than ten times faster on it than on a
         contiguous map)."""
         conv0, norm0, relu0, pool0 = (self._modules[name] for name in ("conv0", "norm0", "relu0", "pool0"))
+        if isinstance(conv0, nn.modules.conv._ConvNd):  # a replaced conv0 checks its own input
+            check_stem_input(x, conv0, conv0.weight.dim() - 2, PART_NAMES["stem"])
         if fusable(norm0, relu0, pool0):
             backend = resolve_backend(self.backend, x.device)
             if recomputable(conv0) and recomputes_conv0(x):  # conv0's output is computed again in backward
@@ -282,8 +284,8 @@ class FastDenseNet(nn.Module):
         the BatchNorms after a block reuse its batch statistics in training mode."""
         from fastdense.kernels.bn_relu_pool import pooled_size
 
-        check_rank(x, 2, PART_NAMES["stem"])
         features = self.features
+        check_stem_input(x, features.conv0, 2, PART_NAMES["stem"])
         stem = features.conv0(x)
         kernel, stride, padding, _ = kernel_window(features.pool0)
         h, w = (pooled_size(s, k, stride, padding) for s, k in zip(stem.shape[2:], kernel, strict=True))

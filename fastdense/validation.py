@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -48,6 +48,27 @@ def check_rank(x: Tensor, spatial_dims: int, name: str) -> None:
         raise ValueError(
             f"{name}: input must be a {spatial_dims + 2}-D {_LAYOUTS[spatial_dims]} tensor "
             f"(spatial_dims={spatial_dims}), got {x.dim()}-D input of shape {tuple(x.shape)}{unbatched}"
+        )
+
+
+def check_stem_input(x: Tensor, conv0: nn.Module, spatial_dims: int, name: str) -> None:
+    """Check a network's input against its stem convolution ``conv0`` (rank, dtype, channels, device),
+    before any kernel sees it: the errors name the stem and what it expected."""
+    check_rank(x, spatial_dims, name)
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: input must have a floating point dtype, got {x.dtype}")
+    weight = conv0.weight
+    if x.shape[1] != weight.shape[1] * conv0.groups:
+        raise ValueError(
+            f"{name}: input has {x.shape[1]} channels but conv0 expects {weight.shape[1] * conv0.groups} "
+            f"(its in_channels); input shape {tuple(x.shape)}"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"{name}: input is on {x.device} but the model's parameters are on {weight.device}")
+    if x.dtype != weight.dtype and not autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name}: input dtype {x.dtype} does not match the parameters' dtype {weight.dtype} "
+            "(convert one of them, or run under torch.autocast)"
         )
 
 

@@ -130,3 +130,36 @@ def test_transition_and_block_errors_name_their_part():
         model.features.denseblock3(torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match=r"FastDenseBlock\(num_layers=16, .*more than 1 value per channel"):
         model.features.denseblock4(torch.randn(1, 512, 1, 1))
+
+
+STEM = r"the stem \(conv0, norm0, pool0\): "
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(
+    ("x", "error", "message"),
+    [
+        (
+            lambda: torch.randn(2, 1, 32, 32),
+            ValueError,
+            r"input has 1 channels but conv0 expects 3 \(its in_channels\)",
+        ),
+        (lambda: torch.randn(2, 3, 32, 32, dtype=torch.float64), TypeError, "input dtype torch.float64 does not match"),
+        (
+            lambda: torch.zeros(2, 3, 32, 32, dtype=torch.long),
+            TypeError,
+            "input must have a floating point dtype, got torch.int64",
+        ),
+        (lambda: torch.empty(2, 3, 32, 32, device="meta"), ValueError, "input is on meta but the model's parameters"),
+    ],
+    ids=["channels", "dtype", "integer", "device"],
+)
+def test_network_input_mistakes_are_named_at_the_stem(backend, x, error, message):
+    """torchvision lets conv0 raise PyTorch's own errors (or a cross-device copy error); fastdense's stem
+    names itself, the argument and what it expected, in training, eval and eval without autograd."""
+    import fastdense
+
+    model = fastdense.densenet121(num_classes=5, backend=backend)
+    for mode, grad in ((True, True), (False, True), (False, False)):
+        with pytest.raises(error, match=STEM + message), torch.set_grad_enabled(grad):
+            model.train(mode)(x())
