@@ -51,25 +51,30 @@ def check_rank(x: Tensor, spatial_dims: int, name: str) -> None:
         )
 
 
-def check_stem_input(x: Tensor, conv0: nn.Module, spatial_dims: int, name: str) -> None:
-    """Check a network's input against its stem convolution ``conv0`` (rank, dtype, channels, device),
-    before any kernel sees it: the errors name the stem and what it expected."""
+def check_input(x: Tensor, *, name: str, spatial_dims: int, channels: int, expects: str, weight: Tensor, owner: str):
+    """Refuse an input that ``name``'s parameters (any of them: ``weight``) cannot consume: not a batch of
+    ``spatial_dims``, not floating point, not ``channels`` channels (what ``expects`` says), on another
+    device than the parameters of ``owner``, or of another dtype outside autocast."""
     check_rank(x, spatial_dims, name)
     if not x.is_floating_point():
         raise TypeError(f"{name}: input must have a floating point dtype, got {x.dtype}")
-    weight = conv0.weight
-    if x.shape[1] != weight.shape[1] * conv0.groups:
-        raise ValueError(
-            f"{name}: input has {x.shape[1]} channels but conv0 expects {weight.shape[1] * conv0.groups} "
-            f"(its in_channels); input shape {tuple(x.shape)}"
-        )
+    if x.shape[1] != channels:
+        raise ValueError(f"{name}: input has {x.shape[1]} channels but {expects}; input shape {tuple(x.shape)}")
     if x.device != weight.device:
-        raise ValueError(f"{name}: input is on {x.device} but the model's parameters are on {weight.device}")
+        raise ValueError(f"{name}: input is on {x.device} but {owner} parameters are on {weight.device}")
     if x.dtype != weight.dtype and not autocast_enabled(x.device.type):
         raise TypeError(
             f"{name}: input dtype {x.dtype} does not match the parameters' dtype {weight.dtype} "
             "(convert one of them, or run under torch.autocast)"
         )
+
+
+def check_stem_input(x: Tensor, conv0: nn.Module, spatial_dims: int, name: str) -> None:
+    """Check a network's input against its stem convolution ``conv0``, before any kernel sees it."""
+    channels = conv0.weight.shape[1] * conv0.groups
+    expects = f"conv0 expects {channels} (its in_channels)"
+    check_input(x, name=name, spatial_dims=spatial_dims, channels=channels, expects=expects, weight=conv0.weight,
+                owner="the model's")  # fmt: skip
 
 
 def check_block_input(
@@ -86,21 +91,9 @@ def check_block_input(
     ``weight`` is any parameter of the block; it fixes the expected device and (outside autocast)
     the expected dtype.
     """
-    check_rank(x, spatial_dims, name)
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: input must have a floating point dtype, got {x.dtype}")
-    if x.shape[1] != expected_channels:
-        raise ValueError(
-            f"{name}: input has {x.shape[1]} channels but the block expects {expected_channels} "
-            f"(num_input_features); input shape {tuple(x.shape)}"
-        )
-    if x.device != weight.device:
-        raise ValueError(f"{name}: input is on {x.device} but the block's parameters are on {weight.device}")
-    if x.dtype != weight.dtype and not autocast_enabled(x.device.type):
-        raise TypeError(
-            f"{name}: input dtype {x.dtype} does not match the parameters' dtype {weight.dtype} "
-            "(convert one of them, or run under torch.autocast)"
-        )
+    expects = f"the block expects {expected_channels} (num_input_features)"
+    check_input(x, name=name, spatial_dims=spatial_dims, channels=expected_channels, expects=expects, weight=weight,
+                owner="the block's")  # fmt: skip
     if training and x.numel() == x.shape[1]:
         raise ValueError(
             f"{name}: expected more than 1 value per channel when training (BatchNorm batch statistics), "
