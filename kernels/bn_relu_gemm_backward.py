@@ -208,9 +208,14 @@ def _wgrad_kernel(
             tl.store(counter + groups, 0)
 
 
+def _dgrad_counters(m: int, c: int) -> int:
+    """The arrival counters the dgrad launch over an ``m x c`` prefix uses (the first of the backward's)."""
+    return counters_needed(cdiv(m, _DGRAD_MIN_BLOCK_M), cdiv(c, _DGRAD_MIN_BLOCK_N))
+
+
 def norm1_backward_counters(m: int, c: int, k: int, need_weight: bool) -> int:
     """The arrival counters ``norm1_gemm_backward`` uses for an ``m x c`` prefix and ``k`` bottleneck channels."""
-    dgrad = counters_needed(cdiv(m, _DGRAD_MIN_BLOCK_M), cdiv(c, _DGRAD_MIN_BLOCK_N))
+    dgrad = _dgrad_counters(m, c)
     tiles = cdiv(k, _WGRAD_MIN_N) * cdiv(c, _WGRAD_MIN_C)
     wgrad = tiles * (cdiv(_WGRAD_MAX_SPLIT, WGRAD_GROUP) + 1) if need_weight else 0
     return dgrad + wgrad
@@ -265,7 +270,7 @@ def norm1_gemm_backward(
     # the rows their launch wrote.
     partials = uninitialised(2, cdiv(m, _DGRAD_MIN_BLOCK_M), c, device=x.device)
     counter = take_counters(pool, norm1_backward_counters(m, c, k, d_weight is not None), x.device)
-    dgrad_counters = counters_needed(cdiv(m, _DGRAD_MIN_BLOCK_M), cdiv(c, _DGRAD_MIN_BLOCK_N))
+    dgrad_counters = _dgrad_counters(m, c)
     precision = dot_precision(weight.dtype)
 
     def dgrad_grid(meta):
