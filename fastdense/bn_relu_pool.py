@@ -33,6 +33,7 @@ from .batchnorm import (
     shared_batch_stats,
     update_running_stats,
 )
+from .foreign import timm_norm_relu
 from .layout import as_images, as_rows
 from .stages import stage
 from .torch_ops import (
@@ -51,19 +52,28 @@ POOLS = {nn.AvgPool1d: 1, nn.MaxPool1d: 1, nn.AvgPool2d: 2, nn.MaxPool2d: 2, nn.
 AVERAGE_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
 
-def fusable(norm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
-    """Whether ``pool(relu(norm(x)))`` is the plain computation this op reproduces, with no hooks.
+def norm_dims(norm: nn.Module) -> int | None:
+    """The spatial dimensions of the BatchNorm this op can stand for: a plain ``BatchNorm1d/2d/3d`` or timm's
+    ``BatchNormAct2d`` with its ReLU inside (``foreign.timm_norm_relu``); None for any other module."""
+    return NORMS.get(type(norm)) or (2 if timm_norm_relu(norm) else None)
+
+
+def fusable(norm: nn.Module, relu: nn.Module | None, pool: nn.Module) -> bool:
+    """Whether ``pool(relu(norm(x)))`` is the plain computation this op reproduces, with no hooks. ``relu`` is
+    None where ``norm`` applies the ReLU itself (timm's ``BatchNormAct2d``).
 
     Never under ``torch.compile``: there the modules run one by one and the compiler fuses them itself
     (only the dense block, which writes a buffer in place, stays an opaque operator)."""
-    modules = (norm, relu, pool)
+    modules = [m for m in (norm, relu, pool) if m is not None]
+    dims = norm_dims(norm)
+    relu_ok = type(relu) is nn.ReLU if type(norm) in NORMS else relu is None
     return (
         not torch.compiler.is_compiling()
-        and type(norm) in NORMS
+        and dims is not None
+        and relu_ok
         and norm.affine
         and norm.track_running_stats
-        and type(relu) is nn.ReLU
-        and POOLS.get(type(pool)) == NORMS[type(norm)]
+        and POOLS.get(type(pool)) == dims
         and not (isinstance(pool, AVERAGE_POOLS) and getattr(pool, "divisor_override", None) is not None)
         and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in modules)
     )
@@ -123,6 +133,18 @@ def kernel_window(pool: nn.Module) -> tuple[tuple[int, int], int, int, bool] | N
     if isinstance(pool, nn.MaxPool2d):
         return (kernel, stride[0], padding[0], True) if pair(pool.dilation) == (1, 1) else None
     return (kernel, stride[0], 0, False) if padding == (0, 0) else None
+
+
+def check_pool_window(x: Tensor, pool: nn.Module, name: str) -> None:
+    """Refuse an input smaller than ``pool``'s window (with its padding) in some spatial dimension: the pool
+    would have no output there (PyTorch's pools raise "Output size is too small"; a kernel would write none)."""
+    dims = x.dim() - 2
+    kernel, padding = (nn.modules.utils._ntuple(dims)(v) for v in (pool.kernel_size, pool.padding))
+    if any(size + 2 * p < k for size, k, p in zip(x.shape[2:], kernel, padding, strict=True)):
+        raise ValueError(
+            f"{name}: input of spatial size {tuple(x.shape[2:])} is smaller than its pool's window {kernel} "
+            f"(padding {padding}): no output; give it a larger input"
+        )
 
 
 def global_average_pool(x: Tensor) -> nn.Module:
@@ -446,7 +468,7 @@ def bn_relu_pool(
     ``backend`` is a resolved backend ("torch" or "triton"); ``part`` names the stage it runs in
     ("stem", "transition" or "head", and its backward "<part>_backward"). ``conv`` (``recomputable``):
     ``pool(relu(norm(conv(x))))``, the convolution's output computed again in backward, not kept."""
-    check_rank(x, NORMS.get(type(norm), 2), PART_NAMES.get(part, part))
+    check_rank(x, norm_dims(norm) or 2, PART_NAMES.get(part, part))
     cast = None
     if conv is not None and x.dtype == torch.float32 and autocast_enabled(x.device.type):
         cast = torch.get_autocast_dtype(x.device.type)  # the convolution runs in it, as nn.Conv would

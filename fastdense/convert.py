@@ -5,9 +5,10 @@ conversion keeps working) under the same names, so ``state_dict()`` keys and ord
 timm's layers normalise with ``BatchNormAct2d`` (BatchNorm and activation in one module); a block is
 converted when that activation is a ReLU. MONAI's blocks (1-D, 2-D and 3-D) keep their layers'
 ``layers`` Sequential (``fastdense.sequential_layer``); their dropout is channel-wise (Dropout2d/3d)
-and so is the fast block's. In a MONAI ``DenseNet`` the stem's norm-relu-pool and each transition also
-become fastdense's recomputing operators (``densenet.Features``, ``densenet.Transition``, any number of
-spatial dimensions), which reuse the block's batch statistics and keep no BatchNorm output.
+and so is the fast block's. In a torchvision, timm or MONAI ``DenseNet`` the stem's norm-relu-pool and each
+plain transition also become fastdense's recomputing operators (``densenet.Features``,
+``densenet.Transition``, any number of spatial dimensions), which keep no BatchNorm output; timm's
+``BatchNormAct2d`` there is read as the BatchNorm with its ReLU inside.
 SyncBatchNorm layers stay SyncBatchNorm (``fastdense.sync_batchnorm``).
 timm and MONAI are never imported: their classes are recognised by name.
 """
@@ -23,6 +24,7 @@ from torchvision.models.densenet import _DenseBlock, _DenseLayer
 from .backend import check_backend_name
 from .block import BATCH_NORMS, CONVS, FastDenseBlock
 from .densenet import Features, Transition
+from .foreign import foreign_class, timm_norm_relu
 from .revert import ORIGINAL
 from .sequential_layer import CHANNELWISE_DROPOUTS, SequentialDenseLayer
 
@@ -31,19 +33,13 @@ def _has_hooks(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
 
 
-def _foreign_class(module: nn.Module, name: str, package: str) -> bool:
-    """Whether ``module`` is exactly ``package``'s class ``name`` (matched by name: the package is optional)."""
-    cls = type(module)
-    return cls.__name__ == name and cls.__module__.startswith(f"{package}.")
-
-
 def _kind(module: nn.Module) -> str | None:
     """Whose dense block ``module`` is: "torchvision", "timm", "monai", or None for none of them."""
     if isinstance(module, _DenseBlock):
         return "torchvision"
-    if _foreign_class(module, "DenseBlock", "timm"):
+    if foreign_class(module, "DenseBlock", "timm"):
         return "timm"
-    if _foreign_class(module, "_DenseBlock", "monai"):
+    if foreign_class(module, "_DenseBlock", "monai"):
         return "monai"
     return None
 
@@ -52,19 +48,6 @@ def is_dense_block(module: nn.Module) -> bool:
     """A dense block ``convert`` knows: torchvision's ``_DenseBlock``, timm's ``DenseBlock`` or MONAI's
     ``_DenseBlock`` (1-D, 2-D or 3-D)."""
     return _kind(module) is not None
-
-
-def _timm_norm_act(norm: nn.Module) -> bool:
-    """timm's BatchNormAct2d computing relu(batch_norm(x)): affine, running statistics, plain ReLU."""
-    act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
-    return (
-        _foreign_class(norm, "BatchNormAct2d", "timm")
-        and norm.affine
-        and norm.track_running_stats
-        and type(act) is nn.ReLU
-        and type(drop) is nn.Identity
-        and not hasattr(norm, "aa")
-    )
 
 
 def _batch_norm(norm: nn.Module, spatial_dims: int) -> bool:
@@ -79,13 +62,13 @@ _MONAI_MODULES = ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"]
 def _why_not_exact_layer(kind: str, layer: nn.Module, name: str) -> str | None:
     """The layer's class and its activations: the framework's own, unmodified."""
     if kind == "timm":
-        if not _foreign_class(layer, "DenseLayer", "timm"):
+        if not foreign_class(layer, "DenseLayer", "timm"):
             return f"{name} is a {type(layer).__name__}, not timm's DenseLayer"
-        if not (_timm_norm_act(layer.norm1) and _timm_norm_act(layer.norm2)):
+        if not (timm_norm_relu(layer.norm1) and timm_norm_relu(layer.norm2)):
             return f"{name} normalises with something other than BatchNorm2d followed by ReLU"
         return None
     if kind == "monai":
-        if not _foreign_class(layer, "_DenseLayer", "monai"):
+        if not foreign_class(layer, "_DenseLayer", "monai"):
             return f"{name} is a {type(layer).__name__}, not MONAI's _DenseLayer"
         names = list(layer.layers._modules)
         if names not in (_MONAI_MODULES, [*_MONAI_MODULES, "dropout"]):
@@ -129,7 +112,7 @@ def _why_not_exact(block: nn.Module) -> str | None:
     for i, layer in enumerate(layers):
         name = f"denselayer{i + 1}"
         if kind == "timm":
-            standard = _timm_norm_act(layer.norm1) and _timm_norm_act(layer.norm2)
+            standard = timm_norm_relu(layer.norm1) and timm_norm_relu(layer.norm2)
         else:
             standard = _batch_norm(layer.norm1, spatial_dims) and _batch_norm(layer.norm2, spatial_dims)
         if not standard:
@@ -202,7 +185,7 @@ def convert(module: nn.Module, *, backend: str = "auto", strict: bool = False) -
     Works on a whole DenseNet, any model containing dense blocks, or a single block (then the new block
     is returned). Blocks that cannot be reproduced exactly are left alone with a ``UserWarning`` that
     names them and says why, or, with ``strict=True``, make it raise a ``ValueError`` before anything
-    is changed. In a torchvision or MONAI DenseNet whose blocks converted, the ``features`` Sequential and
+    is changed. In a torchvision, timm or MONAI DenseNet whose blocks converted, the ``features`` Sequential and
     its plain transitions become fastdense's too (the stem's norm-ReLU-pool and each transition run fused,
     as in the built model; names, keys and parameters unchanged, the originals kept for ``revert``).
     Returns ``module`` (modified in place) or the new block.
@@ -238,27 +221,36 @@ def convert(module: nn.Module, *, backend: str = "auto", strict: bool = False) -
 
 
 def _is_densenet(module: nn.Module) -> bool:
-    """torchvision's ``DenseNet`` or MONAI's (and its ``DenseNet121/169/201/264``), recognised by its parts:
-    the networks whose stem and transitions ``convert`` swaps too."""
+    """torchvision's, timm's or MONAI's ``DenseNet`` (and MONAI's ``DenseNet121/169/201/264``), recognised by
+    its class and parts: the networks whose stem and transitions ``convert`` swaps too."""
     classes = type(module).__mro__
-    ours = any(cls.__name__ == "DenseNet" and cls.__module__.startswith(("monai.", "torchvision.")) for cls in classes)
+    libraries = ("monai.", "timm.", "torchvision.")
+    ours = any(cls.__name__ == "DenseNet" and cls.__module__.startswith(libraries) for cls in classes)
     return ours and type(getattr(module, "features", None)) is nn.Sequential
 
 
+# The transitions convert swaps, by class, with their modules' names in the order they run.
+_TRANSITIONS = {
+    ("torchvision", "_Transition"): ["norm", "relu", "conv", "pool"],
+    ("monai", "_Transition"): ["norm", "relu", "conv", "pool"],
+    ("timm", "DenseTransition"): ["norm", "conv", "pool"],  # norm is BatchNormAct2d: the ReLU is inside
+}
+
+
 def _fast_transition(module: nn.Module, backend: str) -> Transition | None:
-    """fastdense's Transition holding a torchvision or MONAI ``_Transition``'s modules when those are the
+    """fastdense's Transition holding a torchvision, timm or MONAI transition's modules when those are the
     plain ones (BatchNorm, ReLU, bias-free 1x1 conv, average pool: ``Transition.exact``), else None."""
-    original = _foreign_class(module, "_Transition", "monai") or _foreign_class(module, "_Transition", "torchvision")
-    if not original or list(module._modules) != ["norm", "relu", "conv", "pool"]:
+    names = next((names for (lib, cls), names in _TRANSITIONS.items() if foreign_class(module, cls, lib)), None)
+    if names is None or list(module._modules) != names:
         return None
     transition = Transition.of_modules(OrderedDict(module._modules), backend=backend)
     return transition if transition.exact() else None
 
 
 def _convert_stem_and_transitions(network: nn.Module, backend: str) -> None:
-    """A torchvision or MONAI DenseNet's ``features`` as fastdense's (the stem's norm-relu-pool as one recomputing op,
-    which falls back to the modules one by one where they are not the plain ones) and its plain
-    transitions as fastdense's; the replaced containers are kept for ``revert``. Keys are unchanged."""
+    """A torchvision, timm or MONAI DenseNet's ``features`` as fastdense's (the stem's norm-relu-pool as one
+    recomputing op, which falls back to the modules one by one where they are not the plain ones) and its
+    plain transitions as fastdense's; the replaced containers are kept for ``revert``. Keys are unchanged."""
     features = Features(OrderedDict(network.features._modules), backend=backend)
     for name, child in list(features.named_children()):
         transition = _fast_transition(child, backend)

@@ -15,23 +15,25 @@ from torchvision.models import densenet as tv_densenet
 from torchvision.models._utils import _ovewrite_named_param, handle_legacy_interface
 
 from .backend import check_backend_name, resolve_backend
+from .batchnorm import KnownStats
 from .block import CONVS, FastDenseBlock
 from .bn_relu_pool import (
     AVERAGE_POOLS,
-    NORMS,
     PART_NAMES,
     POOLS,
     bn_relu_pool,
+    check_pool_window,
     fusable,
     fused_transition,
     global_average_pool,
     kernel_window,
+    norm_dims,
     recomputable,
     triton_bn_relu_pool_into,
 )
 from .layout import channels_last
 from .tracing import call_module_node, is_traced, jit_compiling
-from .validation import check_stem_input, compute_dtype
+from .validation import check_stem_input, check_transition_input, compute_dtype
 
 
 class Transition(nn.Sequential):
@@ -54,7 +56,8 @@ class Transition(nn.Sequential):
     @classmethod
     def of_modules(cls, modules: OrderedDict[str, nn.Module], *, backend: str = "auto") -> "Transition":
         """A transition holding the given ``norm``, ``relu``, ``conv`` and ``pool`` modules themselves (any
-        number of spatial dimensions: MONAI's 3-D transitions convert to one)."""
+        number of spatial dimensions: MONAI's 3-D transitions convert to one; no ``relu`` where ``norm`` is timm's
+        ``BatchNormAct2d``, which applies it)."""
         transition = cls.__new__(cls)
         nn.Sequential.__init__(transition, modules)
         transition.backend = check_backend_name(backend)
@@ -62,7 +65,7 @@ class Transition(nn.Sequential):
 
     def exact(self) -> bool:
         """Whether the fused path computes exactly ``pool(conv(relu(norm(x))))`` with these modules."""
-        return fusable(self.norm, self.relu, self.pool) and self._pool_first_is_exact()
+        return fusable(self.norm, self._modules.get("relu"), self.pool) and self._pool_first_is_exact()
 
     def fuses_into_next_block(self) -> bool:
         """Whether inference can run this transition as one kernel writing into the next block's buffer."""
@@ -72,7 +75,7 @@ class Transition(nn.Sequential):
     def _pool_first_is_exact(self) -> bool:
         """Average pooling and a bias-free 1x1 convolution commute (both linear, the pool acts on every
         channel alike): pooling first is exact."""
-        conv, dims = self.conv, NORMS.get(type(self.norm))
+        conv, dims = self.conv, norm_dims(self.norm)
         if type(conv) is not CONVS.get(dims) or POOLS.get(type(self.pool)) != dims:
             return False
         plain_conv = set(conv.kernel_size) == {1} and set(conv.stride) == {1} and set(conv.padding) == {0}
@@ -85,7 +88,7 @@ class Transition(nn.Sequential):
         return self._fused_forward(x)
 
     def reference(self, x: Tensor) -> Tensor:
-        """The modules one after the other, as torchvision's (and MONAI's) transition runs them."""
+        """The modules one after the other, as torchvision's (and timm's and MONAI's) transition runs them."""
         for module in self:
             x = module(x)
         return x
@@ -95,7 +98,9 @@ class Transition(nn.Sequential):
         if is_traced(x):  # FX: one call_module node
             return call_module_node(self, x)
         if not self.exact():
-            return self.pool(self.conv(self.relu(self.norm(x))))
+            return self.reference(x)
+        check_transition_input(x, self.norm, norm_dims(self.norm), PART_NAMES["transition"])
+        check_pool_window(x, self.pool, PART_NAMES["transition"])
         backend = resolve_backend(self.backend, x.device)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *self.parameters()))
         if backend == "triton" and not needs_grad and self.fuses_into_next_block():
@@ -112,6 +117,10 @@ def recomputes_conv0(x: Tensor) -> bool:
     return x.dim() != 4 or x.device.type != "cpu"
 
 
+# The stems forward_stem runs as one op: torchvision's and MONAI's, and timm's (its norm0 applies the ReLU).
+STEMS = (("conv0", "norm0", "relu0", "pool0"), ("conv0", "norm0", "pool0"))
+
+
 class Features(nn.Sequential):
     """torchvision's ``features`` Sequential; runs norm0-relu0-pool0 as one op that recomputes the
     normalised stem output in backward instead of keeping it (falls back to the plain sequence when
@@ -121,6 +130,12 @@ class Features(nn.Sequential):
         super().__init__(*args)
         self.backend = check_backend_name(backend)
 
+    def stem_length(self) -> int:
+        """How many leading modules ``forward_stem`` runs: 4 for conv0, norm0, relu0, pool0 (torchvision's
+        and MONAI's stem), 3 for timm's conv0, norm0, pool0, 0 for any other stem (deep, anti-aliased)."""
+        names = tuple(self._modules)[:4]
+        return next((len(stem) for stem in STEMS if names[: len(stem)] == stem), 0)
+
     def forward_stem(self, x: Tensor) -> Tensor:
         """conv0, then norm0-relu0-pool0 as one op when they are the plain modules (else one by one); a
         plain bias-free conv0 joins that op, which computes its output again in backward instead of
@@ -128,7 +143,8 @@ class Features(nn.Sequential):
         2-D on the CPU (``recomputes_conv0``). The fused stem runs channels-last, the layout of every
         block buffer after it (PyTorch's CPU max pool is more than ten times faster on it than on a
         contiguous map)."""
-        conv0, norm0, relu0, pool0 = (self._modules[name] for name in ("conv0", "norm0", "relu0", "pool0"))
+        stem = list(self._modules.values())[: self.stem_length()]
+        conv0, norm0, pool0, relu0 = stem[0], stem[1], stem[-1], stem[2] if len(stem) == 4 else None
         if isinstance(conv0, nn.modules.conv._ConvNd):  # a replaced conv0 checks its own input
             check_stem_input(x, conv0, conv0.weight.dim() - 2, PART_NAMES["stem"])
         if fusable(norm0, relu0, pool0):
@@ -136,7 +152,9 @@ class Features(nn.Sequential):
             if recomputable(conv0) and recomputes_conv0(x):  # conv0's output is computed again in backward
                 return bn_relu_pool(channels_last(x), norm0, pool0, backend, conv=conv0)
             return bn_relu_pool(conv0(channels_last(x)), norm0, pool0, backend)
-        return pool0(relu0(norm0(conv0(x))))
+        for module in stem:
+            x = module(x)
+        return x
 
     def forward(self, x: Tensor, skip_last: bool = False) -> Tensor:
         if jit_compiling():  # TorchScript, torch.jit.trace: every module, one after the other
@@ -153,15 +171,75 @@ class Features(nn.Sequential):
     @torch.jit.unused
     def _fused_forward(self, x, skip_last):
         # type: (Tensor, bool) -> Tensor
+        chain = self.buffer_chain() if self._runs_in_buffers(x) else None
+        if chain is not None:  # no autograd on the triton backend: one buffer handed to the next
+            out, _ = self.forward_in_buffers(x, chain)
+            return out if skip_last else self._modules["norm5"](out)
         modules = list(self._modules.items())
         if skip_last:  # the network's fused head runs the last module (norm5) itself
             modules = modules[:-1]
-        if [name for name, _ in modules[:4]] == ["conv0", "norm0", "relu0", "pool0"] and not is_traced(x):
+        stem_length = self.stem_length()
+        if stem_length and not is_traced(x):
             x = self.forward_stem(x)
-            modules = modules[4:]
+            modules = modules[stem_length:]
         for _, module in modules:
             x = module(x)
         return x
+
+    def _runs_in_buffers(self, x: Tensor) -> bool:
+        """Whether this forward may pass one buffer to the next: the triton backend with nothing for autograd
+        to record (checked cheapest first: a training step stops at its first parameter)."""
+        if is_traced(x) or resolve_backend(self.backend, x.device) != "triton":
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+
+    def buffer_chain(self) -> list[tuple[FastDenseBlock, Transition | None]] | None:
+        """The dense blocks and the transitions after them when this is the plain stem, then fastdense's
+        blocks and fusing transitions in turn, then norm5, with no hooks anywhere (then inference can pass
+        one buffer to the next), else None."""
+        length, names = self.stem_length(), list(self._modules)
+        modules = list(self._modules.values())
+        if not length or names[-1] != "norm5" or (len(modules) - length) % 2 != 0:
+            return None  # the middle is block, transition, ..., block: an odd count
+        stem = modules[:length]
+        if not fusable(stem[1], stem[2] if length == 4 else None, stem[-1]) or kernel_window(stem[-1]) is None:
+            return None
+        middle = modules[length:-1]
+        blocks, transitions = middle[0::2], [*middle[1::2], None]
+        if not all(type(b) is FastDenseBlock for b in blocks):
+            return None
+        if not all(type(t) is Transition and t.fuses_into_next_block() for t in transitions[:-1]):
+            return None
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self.modules()):
+            return None
+        return list(zip(blocks, transitions, strict=True))
+
+    def forward_in_buffers(self, x: Tensor, chain) -> tuple[Tensor, KnownStats | None]:
+        """The stem, blocks and transitions (not norm5) on the triton backend with no autograd: the stem's
+        pool writes into block 1's buffer, each transition into the next block's buffer (no copies at block
+        boundaries), and the BatchNorms after a block reuse its batch statistics in training mode. Returns
+        the last block's output and its batch statistics."""
+        from fastdense.kernels.bn_relu_pool import pooled_size
+
+        conv0, norm0, pool0 = self._modules["conv0"], self._modules["norm0"], self._modules["pool0"]
+        check_stem_input(x, conv0, 2, PART_NAMES["stem"])
+        stem = conv0(x)
+        kernel, stride, padding, _ = kernel_window(pool0)
+        h, w = (pooled_size(s, k, stride, padding) for s, k in zip(stem.shape[2:], kernel, strict=True))
+        n = stem.shape[0]
+        blocks = [block for block, _ in chain]
+        buffer = _block_buffer(blocks[0], n, h, w, stem.dtype, stem.device)
+        triton_bn_relu_pool_into(stem, norm0, pool0, out=_first_channels(buffer, blocks[0]))
+        for (block, transition), next_block in zip(chain, [*blocks[1:], None], strict=True):
+            out, stats = block.forward_in_buffer(buffer)
+            if transition is None:
+                break
+            cdt = compute_dtype(out)
+            buffer = _block_buffer(next_block, n, h // 2, w // 2, cdt, x.device)
+            into = _first_channels(buffer, next_block)
+            fused_transition(out, transition.norm, transition.conv.weight, cdt, out=into, known=stats)
+            n, h, w = buffer.shape[:3]
+        return out, stats
 
 
 class FastDenseNet(nn.Module):
@@ -259,50 +337,11 @@ class FastDenseNet(nn.Module):
             return None
         return norm5[1]
 
-    def _chain(self) -> list[tuple[FastDenseBlock, Transition | None]] | None:
-        """The dense blocks and the transitions after them when the whole ``features`` is the plain
-        stem, blocks, transitions, norm5 with no hooks anywhere (then inference can pass one buffer
-        to the next), else None."""
-        modules = list(self.features._modules.items())
-        names = [name for name, _ in modules]
-        if names[:4] != ["conv0", "norm0", "relu0", "pool0"] or names[-1] != "norm5" or self._fusable_norm5() is None:
-            return None
-        if not fusable(*(module for _, module in modules[1:4])) or kernel_window(modules[3][1]) is None:
-            return None
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.features.modules())
-        middle = [module for _, module in modules[4:-1]]
-        blocks, transitions = middle[0::2], [*middle[1::2], None]
-        if hooked or not blocks or not all(type(b) is FastDenseBlock for b in blocks):
-            return None
-        if not all(type(t) is Transition and t.fuses_into_next_block() for t in transitions[:-1]):
-            return None
-        return list(zip(blocks, transitions, strict=True))
-
     def _forward_in_buffers(self, x: Tensor, chain) -> Tensor:
-        """Inference on the triton backend with no autograd: the stem's pool writes into block 1's
-        buffer, each transition into the next block's buffer (no copies at block boundaries), and
-        the BatchNorms after a block reuse its batch statistics in training mode."""
-        from fastdense.kernels.bn_relu_pool import pooled_size
-
-        features = self.features
-        check_stem_input(x, features.conv0, 2, PART_NAMES["stem"])
-        stem = features.conv0(x)
-        kernel, stride, padding, _ = kernel_window(features.pool0)
-        h, w = (pooled_size(s, k, stride, padding) for s, k in zip(stem.shape[2:], kernel, strict=True))
-        n = stem.shape[0]
-        blocks = [block for block, _ in chain]
-        buffer = _block_buffer(blocks[0], n, h, w, stem.dtype, stem.device)
-        triton_bn_relu_pool_into(stem, features.norm0, features.pool0, out=_first_channels(buffer, blocks[0]))
-        for (block, transition), next_block in zip(chain, [*blocks[1:], None], strict=True):
-            out, stats = block.forward_in_buffer(buffer)
-            if transition is None:
-                break
-            cdt = compute_dtype(out)
-            buffer = _block_buffer(next_block, n, h // 2, w // 2, cdt, x.device)
-            into = _first_channels(buffer, next_block)
-            fused_transition(out, transition.norm, transition.conv.weight, cdt, out=into, known=stats)
-            n, h, w = buffer.shape[:3]
-        pooled = triton_bn_relu_pool_into(out, features.norm5, global_average_pool(out), out=None, known=stats)
+        """Inference on the triton backend with no autograd: ``features`` passes one buffer to the next
+        (``Features.forward_in_buffers``) and the head reuses the last block's batch statistics."""
+        out, stats = self.features.forward_in_buffers(x, chain)
+        pooled = triton_bn_relu_pool_into(out, self.features.norm5, global_average_pool(out), out=None, known=stats)
         return self.classifier(torch.flatten(pooled, 1))
 
     def feature_maps(self, x: Tensor) -> OrderedDict[str, Tensor]:
@@ -312,10 +351,11 @@ class FastDenseNet(nn.Module):
         runs the modules of ``features`` one by one, so hooks on them fire."""
         maps: OrderedDict[str, Tensor] = OrderedDict()
         modules = list(self.features.named_children())
-        if [name for name, _ in modules[:4]] == ["conv0", "norm0", "relu0", "pool0"]:
+        stem_length = self.features.stem_length()
+        if stem_length:
             x = self.features.forward_stem(x)
             maps["stem"] = x
-            modules = modules[4:]
+            modules = modules[stem_length:]
         for name, module in modules:
             x = module(x)
             if name.startswith("denseblock") or name == "norm5":
@@ -340,8 +380,8 @@ class FastDenseNet(nn.Module):
             return self.classifier(torch.flatten(out, 1))
         self._active_backend = resolve_backend(self._backend, x.device)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        chain = self._chain() if self._active_backend == "triton" and not needs_grad else None
-        if chain is not None:
+        chain = self.features.buffer_chain() if self._active_backend == "triton" and not needs_grad else None
+        if chain is not None and self._fusable_norm5() is not None:
             return self._forward_in_buffers(x, chain)
         norm5 = self._fusable_norm5()
         if norm5 is None:

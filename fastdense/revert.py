@@ -47,7 +47,7 @@ def _reverted(module: nn.Module) -> nn.Module | None:
         return _restored(original, module) if original is not None else _torchvision_block(module)
     if isinstance(module, (Transition, Features)):
         original = module.__dict__.get(ORIGINAL)
-        if original is not None:  # MONAI's containers, convert kept them: their children again, reverted
+        if original is not None:  # the containers convert replaced: their children again, reverted
             for name, child in module.named_children():
                 setattr(original, name, revert(child))
             return original.train(module.training)

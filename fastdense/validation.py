@@ -77,6 +77,13 @@ def check_stem_input(x: Tensor, conv0: nn.Module, spatial_dims: int, name: str) 
                 owner="the model's")  # fmt: skip
 
 
+def check_transition_input(x: Tensor, norm: nn.Module, spatial_dims: int, name: str) -> None:
+    """Check a fused transition's input against its BatchNorm ``norm``, before any kernel sees it."""
+    expects = f"its norm expects {norm.num_features} (num_features)"
+    check_input(x, name=name, spatial_dims=spatial_dims, channels=norm.num_features, expects=expects,
+                weight=norm.weight, owner="the transition's")  # fmt: skip
+
+
 def check_block_input(
     x: Tensor,
     *,

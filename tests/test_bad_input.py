@@ -163,3 +163,47 @@ def test_network_input_mistakes_are_named_at_the_stem(backend, x, error, message
     for mode, grad in ((True, True), (False, True), (False, False)):
         with pytest.raises(error, match=STEM + message), torch.set_grad_enabled(grad):
             model.train(mode)(x())
+
+
+TRANSITION = r"a transition: "
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(
+    ("x", "error", "message"),
+    [
+        (lambda: torch.randn(256, 8, 8), ValueError, r"input must be a 4-D \(N, C, H, W\) tensor .*got 3-D"),
+        (lambda: torch.randn(1, 2, 256, 8, 8), ValueError, r"input must be a 4-D \(N, C, H, W\) tensor .*got 5-D"),
+        (lambda: torch.randn(2, 100, 8, 8), ValueError, r"input has 100 channels but its norm expects 256"),
+        (lambda: torch.randn(2, 256, 8, 8, dtype=torch.float64), TypeError, "input dtype torch.float64 does not"),
+        (lambda: torch.zeros(2, 256, 8, 8, dtype=torch.long), TypeError, "input must have a floating point dtype, got"),
+        (lambda: torch.empty(2, 256, 8, 8, device="meta"), ValueError, "input is on meta but the transition's"),
+        (lambda: [torch.randn(2, 256, 8, 8)], TypeError, r"input must be a torch\.Tensor, got list"),
+        (lambda: torch.randn(2, 256, 1, 5), ValueError, r"input of spatial size \(1, 5\) is smaller than its pool"),
+    ],
+    ids=["unbatched", "5-D", "channels", "dtype", "integer", "device", "list", "too-small"],
+)
+def test_transition_input_mistakes_are_named(backend, x, error, message):
+    """torchvision's transition lets BatchNorm, the conv or the pool raise PyTorch's own errors (the Triton
+    kernels would see the input first); fastdense's names the transition and what it expected, in
+    training, eval and eval without autograd (where the triton backend runs one fused kernel)."""
+    import fastdense
+
+    transition = fastdense.densenet121(backend=backend).features.transition1
+    for mode, grad in ((True, True), (False, True), (False, False)):
+        with pytest.raises(error, match=TRANSITION + message), torch.set_grad_enabled(grad):
+            transition.train(mode)(x())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_converted_timm_transition_names_its_mistakes_too(backend):
+    import fastdense
+
+    from .test_frameworks import timm_pair
+
+    transition = timm_pair()[1].features.transition1  # timm's norm is a BatchNormAct2d: the ReLU inside
+    assert type(transition) is fastdense.Transition and transition.exact()
+    transition.backend = backend
+    for mode in (True, False):
+        with pytest.raises(ValueError, match=TRANSITION + "input has 3 channels but its norm expects 16"):
+            transition.train(mode)(torch.randn(2, 3, 4, 4, dtype=torch.float64))

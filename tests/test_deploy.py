@@ -86,6 +86,8 @@ def test_revert_round_trips_a_timm_model(training):
     reverted = fastdense.revert(converted)
     blocks = [m for m in reverted.modules() if type(m).__name__ == "DenseBlock"]
     assert len(blocks) == 2 and all(type(m).__module__.startswith("timm.") for m in blocks)
+    assert type(reverted.features) is torch.nn.Sequential
+    assert type(reverted.features.transition1).__module__.startswith("timm.")
     assert_same_objects(reverted, objects)
     errors = compare(reverted, original, [x64(2, 3, 32, 32)], training)
     assert max(errors.values()) <= 1e-12, errors

@@ -198,6 +198,12 @@ def test_timm_densenet_converts_exactly(training):
 
     original, converted = timm_pair()
     assert sum(isinstance(m, fastdense.FastDenseBlock) for m in converted.modules()) == 2
+    # The stem (conv0, norm0, pool0: timm's norm0 applies the ReLU) and the transition run fused, as in the
+    # built model: fastdense's Features and Transition holding timm's own modules.
+    features = converted.features
+    assert type(features) is fastdense.densenet.Features and features.stem_length() == 3
+    assert type(features.transition1) is fastdense.Transition and features.transition1.exact()
+    assert features.norm0 is not original.features.norm0 and type(features.norm0) is type(original.features.norm0)
     assert list(converted.state_dict()) == list(original.state_dict())
     inputs = [torch.randn(2, 3, 40, 36, dtype=torch.float64) for _ in range(2)]
     errors = compare(converted, original, inputs, training)

@@ -89,6 +89,28 @@ def test_triton_inference_passes_one_buffer_to_the_next(monkeypatch, training):
         assert len(reductions) == len(in_buffer) + 1
 
 
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_converted_model_passes_one_buffer_to_the_next_too(monkeypatch, library, training):
+    """A converted torchvision or timm DenseNet keeps its own forward and head; its ``features`` hands one
+    buffer to the next as the built model's does (timm's stem: conv0, norm0 with the ReLU inside, pool0)."""
+    import copy
+
+    from .test_frameworks import timm_pair
+
+    ref = timm_pair()[0].float() if library == "timm" else network_pair(torch.float32)[0]
+    fast = fastdense.convert(copy.deepcopy(ref), backend="triton")
+    ref.train(training), fast.train(training)
+    in_buffer = count_calls(monkeypatch, fastdense.FastDenseBlock, "forward_in_buffer")
+    x = torch.randn(2, 3, 36, 29)
+    with torch.no_grad():
+        out, expected = fast(x), ref(x)
+    assert len(in_buffer) == sum(isinstance(m, fastdense.FastDenseBlock) for m in fast.modules()) >= 2
+    assert relative_error(out, expected) <= 1e-5
+    for (name, b), ref_b in zip(fast.named_buffers(), ref.buffers(), strict=True):
+        assert relative_error(b.double(), ref_b.double()) <= 1e-5, name
+
+
 def test_triton_inference_with_hooks_runs_module_by_module(monkeypatch):
     """A forward hook anywhere in ``features`` must fire, so the network then runs module by module."""
     ref, fast = network_pair(torch.float32, backend="triton")
