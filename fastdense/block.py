@@ -17,6 +17,8 @@ from .backend import check_backend_name, resolve_backend
 from .batchnorm import KnownStats, share_batch_stats
 from .block_algorithm import BatchStats, BlockPlan, batch_stats_of, block_forward, update_block_running_stats
 from .block_op import backend_ops, run_dense_block
+from .observed import watched
+from .sequential_layer import SequentialDenseLayer
 from .sync_batchnorm import StatsSync, sync_group_name
 from .torch_ops import EXPORT_OPS
 from .tracing import call_module_node, exporting, is_traced, jit_compiling
@@ -254,6 +256,21 @@ class FastDenseBlock(nn.ModuleDict):
             features.append(layer.new_features(torch.cat(features, 1)))
         return torch.cat(features, 1)
 
+    def modules_forward(self, x: Tensor) -> Tensor:
+        """The block as the original library runs it, each layer called as a module (``observed``): hooks
+        on a layer or on its modules fire with the tensors the original block passes them. torchvision's
+        and timm's layers take the list of earlier feature maps and return the new ones; MONAI's take
+        the concatenation and return it with their new maps appended."""
+        layers = list(self.values())
+        if isinstance(layers[0], SequentialDenseLayer):
+            for layer in layers:
+                x = layer(x)
+            return x
+        features = [x]
+        for layer in layers:
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
     @torch.jit.unused
     def _fused_forward(self, x):  # not annotated: TorchScript reads an unused method's real annotations
         if is_traced(x):  # FX: one call_module node, run with real tensors later
@@ -261,6 +278,8 @@ class FastDenseBlock(nn.ModuleDict):
         if exporting() and not self.training:
             return self._exported_forward(x)
         backend, cdt, sync_group = self._check(x)
+        if watched(*self.values()):  # a hook inside, or a counting dispatch mode: the layers one by one
+            return self.modules_forward(x)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         out, stats = run_dense_block(
             self, x, backend=backend, compute_dtype=cdt, save=needs_grad, sync_group=sync_group

@@ -35,6 +35,7 @@ from .batchnorm import (
 )
 from .foreign import timm_norm_relu
 from .layout import as_images, as_rows
+from .observed import hooked, watched
 from .stages import stage
 from .torch_ops import (
     CHUNK_ELEMENTS,
@@ -59,8 +60,9 @@ def norm_dims(norm: nn.Module) -> int | None:
 
 
 def fusable(norm: nn.Module, relu: nn.Module | None, pool: nn.Module) -> bool:
-    """Whether ``pool(relu(norm(x)))`` is the plain computation this op reproduces, with no hooks. ``relu`` is
-    None where ``norm`` applies the ReLU itself (timm's ``BatchNormAct2d``).
+    """Whether ``pool(relu(norm(x)))`` is the plain computation this op reproduces, with nothing watching
+    the modules (``observed.watched``: hooks, a counting dispatch mode). ``relu`` is None where ``norm``
+    applies the ReLU itself (timm's ``BatchNormAct2d``).
 
     Never under ``torch.compile``: there the modules run one by one and the compiler fuses them itself
     (only the dense block, which writes a buffer in place, stays an opaque operator)."""
@@ -75,7 +77,7 @@ def fusable(norm: nn.Module, relu: nn.Module | None, pool: nn.Module) -> bool:
         and norm.track_running_stats
         and POOLS.get(type(pool)) == dims
         and not (isinstance(pool, AVERAGE_POOLS) and getattr(pool, "divisor_override", None) is not None)
-        and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in modules)
+        and not watched(*modules)
     )
 
 
@@ -247,7 +249,7 @@ def recomputable(conv: nn.Module) -> bool:
         and conv.bias is None
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
-        and not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks)
+        and not hooked(conv)
     )
 
 
@@ -283,7 +285,7 @@ def _torch_forward(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d
         folded = affine(weight, bias, mean, rstd)
         act = _normalized_relu(x, folded)
     if max_pool:
-        out, indices = _MAX_POOL[type(pool)](act, *_max_window(pool), return_indices=True)
+        out, indices = getattr(F, _MAX_POOL[type(pool)])(act, *_max_window(pool), return_indices=True)
         if device_type(x) == "cpu" and math.prod(x.shape[2:]) < 2**31:  # half the memory; on a GPU, traffic
             indices = indices.to(torch.int32)  # (an index into one channel's map)
         return out, indices, mean, rstd, folded
@@ -316,7 +318,8 @@ def _native_training_norm(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.Batc
     return native_training_norm(x, weight, bias, norm.eps, running, norm.momentum)
 
 
-_MAX_POOL = {nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}
+# Names, looked up in torch.nn.functional when called: a tool that patches F.max_pool2d (ptflops) sees the call.
+_MAX_POOL = {nn.MaxPool2d: "max_pool2d", nn.MaxPool3d: "max_pool3d"}
 _MAX_POOL_BACKWARD = {
     nn.MaxPool2d: torch.ops.aten.max_pool2d_with_indices_backward,
     nn.MaxPool3d: torch.ops.aten.max_pool3d_with_indices_backward,

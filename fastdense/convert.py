@@ -28,9 +28,24 @@ from .foreign import foreign_class, timm_norm_relu
 from .revert import ORIGINAL
 from .sequential_layer import CHANNELWISE_DROPOUTS, SequentialDenseLayer
 
+# A module's hook tables. convert hands them to the module that replaces it (the same dict objects, so a
+# hook's handle still removes it): the fast block runs its layers one by one while one is hooked.
+_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_is_full_backward_hook",
+)
 
-def _has_hooks(module: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    for table in _HOOK_TABLES:
+        if hasattr(old, table):
+            setattr(new, table, getattr(old, table))
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -141,8 +156,6 @@ def _why_not_exact(block: nn.Module) -> str | None:
     synced = {isinstance(norm, nn.SyncBatchNorm) for norm in norms}
     if len(synced) > 1 or (synced == {True} and len({id(norm.process_group) for norm in norms}) > 1):
         return "it mixes SyncBatchNorm with other BatchNorms or process groups (statistics are shared)"
-    if _has_hooks(block):
-        return "it or one of its layers has hooks registered (the fast block does not call its layers)"
     return None
 
 
@@ -164,10 +177,13 @@ def _fast_block(block: nn.Module, backend: str) -> FastDenseBlock:
         backend=backend,
         spatial_dims=_CONV_DIMS[type(layers[0].conv1)],
     )
+    _carry_hooks(block, fast)
     for i, (new, old) in enumerate(zip(list(fast.values()), originals, strict=True)):
         if kind == "monai":  # MONAI's own Sequential moves over whole: keys stay denselayerN.layers.*
             fast[f"denselayer{i + 1}"] = layers[i]
+            _carry_hooks(old, layers[i])
             continue
+        _carry_hooks(old, new)
         # Hand the original modules over, so parameters and buffers stay the very same objects. timm's
         # layers have no ReLU modules (BatchNormAct2d applies it): the fast layers keep their own, stateless.
         for child in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
@@ -255,8 +271,10 @@ def _convert_stem_and_transitions(network: nn.Module, backend: str) -> None:
     for name, child in list(features.named_children()):
         transition = _fast_transition(child, backend)
         if transition is not None:
+            _carry_hooks(child, transition)
             transition.__dict__[ORIGINAL] = child
             setattr(features, name, transition.train(child.training))
+    _carry_hooks(network.features, features)
     features.__dict__[ORIGINAL] = network.features
     network.features = features.train(network.features.training)
 

@@ -32,6 +32,7 @@ from .bn_relu_pool import (
     triton_bn_relu_pool_into,
 )
 from .layout import channels_last
+from .observed import hooked, watched
 from .tracing import call_module_node, is_traced, jit_compiling
 from .validation import check_stem_input, check_transition_input, compute_dtype
 
@@ -69,8 +70,7 @@ class Transition(nn.Sequential):
 
     def fuses_into_next_block(self) -> bool:
         """Whether inference can run this transition as one kernel writing into the next block's buffer."""
-        plain_conv = not (self.conv._forward_hooks or self.conv._forward_pre_hooks)
-        return self.exact() and plain_conv and kernel_window(self.pool) == ((2, 2), 2, 0, False)
+        return self.exact() and not hooked(self.conv) and kernel_window(self.pool) == ((2, 2), 2, 0, False)
 
     def _pool_first_is_exact(self) -> bool:
         """Average pooling and a bias-free 1x1 convolution commute (both linear, the pool acts on every
@@ -97,7 +97,7 @@ class Transition(nn.Sequential):
     def _fused_forward(self, x):  # not annotated: TorchScript reads an unused method's real annotations
         if is_traced(x):  # FX: one call_module node
             return call_module_node(self, x)
-        if not self.exact():
+        if not self.exact() or watched(self):  # a hook on the conv must see torchvision's (unpooled) input
             return self.reference(x)
         check_transition_input(x, self.norm, norm_dims(self.norm), PART_NAMES["transition"])
         check_pool_window(x, self.pool, PART_NAMES["transition"])
@@ -210,7 +210,7 @@ class Features(nn.Sequential):
             return None
         if not all(type(t) is Transition and t.fuses_into_next_block() for t in transitions[:-1]):
             return None
-        if any(m._forward_hooks or m._forward_pre_hooks for m in self.modules()):
+        if watched(self):
             return None
         return list(zip(blocks, transitions, strict=True))
 
@@ -332,8 +332,8 @@ class FastDenseNet(nn.Module):
         """norm5 when the head can run as one BN-ReLU-global-average-pool op (hooks on ``features``
         or on norm5 must fire, so they keep the plain sequence)."""
         norm5 = list(self.features._modules.items())[-1]
-        hooked = self.features._forward_hooks or self.features._forward_pre_hooks
-        if norm5[0] != "norm5" or hooked or not fusable(norm5[1], nn.ReLU(), nn.AvgPool2d(1)):
+        features_hooked = self.features._forward_hooks or self.features._forward_pre_hooks
+        if norm5[0] != "norm5" or features_hooked or not fusable(norm5[1], nn.ReLU(), nn.AvgPool2d(1)):
             return None
         return norm5[1]
 

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .block_op import OPENED
 from .devices import counted_as
+from .observed import counting
 
 CATEGORIES = ("Parameter", "Buffer", "Gradient", "Optstate", "Activation", "Temp", "Other")
 OPTIMIZERS = {
@@ -60,6 +61,8 @@ class PeakMemory(int):
 
 class _OpenBlockOps(TorchDispatchMode):
     """Run fastdense's block operators' implementation, not their fake, so their allocations count."""
+
+    fastdense_counter = True  # observed.OWN_COUNTER
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -145,7 +148,7 @@ def estimate_peak_memory(
             opt.step()
         tracker = MemTracker()
         tracker.track_external(net, *([opt] if opt is not None else []), x)
-        with tracker, _OpenBlockOps():
+        with counting(), tracker, _OpenBlockOps():
             start = _totals(tracker.get_tracker_snapshot("current"))
             step()
         peak = _totals(tracker.get_tracker_snapshot("peak"))

@@ -47,7 +47,8 @@ from .devices import device_type
 from .layout import as_images, as_rows
 from .stages import stage
 
-_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+# Names, looked up in torch.nn.functional when called: a tool that patches F.conv2d (ptflops) sees the call.
+_CONV_FUNCTIONS = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
 _aten = torch.ops.aten
 
 # The largest temporary (elements) a layer's norm1 step (and the CPU's in-place BatchNorm backward) builds
@@ -81,7 +82,7 @@ def batch_norm_backward_in_place_serves(t: Tensor) -> bool:
 
 def _conv3x3(images: Tensor, weight: Tensor) -> Tensor:
     """The layer's 3x3 (3x3x3, ...) convolution with padding 1, for 1 to 3 spatial dimensions."""
-    return _CONV_FUNCTIONS[images.dim() - 2](images, weight, padding=1)
+    return getattr(F, _CONV_FUNCTIONS[images.dim() - 2])(images, weight, padding=1)
 
 
 def _folded(norm) -> Affine:

@@ -169,6 +169,8 @@ class TrafficCounter(TorchDispatchMode):
     """Counts every ATen operator run under it (use above a ``FakeTensorMode``: nothing is computed), and
     every Triton kernel launch ``on_launch`` reports (``kernels.launch.recording``), with its FLOPs."""
 
+    fastdense_counter = True  # observed.OWN_COUNTER: the fused parts run fused under it, as on a GPU
+
     def __init__(self, half_precision: bool = True) -> None:
         super().__init__()
         self.count = Count(half_precision)
