@@ -28,6 +28,8 @@ class PoisonAllocations(TorchDispatchMode):
     """Every uninitialised floating-point allocation comes back filled with NaN, so an op or kernel that
     reads memory it never wrote turns the result into NaN instead of passing by luck."""
 
+    fastdense_counter = True  # observed.OWN_COUNTER: poisons the fused path (a user's mode sees the modules)
+
     def __init__(self) -> None:
         super().__init__()
         self.poisoned = 0
