@@ -235,3 +235,31 @@ def test_functions_patched_after_import_are_the_ones_called(monkeypatch):
     fast(torch.randn(2, 3, 32, 32, dtype=torch.float64))
     layers = sum(len(block) for block in fast.dense_blocks())
     assert len(calls) >= layers  # each layer's 3x3 convolution at least
+
+
+def test_a_pre_hook_inside_a_block_sees_the_original_input():
+    from .test_densenet import network_pair
+
+    ref, fast = network_pair(torch.float64)
+    seen = {}
+    for name, model in (("ref", ref), ("fast", fast)):
+        conv = model.features.denseblock1.denselayer2.conv1
+        conv.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].clone()))
+        model(torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(seen["fast"], seen["ref"], rtol=1e-9, atol=1e-9)
+
+
+def test_a_hook_inside_a_converted_monai_block_sees_monais_tensors():
+    """MONAI's block passes each layer the running concatenation and gets it back with the new maps."""
+    original, fast, shape = _monai_3d("converted")
+    original, fast = original.double(), fast.double()
+    seen = {}
+    for name, model in (("monai", original), ("fast", fast)):
+        for where in ("denselayer2", "denselayer2.layers.conv2"):
+            module = model.features.denseblock1.get_submodule(where)
+            module.register_forward_hook(lambda m, args, out, key=(name, where): seen.__setitem__(key, (args[0], out)))
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    torch.testing.assert_close(fast(x), original(x), rtol=1e-9, atol=1e-9)
+    for where in ("denselayer2", "denselayer2.layers.conv2"):
+        for a, b in zip(seen[("fast", where)], seen[("monai", where)], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
