@@ -23,7 +23,7 @@ from .sync_batchnorm import StatsSync, sync_group_name
 from .torch_ops import EXPORT_OPS
 from .tracing import call_module_node, exporting, is_traced, jit_compiling
 from .triton_ops import check_dtypes
-from .validation import autocast_off, check_block_input, compute_dtype
+from .validation import autocast_off, check_block_input, compute_dtype, records_grad
 
 SPATIAL_DIMS = (1, 2, 3)
 # The layer modules per number of spatial dimensions (convert checks foreign layers against them too).
@@ -280,7 +280,7 @@ class FastDenseBlock(nn.ModuleDict):
         backend, cdt, sync_group = self._check(x)
         if watched(*self.values()):  # a hook inside, or a counting dispatch mode: the layers one by one
             return self.modules_forward(x)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        needs_grad = records_grad(x, self)
         out, stats = run_dense_block(
             self, x, backend=backend, compute_dtype=cdt, save=needs_grad, sync_group=sync_group
         )

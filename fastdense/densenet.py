@@ -34,7 +34,7 @@ from .bn_relu_pool import (
 from .layout import channels_last
 from .observed import hooked, watched
 from .tracing import call_module_node, is_traced, jit_compiling
-from .validation import check_stem_input, check_transition_input, compute_dtype
+from .validation import check_stem_input, check_transition_input, compute_dtype, records_grad
 
 
 class Transition(nn.Sequential):
@@ -102,7 +102,7 @@ class Transition(nn.Sequential):
         check_transition_input(x, self.norm, norm_dims(self.norm), PART_NAMES["transition"])
         check_pool_window(x, self.pool, PART_NAMES["transition"])
         backend = resolve_backend(self.backend, x.device)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *self.parameters()))
+        needs_grad = records_grad(x, self)
         if backend == "triton" and not needs_grad and self.fuses_into_next_block():
             return fused_transition(x, self.norm, self.conv.weight, compute_dtype(x))
         return self.conv(bn_relu_pool(x, self.norm, self.pool, backend, part="transition"))
@@ -136,6 +136,12 @@ class Features(nn.Sequential):
         names = tuple(self._modules)[:4]
         return next((len(stem) for stem in STEMS if names[: len(stem)] == stem), 0)
 
+    def stem_modules(self) -> tuple[nn.Module, nn.Module, nn.Module | None, nn.Module]:
+        """conv0, norm0, relu0 (None in timm's stem: its norm0 applies the ReLU) and pool0; only when
+        ``stem_length()`` is not 0."""
+        stem = list(self._modules.values())[: self.stem_length()]
+        return stem[0], stem[1], stem[2] if len(stem) == 4 else None, stem[-1]
+
     def forward_stem(self, x: Tensor) -> Tensor:
         """conv0, then norm0-relu0-pool0 as one op when they are the plain modules (else one by one); a
         plain bias-free conv0 joins that op, which computes its output again in backward instead of
@@ -143,8 +149,7 @@ class Features(nn.Sequential):
         2-D on the CPU (``recomputes_conv0``). The fused stem runs channels-last, the layout of every
         block buffer after it (PyTorch's CPU max pool is more than ten times faster on it than on a
         contiguous map)."""
-        stem = list(self._modules.values())[: self.stem_length()]
-        conv0, norm0, pool0, relu0 = stem[0], stem[1], stem[-1], stem[2] if len(stem) == 4 else None
+        conv0, norm0, relu0, pool0 = self.stem_modules()
         if isinstance(conv0, nn.modules.conv._ConvNd):  # a replaced conv0 checks its own input
             check_stem_input(x, conv0, conv0.weight.dim() - 2, PART_NAMES["stem"])
         if fusable(norm0, relu0, pool0):
@@ -152,8 +157,9 @@ class Features(nn.Sequential):
             if recomputable(conv0) and recomputes_conv0(x):  # conv0's output is computed again in backward
                 return bn_relu_pool(channels_last(x), norm0, pool0, backend, conv=conv0)
             return bn_relu_pool(conv0(channels_last(x)), norm0, pool0, backend)
-        for module in stem:
-            x = module(x)
+        for module in (conv0, norm0, relu0, pool0):
+            if module is not None:
+                x = module(x)
         return x
 
     def forward(self, x: Tensor, skip_last: bool = False) -> Tensor:
@@ -191,7 +197,7 @@ class Features(nn.Sequential):
         to record (checked cheapest first: a training step stops at its first parameter)."""
         if is_traced(x) or resolve_backend(self.backend, x.device) != "triton":
             return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+        return not records_grad(x, self)
 
     def buffer_chain(self) -> list[tuple[FastDenseBlock, Transition | None]] | None:
         """The dense blocks and the transitions after them when this is the plain stem, then fastdense's
@@ -201,8 +207,8 @@ class Features(nn.Sequential):
         modules = list(self._modules.values())
         if not length or names[-1] != "norm5" or (len(modules) - length) % 2 != 0:
             return None  # the middle is block, transition, ..., block: an odd count
-        stem = modules[:length]
-        if not fusable(stem[1], stem[2] if length == 4 else None, stem[-1]) or kernel_window(stem[-1]) is None:
+        _, norm0, relu0, pool0 = self.stem_modules()
+        if not fusable(norm0, relu0, pool0) or kernel_window(pool0) is None:
             return None
         middle = modules[length:-1]
         blocks, transitions = middle[0::2], [*middle[1::2], None]
@@ -221,7 +227,7 @@ class Features(nn.Sequential):
         the last block's output and its batch statistics."""
         from fastdense.kernels.bn_relu_pool import pooled_size
 
-        conv0, norm0, pool0 = self._modules["conv0"], self._modules["norm0"], self._modules["pool0"]
+        conv0, norm0, _, pool0 = self.stem_modules()
         check_stem_input(x, conv0, 2, PART_NAMES["stem"])
         stem = conv0(x)
         kernel, stride, padding, _ = kernel_window(pool0)
@@ -379,11 +385,11 @@ class FastDenseNet(nn.Module):
             out = F.adaptive_avg_pool2d(F.relu(self.features(x)), (1, 1))
             return self.classifier(torch.flatten(out, 1))
         self._active_backend = resolve_backend(self._backend, x.device)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        chain = self.features.buffer_chain() if self._active_backend == "triton" and not needs_grad else None
-        if chain is not None and self._fusable_norm5() is not None:
-            return self._forward_in_buffers(x, chain)
         norm5 = self._fusable_norm5()
+        in_buffers = norm5 is not None and self._active_backend == "triton" and not records_grad(x, self)
+        chain = self.features.buffer_chain() if in_buffers else None
+        if chain is not None:
+            return self._forward_in_buffers(x, chain)
         if norm5 is None:
             out = F.relu(self.features(x), inplace=True)
             out = F.adaptive_avg_pool2d(out, (1, 1))

@@ -37,6 +37,12 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 _LAYOUTS = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
 
 
+def records_grad(x: Tensor, module: nn.Module) -> bool:
+    """Whether autograd records ``module`` applied to ``x``: grad mode on, and ``x`` or one of the module's
+    parameters requiring a gradient (checked in that order: a training step stops at the first)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
 def check_rank(x: Tensor, spatial_dims: int, name: str) -> None:
     """Refuse an input that is not a tensor of ``spatial_dims + 2`` dimensions (a batch), naming ``name``."""
     if not isinstance(x, Tensor):
