@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .block_op import OPENED
 from .devices import counted_as
-from .observed import counting
+from .observed import OWN_COUNTER
 
 CATEGORIES = ("Parameter", "Buffer", "Gradient", "Optstate", "Activation", "Temp", "Other")
 OPTIMIZERS = {
@@ -148,7 +148,8 @@ def estimate_peak_memory(
             opt.step()
         tracker = MemTracker()
         tracker.track_external(net, *([opt] if opt is not None else []), x)
-        with counting(), tracker, _OpenBlockOps():
+        setattr(tracker, OWN_COUNTER, True)  # this count's own mode, not a user's: the blocks stay fused
+        with tracker, _OpenBlockOps():
             start = _totals(tracker.get_tracker_snapshot("current"))
             step()
         peak = _totals(tracker.get_tracker_snapshot("peak"))

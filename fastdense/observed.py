@@ -8,35 +8,20 @@ does (each module called, with the tensors torchvision's model would pass it) wh
 hook (forward, forward pre-, backward), while a global module hook is registered (other than a module
 tracker's), or under a dispatch mode that is none of: PyTorch's tracing machinery (fake tensors,
 ``make_fx``, functionalization, ``torch.export``), ``FlopCounterMode`` (which counts the block operators
-by the formulas of ``fastdense.flops``), fastdense's own counters (``counting``). Memory and speed are
+by the formulas of ``fastdense.flops``), fastdense's own counters (``OWN_COUNTER``). Memory and speed are
 then the original library's for that part; the fused path is back once the hook or mode is gone.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-# A class attribute, True on fastdense's own counting modes (``tools.traffic.TrafficCounter``, the memory
-# count's operator opener): they see the fused operators as they are and count what runs inside themselves.
+# An attribute, True on the dispatch modes fastdense's own counters run under (``tools.traffic.TrafficCounter``,
+# the memory count's operator opener and its ``MemTracker``): they see the fused operators as they are and
+# count what runs inside them themselves.
 OWN_COUNTER = "fastdense_counter"
-_own_counts = 0  # how many of fastdense's own counters are running (``counting``)
-
-
-@contextlib.contextmanager
-def counting():
-    """fastdense's own counters (``memory.estimate_peak_memory``, ``tools.traffic``) count the fused
-    operators as they run: the global hooks and dispatch modes their machinery installs (PyTorch's
-    ``MemTracker``) are not watchers. Hooks on the model's own modules still are."""
-    global _own_counts
-    _own_counts += 1
-    try:
-        yield
-    finally:
-        _own_counts -= 1
 
 
 def _hooked_module(m: nn.Module) -> bool:
@@ -111,6 +96,4 @@ def watched(*modules: nn.Module) -> bool:
     Never under ``torch.compile``, which traces the modules itself."""
     if torch.compiler.is_compiling():
         return False
-    if any(hooked(m) for m in modules if m is not None):
-        return True
-    return not _own_counts and (global_hooks() or observing_mode())
+    return global_hooks() or observing_mode() or any(hooked(m) for m in modules if m is not None)
