@@ -88,9 +88,11 @@ class Ops:
         ``conv3x3(relu(norm2(Y))) * noise`` into the ``M x k`` buffer slice ``out`` (``norm2`` None: Y is
         already activated; ``noise`` None: no dropout) and the slice's statistics into ``stats``; ``grid`` is
         ``(N, *spatial)``.
-    new_features_backward(d_new, Y, norm2, w2, grid, training, need_weight, sync, count) ->
+    new_features_backward(d_new, Y, norm2, w2, grid, training, need_weight, sync, count, pool) ->
         (dY, d_gamma2, d_beta2, d_w2): the backward of ``new_features`` from the new features' gradient
-        (dropout undone) to the bottleneck's (``torch_ops.conv3x3_norm2_backward``).
+        (dropout undone) to the bottleneck's (``torch_ops.conv3x3_norm2_backward``); ``dY`` is whatever the
+        same ops' ``norm1_backward`` takes (the triton backend's: norm2's output gradient with the vectors
+        that form ``dY`` from it, ``triton_ops.Norm2Grad``).
     norm1_backward(dY, x, norm1, w1, G, sums, need_weight, from_w1_grad, first, pool, divisor) -> (d_gamma1,
         d_beta1, d_w1): the backward of ``bottleneck``, adding ``coef * P`` into G's first ``C_l`` columns and
         ``coef * d_beta1``, ``coef * d_gamma1`` into the rows of ``sums`` (a ``(2, C_l)`` view of the block's
@@ -524,7 +526,7 @@ def block_backward(
             with stage("gemm", out.device):
                 bottleneck = ops.bottleneck(rows[:, :c_in], norm1, w1c, None, 0.0, None, pool)
         d_bottleneck, d_g2, d_b2, d_w2 = ops.new_features_backward(
-            d_new, bottleneck, norm2, w2, grid, training, need[5], sync, count
+            d_new, bottleneck, norm2, w2, grid, training, need[5], sync, count, pool
         )
         del d_new, bottleneck
         with stage("gemm_backward", out.device):

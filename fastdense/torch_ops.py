@@ -202,6 +202,7 @@ def conv3x3_norm2_backward(
     need_weight: bool,
     sync,
     count: int,
+    pool=None,
     *,
     activation: Callable[[Tensor, NormMap], Tensor] | None = None,
 ):
@@ -210,6 +211,7 @@ def conv3x3_norm2_backward(
     forward did: the folded map of ``normalized_relu``, or ``activation(Y, norm2)`` (the triton backend's:
     its 3x3 conv's prologue map, by a kernel), so the ReLU masks are the forward's.
     ``sync`` (SyncBatchNorm): the input gradient takes the sums over all ``count`` rows of every process.
+    ``pool``: the block's arrival counters (unused here).
 
     Returns the bottleneck gradient (compute dtype) and the gradients of norm2's weight and bias and of
     conv2's weight (None when not needed)."""

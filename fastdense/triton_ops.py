@@ -7,9 +7,12 @@ statistics by a reduction kernel, BN-ReLU-1x1 conv as one GEMM with norm2's stat
 norm2-ReLU (eval) in its epilogue, and the 3x3 conv as an implicit GEMM with the norm2-ReLU prologue that
 writes straight into the buffer slice and the new segment's statistics: two launches a layer, nothing
 between them (the kernels read the BatchNorm maps and the weights as they are stored, and merge their
-statistics themselves). Backward: the segment finalize, dgrad into the gradient buffer with norm1's
-gradients and the block's sums, split-M wgrad writing the weight's gradient; norm2 and the 3x3 conv's
-backward stay PyTorch's (cuDNN), with norm2's activation recomputed by a kernel.
+statistics themselves). Backward, four launches a layer: the segment finalize; the 3x3 conv's data
+gradient through relu2 with norm2's gradients and the vectors of its input gradient, and its weight gradient
+(``kernels.conv3x3_backward``: norm2-ReLU recomputed in their prologue and epilogue); dgrad into the gradient
+buffer with norm1's gradients and the block's sums, and split-M wgrad, both forming the bottleneck's gradient
+as they load it. 1-D and 3-D blocks (and SyncBatchNorm's) run the 3x3 conv's backward on PyTorch's kernels
+(cuDNN), after norm2's activation is recomputed by a kernel.
 
 ``kernels`` (and so ``triton``) is imported on first use: ``TRITON_INTERPRET=1`` must be set before
 Triton is imported, and CPU-only installs need not have Triton at all.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 
@@ -56,14 +60,15 @@ def _kernels() -> SimpleNamespace:
         bn_relu_gemm_backward,
         bn_relu_pool,
         conv3x3,
+        conv3x3_backward,
         finalize,
         last_program,
         stats,
     )  # fmt: skip
 
     return SimpleNamespace(
-        gemm=bn_relu_gemm, backward=bn_relu_gemm_backward, conv=conv3x3, finalize=finalize, stats=stats,
-        pool=bn_relu_pool, last=last_program,
+        gemm=bn_relu_gemm, backward=bn_relu_gemm_backward, conv=conv3x3, conv_backward=conv3x3_backward,
+        finalize=finalize, stats=stats, pool=bn_relu_pool, last=last_program,
     )  # fmt: skip
 
 
@@ -85,17 +90,47 @@ def _new_features_cudnn(bottleneck, norm2, w2, grid, out, noise, stats, stats_ep
                  activation=_norm2_activation)  # fmt: skip
 
 
+class Norm2Grad(NamedTuple):
+    """What the fused 3x3 conv backward hands the 1x1 conv's: norm2's output gradient ``d_pre`` (``M x 4k``),
+    the bottleneck and the ``(4, 4k)`` vectors that form the bottleneck's gradient from them
+    (``kernels.conv3x3_backward``); the 1x1 backward kernels form it as they load it, so it is never stored."""
+
+    d_pre: torch.Tensor
+    bottleneck: torch.Tensor
+    vectors: torch.Tensor
+
+
+def _new_features_backward(d_new, bottleneck, norm2, w2, grid, training, need_weight, sync, count, pool=None):
+    """The 3x3 conv's backward with norm2's and relu2's by two kernels (``kernels.conv3x3_backward``): the
+    activation is recomputed in their prologue and epilogue, never stored, and the bottleneck's gradient is
+    left for the 1x1 backward to form (``Norm2Grad``). 2-D blocks of a non-empty batch with this process's
+    statistics; otherwise PyTorch's conv backward (cuDNN) after recomputing norm2-ReLU by a kernel."""
+    if len(grid) != 3 or sync is not None or bottleneck.shape[0] == 0 or conv3x3_choice() != "triton":
+        return conv3x3_norm2_backward(d_new, bottleneck, norm2, w2, grid, training, need_weight, sync, count,
+                                      activation=_norm2_activation)  # fmt: skip
+    d_gamma, d_beta = (torch.empty_like(v) for v in (norm2.weight, norm2.bias))
+    d_w2 = torch.empty(w2.shape, dtype=norm2.weight.dtype, device=w2.device) if need_weight else None
+    d_pre, vectors = _kernels().conv_backward.conv3x3_norm2_backward(
+        d_new.contiguous(), bottleneck.contiguous(), norm2, w2, grid, d_gamma=d_gamma, d_beta=d_beta,
+        d_weight=d_w2, pool=pool,
+    )  # fmt: skip
+    return Norm2Grad(d_pre, bottleneck.contiguous(), vectors), d_gamma, d_beta, d_w2
+
+
 def _norm1_backward(d_bottleneck, x, norm1, w1c, grad_sum, sums, need_weight, from_w1_grad=False, first=False,
                     pool=None, divisor=None):  # fmt: skip
     """dgrad into G with norm1's gradients and the block's sums, and wgrad, by the kernels (mask recomputed as
     the forward's; the sums come from the kernel's own pass, so ``from_w1_grad`` is never asked for; with
     ``first`` the dgrad writes G's prefix instead of adding to it: G needs no zero-fill). The gradients are
-    written in the parameters' dtypes."""
+    written in the parameters' dtypes. ``d_bottleneck``: the bottleneck's gradient, or a ``Norm2Grad``."""
     d_gamma, d_beta = (torch.empty_like(v) for v in (norm1.weight, norm1.bias))
     d_w1 = torch.empty(w1c.shape, dtype=norm1.weight.dtype, device=w1c.device) if need_weight else None
+    norm2_grad = None
+    if isinstance(d_bottleneck, Norm2Grad):
+        d_bottleneck, norm2_grad = d_bottleneck.d_pre, (d_bottleneck.bottleneck, d_bottleneck.vectors)
     _kernels().backward.norm1_gemm_backward(
         d_bottleneck.contiguous(), x, norm1, w1c, grad_sum, d_gamma=d_gamma, d_beta=d_beta, d_weight=d_w1, sums=sums,
-        first=first, pool=pool,
+        first=first, pool=pool, norm2_grad=norm2_grad,
     )  # fmt: skip
     return d_gamma, d_beta, d_w1
 
@@ -126,8 +161,9 @@ def _counters(phase, m, c0, k, width, layers, need_weights, device):
             kernels.gemm.gemm_counters(m, width) + kernels.conv.conv_counters(m, k)
         )
     else:
-        count = sum(kernels.backward.norm1_backward_counters(m, c0 + layer * k, width, need_weights)
-                    for layer in range(layers))  # fmt: skip
+        per_layer = [kernels.backward.norm1_backward_counters(m, c0 + layer * k, width, need_weights)
+                     for layer in range(layers)]  # fmt: skip
+        count = sum(per_layer) + layers * kernels.conv_backward.backward_counters(m, width, k, need_weights)
         count = count if c_total else 0
     return kernels.last.CounterPool(count, device)
 
@@ -140,8 +176,9 @@ def triton_ops(spatial_dims: int = 2) -> Ops:
         column_stats=_column_stats,
         bottleneck=_bottleneck,
         new_features=_new_features_triton if use_kernel else _new_features_cudnn,
-        # PyTorch's (cuDNN's) conv backward for now, recomputing norm2-ReLU as the forward's conv did
-        new_features_backward=functools.partial(conv3x3_norm2_backward, activation=_norm2_activation),
+        new_features_backward=_new_features_backward
+        if use_kernel
+        else functools.partial(conv3x3_norm2_backward, activation=_norm2_activation),
         norm1_backward=_norm1_backward,
         finalize=_finalize,
         counters=_counters,

@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .affine import bn_relu, load_norm, norm_arguments
+from .conv3x3_backward import norm2_input_grad
 from .last_program import CounterPool, arrive, counters_needed, merged_sums, take_counters
 from .launch import (
     INTERPRET,
@@ -35,6 +36,8 @@ from .launch import (
     dot_precision,
     row_bucket,
     smallest,
+    split_config,
+    split_count,
     tuned,
     uninitialised,
     unit_columns,
@@ -47,47 +50,61 @@ _DGRAD_INTERPRET = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
 # Here N is the buffer prefix width C (up to ~1000) and the reduction runs over the 4k = 128 channels.
 # The epilogue holds the product, the buffer tile, G's tile and their pointers at once: tiles of
 # 128 x 64 or more take 8 warps (on 4 warps, and 128x128 on 8, bf16 spilled 250-450 B per thread).
-# Cost on sm_90 over bf16/fp16/fp32 (compile_for_hopper.py --all, triton 3.8 and 3.6; no spills):
-#   128x64x64, 8 warps, 3 stages: 138-189 regs, 72-144 KB
-#   64x128x64, 8 warps, 3 stages: 137-187 regs, 72-144 KB
-#   64x64x64,  4 warps, 3 stages: 138-180 regs, 48-96 KB
-#   64x64x32,  4 warps, 4 stages: 142-185 regs, 32-64 KB
+# With NORM2_GRAD the K-loop also loads the bottleneck's tile and forms dY from it (2-D blocks): 128x64x64
+# on 3 stages then needed 242 KB of shared memory in float32, over the 227 KB a block has, so it runs on 2,
+# and the first configuration (FASTDENSE_AUTOTUNE=0's, and the count's) is the 128-column one, which
+# also reads the K-loop's row tile half as often. Cost on sm_90 over bf16/fp16/fp32, every flag
+# (compile_for_hopper.py --all, triton 3.8 and 3.6; no spills):
+#   64x128x64, 8 warps, 3 stages: 141-237 regs, 72-194 KB
+#   128x64x64, 8 warps, 2 stages: 139-252 regs, 48-161 KB
+#   64x64x64,  4 warps, 3 stages: 137-255 regs, 48-138 KB
+#   64x64x32,  4 warps, 4 stages: 135-238 regs, 32-97 KB
 _DGRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
 ]
-# float32 with TF32 off (PRECISION="ieee"): FMA products; 128x64x64 spilled 8 B per thread there in
-# triton 3.6, the other three do not (128-144 regs, 48-96 KB; compile_for_hopper.py --all --match ieee).
-_DGRAD_IEEE_CONFIGS = _DGRAD_CONFIGS[1:]
+# float32 with TF32 off (PRECISION="ieee"): FMA products; 128x64x64, and 64x128x64 with NORM2_GRAD, spilled
+# 8 B per thread there in triton 3.6 (ptxas held them to 128 registers); the 64x64 tiles do not
+# (128-255 regs, 48-114 KB; compile_for_hopper.py --all --match ieee).
+_DGRAD_IEEE_CONFIGS = _DGRAD_CONFIGS[2:]
 _DGRAD_ALL = [*_DGRAD_CONFIGS, _DGRAD_INTERPRET]
 _DGRAD_MIN_BLOCK_M, _DGRAD_MIN_BLOCK_N = smallest(_DGRAD_ALL, "BLOCK_M"), smallest(_DGRAD_ALL, "BLOCK_N")
 
 
 @tuned(
     _DGRAD_CONFIGS,
-    key=["N_BUCKET", "K", "M_BUCKET", "FIRST"],
+    key=["N_BUCKET", "K", "M_BUCKET", "FIRST", "NORM2_GRAD"],
     restore_value=["g_ptr", "sums_ptr"],
     interpret=_DGRAD_INTERPRET,
     ieee=_DGRAD_IEEE_CONFIGS,
 )
 @triton.jit
 def _dgrad_kernel(
-    dy_ptr, w_ptr, x_ptr, mean_ptr, inv_ptr, gamma_ptr, beta_ptr, eps, g_ptr,
+    dy_ptr, y2_ptr, grad2_ptr, grad2_stride, dy_out_ptr, w_ptr, x_ptr, mean_ptr, inv_ptr, gamma_ptr, beta_ptr, eps,
+    g_ptr,
     part_p_ptr, part_px_ptr, counter_ptr, d_gamma_ptr, d_beta_ptr, sums_ptr, sums_stride,
     M, N, K, stride_x, stride_g, N_BUCKET, M_BUCKET,
-    FROM_VAR: tl.constexpr, FIRST: tl.constexpr, SUMS: tl.constexpr, INTERPRETED: tl.constexpr,
+    FROM_VAR: tl.constexpr, FIRST: tl.constexpr, SUMS: tl.constexpr, NORM2_GRAD: tl.constexpr,
+    STORE_DY: tl.constexpr,
+    INTERPRETED: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     rows, cols, row_mask, col_mask = output_tile(M, N, BLOCK_M, BLOCK_N)
-    dy_rows = dy_ptr + row_offsets(rows, K)
+    dy_rows = row_offsets(rows, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):  # dY (M x K, contiguous) @ W1 (K x N, row-major)
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
-        dy = tl.load(dy_rows[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        dy_mask = row_mask[:, None] & k_mask[None, :]
+        dy = tl.load(dy_ptr + dy_rows[:, None] + ks[None, :], mask=dy_mask, other=0.0)
+        if NORM2_GRAD:  # dy holds norm2's output gradient: its input gradient formed here, stored once for wgrad
+            y2 = tl.load(y2_ptr + dy_rows[:, None] + ks[None, :], mask=dy_mask, other=0.0)
+            dy = norm2_input_grad(dy, y2, dy_mask, grad2_ptr, grad2_stride, ks, k_mask, INTERPRETED)
+            if STORE_DY and tl.program_id(1) == 0:
+                tl.store(dy_out_ptr + dy_rows[:, None] + ks[None, :], dy, mask=dy_mask)
         acc = dot_weight(acc, dy, w_ptr, ks * N, k_mask, cols, col_mask, INTERPRETED, PRECISION)
 
     mask = row_mask[:, None] & col_mask[None, :]
@@ -126,12 +143,12 @@ def _dgrad_kernel(
             tl.store(sums_ptr + sums_stride + cols, sum_gx + coef * d_gamma, mask=col_mask)
 
 
-_WGRAD_INTERPRET = triton.Config({"BLOCK_N": 32, "BLOCK_C": 32, "BLOCK_M": 32, "SPLIT_M": 2})
+_WGRAD_INTERPRET = triton.Config({"BLOCK_N": 32, "BLOCK_C": 32, "BLOCK_M": 32, "SPLIT_M": 2, "SPLIT_ROWS": 16})
 # wgrad: 130-152, 96-148 and 116-140 registers per thread, 64-144 KB of shared memory (no spills).
 _WGRAD_CONFIGS = [
-    triton.Config({"BLOCK_N": 128, "BLOCK_C": 64, "BLOCK_M": 64, "SPLIT_M": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 64, "SPLIT_M": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_C": 128, "BLOCK_M": 32, "SPLIT_M": 16}, num_warps=8, num_stages=3),
+    split_config({"BLOCK_N": 128, "BLOCK_C": 64, "BLOCK_M": 64, "SPLIT_M": 32}, 4, 3),
+    split_config({"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 64, "SPLIT_M": 64}, 4, 3),
+    split_config({"BLOCK_N": 128, "BLOCK_C": 128, "BLOCK_M": 32, "SPLIT_M": 16}, 8, 3),
 ]
 # float32 with TF32 off (PRECISION="ieee"): dY^T @ act on the FMA units spilled 4.6-11.3 KB per thread
 # with the configurations above. Short row steps do not (compile_for_hopper.py --all --match ieee, triton
@@ -139,9 +156,9 @@ _WGRAD_CONFIGS = [
 # 8 B in 3.6 once the prologue formed its map from the stored statistics), 128x64 by 16 rows 249, 64x64
 # by 32 rows 254; 20-41 KB.
 _WGRAD_IEEE_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 16, "SPLIT_M": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_C": 64, "BLOCK_M": 16, "SPLIT_M": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 32, "SPLIT_M": 64}, num_warps=8, num_stages=3),
+    split_config({"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 16, "SPLIT_M": 64}, 4, 3),
+    split_config({"BLOCK_N": 128, "BLOCK_C": 64, "BLOCK_M": 16, "SPLIT_M": 32}, 8, 3),
+    split_config({"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_M": 32, "SPLIT_M": 64}, 8, 3),
 ]
 _WGRAD_ALL = [*_WGRAD_CONFIGS, *_WGRAD_IEEE_CONFIGS, _WGRAD_INTERPRET]
 _WGRAD_MAX_SPLIT = max(c.kwargs["SPLIT_M"] for c in _WGRAD_ALL)
@@ -163,13 +180,15 @@ def _wgrad_kernel(
     M, N, C, stride_x, C_BUCKET, M_BUCKET,
     FROM_VAR: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_M: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_c, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     n_mask, col_mask = ns < N, cols < C
     mean, scale, bias = load_norm(mean_ptr, inv_ptr, gamma_ptr, beta_ptr, eps, cols, col_mask, FROM_VAR)
-    rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT_M), BLOCK_M) * BLOCK_M
+    splits = tl.num_programs(2)  # SPLIT_M, or fewer for few rows (split_count)
+    rows_per_split = tl.cdiv(tl.cdiv(M, splits), BLOCK_M) * BLOCK_M
     start = split * rows_per_split
     acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     for m0 in range(0, rows_per_split, BLOCK_M):
@@ -188,11 +207,11 @@ def _wgrad_kernel(
     tile_mask = n_mask[:, None] & col_mask[None, :]
     tl.store(part_ptr + split * (N * C) + tile, acc, mask=tile_mask)
     # the splits' sum, merged by the last programs of this output tile: groups of splits, then the groups
-    groups = tl.cdiv(SPLIT_M, _WGRAD_GROUP)
+    groups = tl.cdiv(splits, _WGRAD_GROUP)
     counter = counter_ptr + (pid_n * tl.num_programs(1) + pid_c) * (groups + 1)
     group = split // _WGRAD_GROUP
     first = group * _WGRAD_GROUP
-    size = tl.minimum(SPLIT_M - first, _WGRAD_GROUP)
+    size = tl.minimum(splits - first, _WGRAD_GROUP)
     if arrive(counter + group, size):
         total = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
         for s in range(first, first + size):  # (split offsets stay in int32: SPLIT_M * N * C < 2^31)
@@ -234,6 +253,7 @@ def norm1_gemm_backward(
     sums: Tensor | None = None,
     first: bool = False,
     pool: CounterPool | None = None,
+    norm2_grad: tuple[Tensor, Tensor] | None = None,
 ) -> None:
     """Backward of ``Y = relu(norm(x)) @ weight^T`` over an ``M x C`` buffer prefix ``x``, written in place.
 
@@ -243,7 +263,10 @@ def norm1_gemm_backward(
     slope with running ones. Writes ``d_beta = sum(P)`` and ``d_gamma = sum(P * xhat)`` (C vectors),
     ``d_weight = d_y^T @ relu(norm(x))`` (a contiguous ``4k x C`` array, or a 1x1 conv weight's shape, when
     given), and adds ``coef * d_beta`` and ``coef * d_gamma`` to the rows of ``sums`` (a ``(2, C)`` view of the
-    block's float32 sums of G and G * xhat) when given.
+    block's float32 sums of G and G * xhat) when given. norm2_grad: ``(Y, vectors)``, the bottleneck and the
+    ``(4, 4k)`` float32 vectors ``kernels.conv3x3_backward`` left; then ``d_y`` is norm2's output gradient
+    ``dP``: dgrad forms the bottleneck's gradient from it as it loads it (``norm2_input_grad``) and its first
+    column tile stores it for wgrad.
     """
     check_kernel_tensors(d_y, x, weight, grad_sum)
     m, c = x.shape
@@ -261,6 +284,14 @@ def norm1_gemm_backward(
         raise ValueError(f"norm1_gemm_backward: d_weight must be a contiguous {k} x {c} array")
     if sums is not None and (sums.shape != (2, c) or sums.dtype != torch.float32 or sums.stride(1) != 1):
         raise ValueError(f"norm1_gemm_backward: sums must be a float32 (2, {c}) view with unit column stride")
+    if norm2_grad is not None:
+        y2, grad2 = norm2_grad
+        if y2.shape != d_y.shape or not y2.is_contiguous() or grad2.shape != (4, k) or grad2.dtype != torch.float32:
+            raise ValueError(f"norm1_gemm_backward: norm2_grad must be a contiguous {m} x {k} bottleneck and "
+                             f"float32 (4, {k}) vectors")  # fmt: skip
+        dy_out = torch.empty_like(d_y) if d_weight is not None else d_y  # dY, for wgrad (else not stored)
+    else:
+        y2, grad2, dy_out = d_y, sums if sums is not None else grad_sum, d_y  # unused pointers
     if m == 0 or c == 0:  # no rows: every sum and gradient is zero (and G has nothing to receive)
         for t in (d_gamma, d_beta, *([] if d_weight is None else [d_weight])):
             t.zero_()
@@ -276,23 +307,28 @@ def norm1_gemm_backward(
     def dgrad_grid(meta):
         return cdiv(m, meta["BLOCK_M"]), cdiv(c, meta["BLOCK_N"])
 
+    grad2_stride = grad2.stride(0) if norm2_grad is not None else 0
     _dgrad_kernel[dgrad_grid](
-        d_y, weight, x, mean, inv, gamma, beta, float(eps), grad_sum, partials[0], partials[1], counter,
+        d_y, y2, grad2, grad2_stride, dy_out, weight, x, mean, inv, gamma, beta, float(eps), grad_sum, partials[0],
+        partials[1], counter,
         d_gamma, d_beta, sums if sums is not None else grad_sum, sums.stride(0) if sums is not None else 0,
         m, c, k, x.stride(0), grad_sum.stride(0), bucket(c), row_bucket(m),
-        FROM_VAR=bool(norm.from_var), FIRST=first, SUMS=sums is not None, INTERPRETED=INTERPRET,
+        FROM_VAR=bool(norm.from_var), FIRST=first, SUMS=sums is not None, NORM2_GRAD=norm2_grad is not None,
+        STORE_DY=norm2_grad is not None and d_weight is not None,
+        INTERPRETED=INTERPRET,
         PRECISION=precision, BLOCK_T=MERGE_ROWS,
     )  # fmt: skip
     if d_weight is None:
         return
-    splits = uninitialised(_WGRAD_MAX_SPLIT, k, c, device=x.device)
+    most = max(split_count(m, config.kwargs) for config in _WGRAD_ALL)  # no room for splits a launch never has
+    splits = uninitialised(most, k, c, device=x.device)
 
     def wgrad_grid(meta):
-        return cdiv(k, meta["BLOCK_N"]), cdiv(c, meta["BLOCK_C"]), meta["SPLIT_M"]
+        return cdiv(k, meta["BLOCK_N"]), cdiv(c, meta["BLOCK_C"]), split_count(m, meta)
 
     _wgrad_kernel[wgrad_grid](
-        d_y, x, mean, inv, gamma, beta, float(eps), splits, counter[dgrad_counters:], d_weight,
-        m, k, c, x.stride(0), bucket(c), row_bucket(m),
+        d_y if norm2_grad is None else dy_out, x, mean, inv, gamma, beta, float(eps), splits,
+        counter[dgrad_counters:], d_weight, m, k, c, x.stride(0), bucket(c), row_bucket(m),
         FROM_VAR=bool(norm.from_var), INTERPRETED=INTERPRET, PRECISION=precision,
     )  # fmt: skip
 
@@ -327,10 +363,13 @@ def _dgrad_plan(args: dict, meta: dict) -> Moved:
     dy_bytes, w_bytes = m * k * args["dy_ptr"].element_size(), k * n * args["w_ptr"].element_size()
     once = m * n * (args["x_ptr"].element_size() + (0 if args["FIRST"] else 4))
     vectors = 4 * n * args["mean_ptr"].element_size()
-    read = dy_bytes * col_tiles + w_bytes * row_tiles + once + vectors * row_tiles
-    compulsory_read = dy_bytes + w_bytes + once + vectors
+    norm2 = 4 * k * 4 if args["NORM2_GRAD"] else 0  # norm2's four vectors, read by every program's K-loop
+    dy_written = dy_bytes if args["STORE_DY"] else 0  # dY formed from dP, stored by the first column tile
+    dy_bytes *= 2 if args["NORM2_GRAD"] else 1  # dP and the bottleneck instead of dY
+    read = dy_bytes * col_tiles + w_bytes * row_tiles + once + vectors * row_tiles + norm2 * row_tiles * col_tiles
+    compulsory_read = dy_bytes + w_bytes + once + vectors + norm2
     sums = 2 * n * 4 * 2 if args["SUMS"] else 0
-    moved = Moved(read + sums, m * n * 4 + sums, 2 * m * k * n, read - compulsory_read)
+    moved = Moved(read + sums, m * n * 4 + sums + dy_written, 2 * m * k * n, read - compulsory_read)
     return moved + partials_moved(row_tiles, n, finals=2)
 
 
@@ -339,7 +378,8 @@ def _wgrad_plan(args: dict, meta: dict) -> Moved:
     """dY's rows once per tile of the buffer's columns, the buffer's once per tile of dY's; every split
     writes its N x C float32 partial, the first level's last programs read them and write one per group, the
     last reads those and writes the gradient."""
-    m, n, c, split = args["M"], args["N"], args["C"], meta["SPLIT_M"]
+    m, n, c = args["M"], args["N"], args["C"]
+    split = split_count(m, meta)
     n_tiles, c_tiles = cdiv(n, meta["BLOCK_N"]), cdiv(c, meta["BLOCK_C"])
     dy_bytes, x_bytes = m * n * args["dy_ptr"].element_size(), m * c * args["x_ptr"].element_size()
     vectors = 4 * c * args["mean_ptr"].element_size()

@@ -323,6 +323,24 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# A split-M weight gradient's programs each write a float32 partial of the whole gradient tile they own,
+# read back by the merge: a split covers at least this many rows (on a GPU; the interpreter's configurations
+# take 16, so that tests reach several splits), so that the partials cost a fraction of what the split reads
+# (a 3x3 conv's 9 * 32 * 128 float32 partial, written and read, weighs what ~900 of its rows do).
+SPLIT_ROWS = 2048
+
+
+def split_config(meta: dict, num_warps: int, num_stages: int) -> triton.Config:
+    """A split-M launch's configuration on a GPU: ``meta`` with ``SPLIT_ROWS``."""
+    return triton.Config(meta | {"SPLIT_ROWS": SPLIT_ROWS}, num_warps=num_warps, num_stages=num_stages)
+
+
+def split_count(m: int, meta: dict) -> int:
+    """The splits of a split-M launch over ``m`` rows: ``SPLIT_M``, or fewer where a split would cover fewer
+    than ``SPLIT_ROWS`` rows."""
+    return max(1, min(meta["SPLIT_M"], cdiv(m, meta["SPLIT_ROWS"])))
+
+
 def bucket(n: int) -> int:
     """A size rounded up to a power of two: autotuning keys on it (``*_BUCKET`` kernel arguments), so a
     network's dozens of layer widths share a few tuning runs instead of one each."""

@@ -35,14 +35,22 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastdense.kernels import bn_relu_gemm, bn_relu_gemm_backward, bn_relu_pool, conv3x3, finalize, stats
+from fastdense.kernels import (
+    bn_relu_gemm,
+    bn_relu_gemm_backward,
+    bn_relu_pool,
+    conv3x3,
+    conv3x3_backward,
+    finalize,
+    stats,
+)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on an H100/H200
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 # The kernels whose inner loop is a tl.dot: each must become wgmma on Hopper.
-MATMUL_KERNELS = ("bn_relu_gemm", "conv3x3", "dgrad", "wgrad")
+MATMUL_KERNELS = ("bn_relu_gemm", "conv3x3", "dgrad", "wgrad", "conv3x3_dgrad", "conv3x3_wgrad")
 
 
 @dataclass
@@ -127,12 +135,22 @@ def variants():
 
 def backward_variants():
     dgrad, wgrad = bn_relu_gemm_backward._dgrad_kernel, bn_relu_gemm_backward._wgrad_kernel
-    dgrad_flags = [(0, 0, 1), (0, 1, 1), (1, 0, 0), (1, 1, 0)]  # (FROM_VAR, FIRST, SUMS): training, then eval
+    # (FROM_VAR, FIRST, SUMS, NORM2_GRAD): training, then eval; with norm2's gradient formed in the prologue
+    # (2-D blocks, which then store dY for wgrad), and from a given dY (1-D and 3-D blocks)
+    dgrad_flags = [(0, 0, 1, 1), (0, 1, 1, 1), (1, 0, 0, 1), (1, 1, 0, 1), (0, 0, 1, 0), (1, 0, 0, 0)]
+    conv_dgrad, conv_wgrad = conv3x3_backward._conv3x3_dgrad_kernel, conv3x3_backward._conv3x3_wgrad_kernel
     for dtype in DTYPES:
-        for from_var, first, sums in dgrad_flags:
-            flags = {"FROM_VAR": bool(from_var), "FIRST": bool(first), "SUMS": bool(sums)}
-            pointers = {"dy_ptr": dtype, "w_ptr": dtype, "x_ptr": dtype}
+        for from_var, first, sums, norm2 in dgrad_flags:
+            flags = {"FROM_VAR": bool(from_var), "FIRST": bool(first), "SUMS": bool(sums), "NORM2_GRAD": bool(norm2),
+                     "STORE_DY": bool(norm2)}  # fmt: skip
+            pointers = {"dy_ptr": dtype, "y2_ptr": dtype, "dy_out_ptr": dtype, "w_ptr": dtype, "x_ptr": dtype}
             yield from _launches(f"dgrad {dtype} {flags}", dgrad, dtype, pointers, flags)
+        for from_var in (False, True):
+            flags = {"FROM_VAR": from_var}
+            pointers = {"d_ptr": dtype, "w_ptr": dtype, "y_ptr": dtype, "dp_ptr": dtype}
+            yield from _launches(f"conv3x3_dgrad {dtype} {flags}", conv_dgrad, dtype, pointers, flags)
+            pointers = {"d_ptr": dtype, "y_ptr": dtype}  # the weight's gradient in float32 (the parameter's)
+            yield from _launches(f"conv3x3_wgrad {dtype} {flags}", conv_wgrad, dtype, pointers, flags)
         for from_var in (False, True):
             flags = {"FROM_VAR": from_var}
             yield from _launches(f"wgrad {dtype} {flags}", wgrad, dtype, {"dy_ptr": dtype, "x_ptr": dtype}, flags)
@@ -149,6 +167,7 @@ def backward_variants():
 # get no such mark.
 ALIGNED_INTS = {
     "N", "C", "K", "stride_x", "stride_y", "stride_out", "stride_g", "stride_dout", "stats_stride", "sums_stride",
+    "grad_stride", "grad2_stride",
 }  # fmt: skip
 
 
@@ -193,7 +212,10 @@ QUICK = {
     "column_stats bf16",
     "bn_relu_pool bf16 max=True from_var=False",
     "bn_relu_pool fp32 max=False from_var=True",
-    "dgrad bf16 {'FROM_VAR': False, 'FIRST': False, 'SUMS': True}",
+    "dgrad bf16 {'FROM_VAR': False, 'FIRST': False, 'SUMS': True, 'NORM2_GRAD': True, 'STORE_DY': True}",
+    "conv3x3_dgrad bf16 {'FROM_VAR': False}",
+    "conv3x3_wgrad bf16 {'FROM_VAR': False}",
+    "conv3x3_wgrad fp32 {'FROM_VAR': False} ieee",
     "wgrad bf16 {'FROM_VAR': False}",
     "finalize bf16 {'TRAINING': True, 'DROPOUT': True}",
     # float32 with TF32 off: the FMA products with their own configurations (once spilled 4-11 KB).

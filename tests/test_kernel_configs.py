@@ -4,7 +4,7 @@ On a GPU the autotuner chooses among each kernel's configurations (``configs``, 
 float32 products with TF32 off); the interpreter otherwise runs one small configuration only. Here each
 kernel runs with each of its configurations in turn (``Launcher.forced``), on odd shapes that leave a
 partial tile in every dimension of every configuration (rows, output columns, the reduction), against
-its PyTorch reference. All of them, every run: 35 configurations in about 20 s under the interpreter. The
+its PyTorch reference. All of them, every run. The
 kernels that merge their partial results in their last programs (``kernels.last_program``) do it for every
 configuration's tiles.
 """
@@ -14,7 +14,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdense.kernels import bn_relu_gemm, bn_relu_gemm_backward, bn_relu_pool, conv3x3, finalize, stats
+from fastdense.kernels import (
+    bn_relu_gemm,
+    bn_relu_gemm_backward,
+    bn_relu_pool,
+    conv3x3,
+    conv3x3_backward,
+    finalize,
+    stats,
+)
 from fastdense.tools.verify import relative_error
 
 from .test_kernels import assert_statistics, norm_map, randn, statistics_view
@@ -92,6 +100,29 @@ def _norm1_backward_case():
         assert relative_error(a, b) <= TOL, name
 
 
+def _conv3x3_backward_case():
+    nhw, c, k = (3, 9, 11), N, 37  # 297 rows; 131 bottleneck channels; the reduction 9 * 37 long
+    m = nhw[0] * nhw[1] * nhw[2]
+    y, norm2, weight, d_new = randn(m, c), norm_map(c), randn(k, c, 3, 3, seed=5) * 0.1, randn(m, k, seed=6)
+    got = [torch.empty(shape, device=y.device) for shape in (c, c, (k, c, 3, 3))]
+    d_pre, vectors = conv3x3_backward.conv3x3_norm2_backward(d_new, y, norm2, weight, nhw, d_gamma=got[0],
+                                                             d_beta=got[1], d_weight=got[2])  # fmt: skip
+    want_dp, want_dy, *want = conv3x3_backward.conv3x3_norm2_backward_reference(d_new, y, norm2, weight, nhw, True)
+    assert relative_error(d_pre, want_dp) <= TOL
+    for name, a, b in zip(("d_gamma", "d_beta", "dW"), got, want, strict=True):
+        assert relative_error(a, b) <= TOL, name
+    # dgrad forming dY from what the 3x3 backward left
+    x, norm1, w1 = randn(m, 70, seed=7), norm_map(70, seed=8), randn(c, 70, seed=9) * 0.1
+    grad_sum, expected_sum = torch.zeros(m, 70, device=y.device), torch.zeros(m, 70, device=y.device)
+    d_gamma1, d_beta1, d_w1 = torch.empty(70), torch.empty(70), torch.empty(c, 70)
+    bn_relu_gemm_backward.norm1_gemm_backward(d_pre, x, norm1, w1, grad_sum, d_gamma=d_gamma1, d_beta=d_beta1,
+                                              d_weight=d_w1, norm2_grad=(y, vectors))  # fmt: skip
+    want = bn_relu_gemm_backward.norm1_gemm_backward_reference(want_dy, x, norm1, w1, expected_sum, True)
+    assert relative_error(grad_sum, expected_sum) <= TOL
+    for name, a, b in zip(("d_gamma1", "d_beta1", "dW1"), (d_gamma1, d_beta1, d_w1), want, strict=True):
+        assert relative_error(a, b) <= TOL, name
+
+
 def _finalize_case():
     grad_sum, x, d_out = randn(M, N + 9, seed=31), randn(M, N + 5, seed=32), randn(M, N + 2, seed=33)
     vectors = (randn(N, seed=34), randn(N, seed=35).abs() + 0.5, randn(N, seed=36), randn(N, seed=37))
@@ -111,6 +142,8 @@ CASES = {
     "dgrad": _norm1_backward_case,
     "wgrad": _norm1_backward_case,
     "finalize": _finalize_case,
+    "conv3x3_dgrad": _conv3x3_backward_case,
+    "conv3x3_wgrad": _conv3x3_backward_case,
 }
 
 
@@ -125,6 +158,8 @@ CASES = {
         bn_relu_gemm_backward._dgrad_kernel,
         bn_relu_gemm_backward._wgrad_kernel,
         finalize._finalize_kernel,
+        conv3x3_backward._conv3x3_dgrad_kernel,
+        conv3x3_backward._conv3x3_wgrad_kernel,
     ),
 )
 def test_every_configuration_matches_its_reference(launcher, config):

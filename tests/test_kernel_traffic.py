@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from fastdense.kernels import bn_relu_gemm, bn_relu_gemm_backward, bn_relu_pool, conv3x3, finalize, stats
+from fastdense.kernels import (
+    bn_relu_gemm,
+    bn_relu_gemm_backward,
+    bn_relu_pool,
+    conv3x3,
+    conv3x3_backward,
+    finalize,
+    stats,
+)
 from fastdense.kernels.launch import INTERPRET, LAUNCHERS, recording
 
 from .test_kernels import norm_map, randn
@@ -88,6 +96,22 @@ def _backward(need_weight, rows=253):
                                               d_weight=d_weight, sums=sums)  # fmt: skip
 
 
+def _conv_backward(from_var=False, need_weight=True, nhw=(3, 9, 11)):
+    """The 3x3 conv's backward through norm2 (``conv3x3_dgrad``, ``conv3x3_wgrad``), then the 1x1's forming dY
+    from what it left (dgrad storing it for wgrad)."""
+    m = nhw[0] * nhw[1] * nhw[2]
+    y, weight, d_new = randn(m, 40), randn(19, 40, 3, 3, seed=5), randn(m, 19, seed=6)
+    d_gamma, d_beta, d_weight = torch.empty(40), torch.empty(40), torch.empty(19, 40, 3, 3) if need_weight else None
+    norm2 = norm_map(40, from_var=from_var)
+    d_pre, vectors = conv3x3_backward.conv3x3_norm2_backward(d_new, y, norm2, weight, nhw, d_gamma=d_gamma,
+                                                             d_beta=d_beta, d_weight=d_weight)  # fmt: skip
+    buf, grad_sum = randn(m, 70), randn(m, 75, seed=25)
+    d_w1 = torch.empty(40, 67) if need_weight else None
+    bn_relu_gemm_backward.norm1_gemm_backward(d_pre, buf[:, :67], norm_map(67), randn(40, 67, seed=23), grad_sum,
+                                              d_gamma=torch.empty(67), d_beta=torch.empty(67), d_weight=d_w1,
+                                              norm2_grad=(y, vectors))  # fmt: skip
+
+
 def _finalize(training, dropout):
     g, x, d_out = randn(253, 50)[:, 3:40], randn(253, 45)[:, 5:42], randn(253, 40)[:, 1:38]
     out = torch.empty(253, 37)
@@ -112,6 +136,9 @@ CASES = {
     "dgrad": lambda: _backward(False),
     "dgrad-and-wgrad": lambda: _backward(True),
     "dgrad-merged-in-two-levels": lambda: _backward(False, rows=1100),
+    "conv3x3-backward": lambda: _conv_backward(),
+    "conv3x3-backward-eval-no-weights": lambda: _conv_backward(from_var=True, need_weight=False),
+    "conv3x3-backward-merged-in-two-levels": lambda: _conv_backward(need_weight=False, nhw=(2, 33, 35)),
     "finalize-training": lambda: _finalize(True, False),
     "finalize-training-dropout": lambda: _finalize(True, True),
     "finalize-eval": lambda: _finalize(False, False),

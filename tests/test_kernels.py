@@ -262,6 +262,68 @@ def test_the_first_dgrad_into_the_gradient_buffer_writes_it():
     assert relative_error(grad_sum[:, :c], expected[:, :c]) <= 1e-5 and grad_sum[:, c:].isnan().all()
 
 
+@pytest.mark.parametrize("from_var", [False, True], ids=["batch", "running"])
+@pytest.mark.parametrize("nhw,c,k", [((1, 1, 1), 1, 1), ((2, 5, 7), 37, 19), ((1, 3, 2), 20, 48), ((1, 47, 45), 6, 3)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv3x3_norm2_backward(nhw, c, k, dtype, from_var):
+    """The 3x3 conv's backward through relu2 and norm2 (kernels.conv3x3_backward) against PyTorch's
+    convolution_backward on the recomputed activation: norm2's output gradient, its weight and bias
+    gradients, the conv's weight gradient (1x1 images: every tap outside; 2115 rows: two merge levels of the
+    sums), and the bottleneck's gradient as the 1x1 backward forms it from them (the gradient buffer and
+    norm1's gradients as from that dY)."""
+    from fastdense.kernels.bn_relu_gemm_backward import norm1_gemm_backward, norm1_gemm_backward_reference
+    from fastdense.kernels.conv3x3_backward import conv3x3_norm2_backward, conv3x3_norm2_backward_reference
+
+    m = nhw[0] * nhw[1] * nhw[2]
+    y, norm2 = randn(m, c, dtype=dtype, seed=30), norm_map(c, seed=31, from_var=from_var)
+    weight, d_new = randn(k, c, 3, 3, dtype=dtype, seed=32, scale=0.3), randn(m, k, dtype=dtype, seed=33)
+    d_gamma, d_beta, d_w = torch.empty(c, device=DEVICE), torch.empty(c, device=DEVICE), torch.empty(k, c, 3, 3)
+    d_pre, vectors = conv3x3_norm2_backward(d_new, y, norm2, weight, nhw, d_gamma=d_gamma, d_beta=d_beta,
+                                            d_weight=d_w)  # fmt: skip
+    want_dp, want_dy, *want = conv3x3_norm2_backward_reference(d_new, y, norm2, weight, nhw, not from_var)
+    tol = 1e-5 if dtype == torch.float32 else 1e-4  # fp32 accumulation in both; only summation order differs
+    assert d_pre.dtype == dtype and relative_error(d_pre, want_dp) <= TOL[dtype]
+    for name, got, expected in zip(("d_gamma", "d_beta", "dW"), (d_gamma, d_beta, d_w), want, strict=True):
+        assert relative_error(got, expected) <= tol, name
+
+    c_in, x, norm1 = 9, randn(m, 9, dtype=dtype, seed=34), norm_map(9, seed=35)
+    w1 = randn(c, c_in, dtype=dtype, seed=36)
+    grad_sum, expected_sum = torch.zeros(m, c_in, device=DEVICE), torch.zeros(m, c_in, device=DEVICE)
+    got = [torch.empty(shape, device=DEVICE) for shape in (c_in, c_in, (c, c_in))]
+    norm1_gemm_backward(d_pre, x, norm1, w1, grad_sum, d_gamma=got[0], d_beta=got[1], d_weight=got[2],
+                        norm2_grad=(y, vectors))  # fmt: skip
+    expected = norm1_gemm_backward_reference(want_dy, x, norm1, w1, expected_sum, True)
+    # dY is rounded to the compute dtype in both; a one-ulp difference there moves P by as much
+    tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
+    assert relative_error(grad_sum, expected_sum) <= tol
+    for name, a, b in zip(("d_gamma1", "d_beta1", "dW1"), got, expected, strict=True):
+        assert relative_error(a, b) <= tol, name
+
+
+def test_conv3x3_norm2_backward_propagates_nan_and_refuses_bad_arguments():
+    """A NaN in the new features' gradient reaches the bottleneck's rows it touches, as through PyTorch's
+    convolution_backward; shapes that do not fit are refused before any launch."""
+    from fastdense.kernels.conv3x3_backward import conv3x3_norm2_backward
+
+    nhw, c, k = (1, 4, 4), 5, 3
+    y, norm2, weight = randn(16, c, seed=40), norm_map(c, seed=41, from_var=True), randn(k, c, 3, 3, seed=42)
+    d_new = randn(16, k, seed=43)
+    d_new[5, 1] = float("nan")
+    d_gamma, d_beta = torch.empty(c, device=DEVICE), torch.empty(c, device=DEVICE)
+    d_pre, _ = conv3x3_norm2_backward(d_new, y, norm2, weight, nhw, d_gamma=d_gamma, d_beta=d_beta)
+    active = ((y - norm2.mean) * norm2.weight * (norm2.inv + norm2.eps).rsqrt() + norm2.bias) > 0
+    neighbours = torch.zeros(16, dtype=torch.bool)
+    neighbours.view(4, 4)[0:3, 0:3] = True  # pixel 5 is (1, 1): its 3x3 neighbourhood
+    assert d_pre[neighbours[:, None] & active].isnan().all() and not d_pre[~neighbours].isnan().any()
+    assert d_gamma.isnan().any() and d_beta.isnan().any()
+    with pytest.raises(ValueError, match="weight must be a contiguous"):
+        conv3x3_norm2_backward(d_new, y, norm2, weight[:, :4], nhw, d_gamma=d_gamma, d_beta=d_beta)
+    with pytest.raises(ValueError, match="d_new must be"):
+        conv3x3_norm2_backward(d_new[:15], y, norm2, weight, nhw, d_gamma=d_gamma, d_beta=d_beta)
+    with pytest.raises(ValueError, match="y must be a contiguous 20 x C"):
+        conv3x3_norm2_backward(d_new, y, norm2, weight, (1, 4, 5), d_gamma=d_gamma, d_beta=d_beta)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_finalize(training, dtype):
