@@ -120,6 +120,12 @@ class Ops:
         starts uninitialised instead of as zeros (its last ``k`` columns are never read).
     multi_tensor: whether the block's whole-block steps may use PyTorch's multi-tensor operators (the weights'
         cast); not in what ``torch.export`` traces, which the exporters lower (``torch_ops.EXPORT_OPS``).
+    pairs_layers(compute_dtype) -> bool: whether the backward takes layers in pairs (None: never):
+        ``norm1_backward(..., columns=(lo, hi))`` for the
+        upper layer covers only the buffer columns ``[lo, hi)`` (the lower layer's new features, then
+        finalised), runs the layer's weight gradient, and returns an extra value that the lower layer's
+        ``norm1_backward(..., upper=...)`` takes: its launch adds both layers' contributions to the prefix
+        ``[0, lo)``, G's prefix and the buffer's read and written once for the two.
     """
 
     column_stats: Callable
@@ -138,6 +144,7 @@ class Ops:
     variance_from_rstd: bool = False
     finalize_takes_sums: bool = True
     multi_tensor: bool = True
+    pairs_layers: Callable | None = None
 
 
 @dataclass
@@ -509,13 +516,14 @@ def block_backward(
             divisors = ops.norm1_weight_grad_divisors(*norms1, cdt)
     running = running or [None] * (2 * num_layers)
     maps = _block_maps(params, running[0::2], running[1::2], ops, state.stats, state.norm2)
-    for layer in reversed(range(num_layers)):
-        w1, w2 = weights[layer]
-        saved, c_in = state.layers[layer], c0 + layer * k
-        need = needs_input_grad[1 + layer * PARAMS_PER_LAYER : 1 + (layer + 1) * PARAMS_PER_LAYER]
-        w1c = w1.view(-1, c_in)
-        norm1, norm2 = maps[layer]
 
+    def needs(layer: int) -> tuple[bool, ...]:
+        return needs_input_grad[1 + layer * PARAMS_PER_LAYER : 1 + (layer + 1) * PARAMS_PER_LAYER]
+
+    def to_bottleneck(layer: int):
+        """The layer's new features' gradient (its consumers all done), back through the 3x3 conv and norm2:
+        ``(d_bottleneck, d_g2, d_b2, d_w2)``."""
+        saved, c_in = state.layers[layer], c0 + layer * k
         with stage("finalize", out.device):
             if layer == num_layers - 1:  # no consumer: G and its sums are zero there, the gradient is the output's
                 d_new = _last_layer_grad(grad_out[:, c_in:], saved.dropout_noise, cdt)
@@ -524,30 +532,46 @@ def block_backward(
         bottleneck = saved.bottleneck
         if bottleneck is None:
             with stage("gemm", out.device):
-                bottleneck = ops.bottleneck(rows[:, :c_in], norm1, w1c, None, 0.0, None, pool)
-        d_bottleneck, d_g2, d_b2, d_w2 = ops.new_features_backward(
-            d_new, bottleneck, norm2, w2, grid, training, need[5], sync, count, pool
-        )
-        del d_new, bottleneck
-        with stage("gemm_backward", out.device):
-            d_g1, d_b1, d_w1 = ops.norm1_backward(
-                d_bottleneck,
-                rows[:, :c_in],
-                norm1,
-                w1c,
-                grad_sum,
-                None if sums is None else sums[:, :c_in],
-                need[2],
-                divisors[layer] is not None,
-                writes_first and layer == num_layers - 1,
-                pool,
-                divisors[layer],
-            )
-        del d_bottleneck
-        layer_grads = (d_g1, d_b1, d_w1, d_g2, d_b2, d_w2)
+                bottleneck = ops.bottleneck(rows[:, :c_in], maps[layer][0], weights[layer][0].view(-1, c_in), None,
+                                            0.0, None, pool)  # fmt: skip
+        return ops.new_features_backward(d_new, bottleneck, maps[layer][1], weights[layer][1], grid, training,
+                                         needs(layer)[5], sync, count, pool)  # fmt: skip
+
+    def keep(layer: int, layer_grads) -> None:
         for offset, grad in enumerate(layer_grads):
-            if need[offset]:
+            if needs(layer)[offset]:
                 grads[layer * PARAMS_PER_LAYER + offset] = grad
+
+    def norm1_backward(layer: int, d_bottleneck, first: bool, **pairing):
+        c_in = c0 + layer * k
+        with stage("gemm_backward", out.device):
+            return ops.norm1_backward(
+                d_bottleneck, rows[:, :c_in], maps[layer][0], weights[layer][0].view(-1, c_in), grad_sum,
+                None if sums is None else sums[:, :c_in], needs(layer)[2], divisors[layer] is not None,
+                writes_first and first, pool, divisors[layer], **pairing,
+            )  # fmt: skip
+
+    # Layers in pairs where the ops pair them (``Ops.pairs_layers``): the upper layer's 1x1 backward first
+    # covers only the lower layer's new columns (what the lower's own backward needs finalised), then one
+    # launch adds both layers' contributions to the prefix they share: G's prefix and the buffer's read and
+    # written once for two layers.
+    pairs = ops.pairs_layers is not None and ops.pairs_layers(cdt)
+    layer = num_layers - 1
+    while layer >= 0:
+        d_bottleneck, *norm2_grads = to_bottleneck(layer)
+        top = layer == num_layers - 1  # the first to reach G (with norm1_writes_first: writes it)
+        if not pairs or layer == 0:
+            keep(layer, (*norm1_backward(layer, d_bottleneck, top), *norm2_grads))
+            layer -= 1
+            continue
+        lower_columns = (c0 + (layer - 1) * k, c0 + layer * k)
+        *upper_grads, upper = norm1_backward(layer, d_bottleneck, top, columns=lower_columns)
+        keep(layer, (*upper_grads, *norm2_grads))
+        del d_bottleneck
+        d_bottleneck, *norm2_grads = to_bottleneck(layer - 1)
+        keep(layer - 1, (*norm1_backward(layer - 1, d_bottleneck, top, upper=upper), *norm2_grads))
+        del upper
+        layer -= 2
 
     d_x = None
     if needs_input_grad[0]:

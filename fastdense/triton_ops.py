@@ -63,12 +63,13 @@ def _kernels() -> SimpleNamespace:
         conv3x3_backward,
         finalize,
         last_program,
+        launch,
         stats,
     )  # fmt: skip
 
     return SimpleNamespace(
         gemm=bn_relu_gemm, backward=bn_relu_gemm_backward, conv=conv3x3, conv_backward=conv3x3_backward,
-        finalize=finalize, stats=stats, pool=bn_relu_pool, last=last_program,
+        finalize=finalize, stats=stats, pool=bn_relu_pool, last=last_program, launch=launch,
     )  # fmt: skip
 
 
@@ -118,21 +119,45 @@ def _new_features_backward(d_new, bottleneck, norm2, w2, grid, training, need_we
 
 
 def _norm1_backward(d_bottleneck, x, norm1, w1c, grad_sum, sums, need_weight, from_w1_grad=False, first=False,
-                    pool=None, divisor=None):  # fmt: skip
+                    pool=None, divisor=None, *, columns=None, upper=None):  # fmt: skip
     """dgrad into G with norm1's gradients and the block's sums, and wgrad, by the kernels (mask recomputed as
     the forward's; the sums come from the kernel's own pass, so ``from_w1_grad`` is never asked for; with
     ``first`` the dgrad writes G's prefix instead of adding to it: G needs no zero-fill). The gradients are
-    written in the parameters' dtypes. ``d_bottleneck``: the bottleneck's gradient, or a ``Norm2Grad``."""
+    written in the parameters' dtypes. ``d_bottleneck``: the bottleneck's gradient, or a ``Norm2Grad``.
+
+    Layers in pairs (``Ops.pairs_layers``): ``columns=(lo, hi)``, the upper layer's dgrad over the buffer
+    columns ``[lo, hi)`` only and its whole wgrad, returning the ``UpperLayer`` that the lower layer's call
+    takes as ``upper`` (its dgrad then adds both layers' contributions over ``[0, lo)``)."""
+    kernels = _kernels().backward
     d_gamma, d_beta = (torch.empty_like(v) for v in (norm1.weight, norm1.bias))
     d_w1 = torch.empty(w1c.shape, dtype=norm1.weight.dtype, device=w1c.device) if need_weight else None
     norm2_grad = None
     if isinstance(d_bottleneck, Norm2Grad):
         d_bottleneck, norm2_grad = d_bottleneck.d_pre, (d_bottleneck.bottleneck, d_bottleneck.vectors)
-    _kernels().backward.norm1_gemm_backward(
-        d_bottleneck.contiguous(), x, norm1, w1c, grad_sum, d_gamma=d_gamma, d_beta=d_beta, d_weight=d_w1, sums=sums,
-        first=first, pool=pool, norm2_grad=norm2_grad,
+    d_bottleneck = d_bottleneck.contiguous()
+    if columns is None:
+        kernels.norm1_gemm_backward(
+            d_bottleneck, x, norm1, w1c, grad_sum, d_gamma=d_gamma, d_beta=d_beta, d_weight=d_w1, sums=sums,
+            first=first, pool=pool, norm2_grad=norm2_grad,
+            upper=None if upper is None else kernels.UpperLayer(*upper[:3], *(v[: x.shape[1]] for v in upper[3:])),
+        )  # fmt: skip
+        return d_gamma, d_beta, d_w1
+    lo, hi = columns
+    d_y = torch.empty_like(d_bottleneck) if norm2_grad is not None else d_bottleneck  # formed by the dgrad
+    kernels.norm1_gemm_backward(
+        d_bottleneck, x[:, lo:hi], norm1.channels(lo, hi), w1c[:, lo:hi], grad_sum[:, lo:hi], d_gamma=d_gamma[lo:hi],
+        d_beta=d_beta[lo:hi], sums=None if sums is None else sums[:, lo:hi], first=first, pool=pool,
+        norm2_grad=norm2_grad, d_y_out=d_y if norm2_grad is not None else None,
     )  # fmt: skip
-    return d_gamma, d_beta, d_w1
+    if d_w1 is not None:
+        kernels.norm1_weight_grad(d_y, x, norm1, d_w1, pool=pool)
+    return d_gamma, d_beta, d_w1, (d_y, w1c, norm1, d_gamma, d_beta)
+
+
+def _pairs_layers(compute_dtype: torch.dtype) -> bool:
+    """Layers are paired in the 1x1 backward but for float32 products with TF32 off: there the paired dgrad's
+    FMA products spilled registers on Hopper in every tile tried (``kernels.bn_relu_gemm_backward``)."""
+    return _kernels().launch.dot_precision(compute_dtype) != "ieee"
 
 
 def _norm2_activation(bottleneck, norm2):
@@ -184,4 +209,5 @@ def triton_ops(spatial_dims: int = 2) -> Ops:
         counters=_counters,
         fuses_eval_norm2=True,
         norm1_writes_first=True,
+        pairs_layers=_pairs_layers,
     )

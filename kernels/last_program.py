@@ -160,10 +160,27 @@ def sum_rows(ptr, first, n, step, cols, col_mask, C, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _merge_group(ptr, first, size, cols, col_mask, C, BLOCK_T: tl.constexpr):
+    """A group's ``size`` partial rows from ``first`` summed into its first row (the first level)."""
+    total = sum_rows(ptr, first, size, 1, cols, col_mask, C, BLOCK_T)
+    tl.store(ptr + first.to(tl.int64) * C + cols, total, mask=col_mask, cache_modifier=".cg")
+
+
+@triton.jit
 def merged_sums(a_ptr, b_ptr, counter_ptr, tile, tiles, cols, col_mask, C, column_tile, BLOCK_T: tl.constexpr):
     """After this program wrote row ``tile`` of two ``(tiles, C)`` partial-sum arrays: ``(done, a, b)``, with
     ``done`` True in the one program per column tile that holds the columns' total sums ``a`` and ``b``
     (two-level merge, counters as ``finish_statistics``'s; the caller writes them)."""
+    done, a, b, _, _ = merged_sums4(a_ptr, b_ptr, a_ptr, b_ptr, counter_ptr, tile, tiles, cols, col_mask, C,
+                                    column_tile, False, BLOCK_T)  # fmt: skip
+    return done, a, b
+
+
+@triton.jit
+def merged_sums4(a_ptr, b_ptr, c_ptr, d_ptr, counter_ptr, tile, tiles, cols, col_mask, C, column_tile,
+                 FOUR: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    """``merged_sums`` of four partial-sum arrays at once (``FOUR``; else of ``a`` and ``b`` only): one arrival
+    per program, so that the one program holding the totals writes what depends on all four."""
     groups = tl.cdiv(tiles, _GROUP)
     counter = counter_ptr + column_tile * (groups + 1)
     group = tile // _GROUP
@@ -172,16 +189,21 @@ def merged_sums(a_ptr, b_ptr, counter_ptr, tile, tiles, cols, col_mask, C, colum
     done = tile < 0  # False, as a tensor
     a = tl.zeros(cols.shape, tl.float32)
     b = tl.zeros(cols.shape, tl.float32)
+    c = tl.zeros(cols.shape, tl.float32)
+    d = tl.zeros(cols.shape, tl.float32)
     if arrive(counter + group, size):
-        row = first.to(tl.int64) * C
-        tl.store(a_ptr + row + cols, sum_rows(a_ptr, first, size, 1, cols, col_mask, C, BLOCK_T), mask=col_mask,
-                 cache_modifier=".cg")  # fmt: skip
-        tl.store(b_ptr + row + cols, sum_rows(b_ptr, first, size, 1, cols, col_mask, C, BLOCK_T), mask=col_mask,
-                 cache_modifier=".cg")  # fmt: skip
+        _merge_group(a_ptr, first, size, cols, col_mask, C, BLOCK_T)
+        _merge_group(b_ptr, first, size, cols, col_mask, C, BLOCK_T)
+        if FOUR:
+            _merge_group(c_ptr, first, size, cols, col_mask, C, BLOCK_T)
+            _merge_group(d_ptr, first, size, cols, col_mask, C, BLOCK_T)
         tl.store(counter + group, 0)
         if arrive(counter + groups, groups):
             a = sum_rows(a_ptr, 0, groups, _GROUP, cols, col_mask, C, BLOCK_T)
             b = sum_rows(b_ptr, 0, groups, _GROUP, cols, col_mask, C, BLOCK_T)
+            if FOUR:
+                c = sum_rows(c_ptr, 0, groups, _GROUP, cols, col_mask, C, BLOCK_T)
+                d = sum_rows(d_ptr, 0, groups, _GROUP, cols, col_mask, C, BLOCK_T)
             done = tile >= 0
             tl.store(counter + groups, 0)
-    return done, a, b
+    return done, a, b, c, d

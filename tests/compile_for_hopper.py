@@ -104,6 +104,8 @@ def _launches(name: str, launcher, dtype: str, pointers: dict, flags: dict):
     pointers = {"counter_ptr": "i32"} | pointers  # the last programs' arrival counters (kernels.last_program)
     flags = {"BLOCK_T": stats.MERGE_ROWS} | flags if "BLOCK_T" in launcher.fn.arg_names else flags
     for suffix, precision in _precisions(dtype, launcher):
+        if precision == "ieee" and (flags.get("PAIRED") or flags.get("STORE_DY")):
+            continue  # layers are not paired in float32 with TF32 off (triton_ops.pairs_layers)
         for config in launcher.configs_for(precision):
             yield f"{name}{suffix}", launcher, pointers, flags | {"PRECISION": precision}, config
 
@@ -135,15 +137,20 @@ def variants():
 
 def backward_variants():
     dgrad, wgrad = bn_relu_gemm_backward._dgrad_kernel, bn_relu_gemm_backward._wgrad_kernel
-    # (FROM_VAR, FIRST, SUMS, NORM2_GRAD): training, then eval; with norm2's gradient formed in the prologue
-    # (2-D blocks, which then store dY for wgrad), and from a given dY (1-D and 3-D blocks)
-    dgrad_flags = [(0, 0, 1, 1), (0, 1, 1, 1), (1, 0, 0, 1), (1, 1, 0, 1), (0, 0, 1, 0), (1, 0, 0, 0)]
+    # Training (batch statistics, the block's sums) and eval, first to reach G or not, norm2's gradient formed in
+    # the prologue (2-D blocks) or dY given (1-D and 3-D), and the launch's role: a layer alone, a pair's upper
+    # layer over the lower's new columns (storing dY when it forms it), the pair's launch over their prefix.
+    roles = {"alone": (False, False), "upper": (True, False), "pair": (False, True)}
+    dgrad_flags = []
+    for from_var, first, norm2, (store, paired) in itertools.product((0, 1), (0, 1), (1, 0), roles.values()):
+        values = (from_var, first, not from_var, norm2, store and norm2, paired)
+        names = ("FROM_VAR", "FIRST", "SUMS", "NORM2_GRAD", "STORE_DY", "PAIRED")
+        dgrad_flags.append({name: bool(value) for name, value in zip(names, values, strict=True)})
     conv_dgrad, conv_wgrad = conv3x3_backward._conv3x3_dgrad_kernel, conv3x3_backward._conv3x3_wgrad_kernel
     for dtype in DTYPES:
-        for from_var, first, sums, norm2 in dgrad_flags:
-            flags = {"FROM_VAR": bool(from_var), "FIRST": bool(first), "SUMS": bool(sums), "NORM2_GRAD": bool(norm2),
-                     "STORE_DY": bool(norm2)}  # fmt: skip
-            pointers = {"dy_ptr": dtype, "y2_ptr": dtype, "dy_out_ptr": dtype, "w_ptr": dtype, "x_ptr": dtype}
+        for flags in dgrad_flags:
+            pointers = {"dy_ptr": dtype, "y2_ptr": dtype, "dy_out_ptr": dtype, "w_ptr": dtype, "x_ptr": dtype,
+                        "du_ptr": dtype, "wu_ptr": dtype}  # fmt: skip
             yield from _launches(f"dgrad {dtype} {flags}", dgrad, dtype, pointers, flags)
         for from_var in (False, True):
             flags = {"FROM_VAR": from_var}
@@ -151,9 +158,10 @@ def backward_variants():
             yield from _launches(f"conv3x3_dgrad {dtype} {flags}", conv_dgrad, dtype, pointers, flags)
             pointers = {"d_ptr": dtype, "y_ptr": dtype}  # the weight's gradient in float32 (the parameter's)
             yield from _launches(f"conv3x3_wgrad {dtype} {flags}", conv_wgrad, dtype, pointers, flags)
-        for from_var in (False, True):
-            flags = {"FROM_VAR": from_var}
-            yield from _launches(f"wgrad {dtype} {flags}", wgrad, dtype, {"dy_ptr": dtype, "x_ptr": dtype}, flags)
+        for from_var, norm2 in itertools.product((False, True), repeat=2):
+            flags = {"FROM_VAR": from_var, "NORM2_GRAD": norm2}
+            pointers = {"dy_ptr": dtype, "y2_ptr": dtype, "x_ptr": dtype}
+            yield from _launches(f"wgrad {dtype} {flags}", wgrad, dtype, pointers, flags)
         for training, dropout in itertools.product((True, False), repeat=2):
             kernel, flags = finalize._finalize_kernel, {"TRAINING": training, "DROPOUT": dropout}
             pointers = {"x_ptr": dtype, "dout_ptr": dtype, "noise_ptr": dtype}
@@ -212,15 +220,16 @@ QUICK = {
     "column_stats bf16",
     "bn_relu_pool bf16 max=True from_var=False",
     "bn_relu_pool fp32 max=False from_var=True",
-    "dgrad bf16 {'FROM_VAR': False, 'FIRST': False, 'SUMS': True, 'NORM2_GRAD': True, 'STORE_DY': True}",
+    "dgrad bf16 {'FROM_VAR': False, 'FIRST': False, 'SUMS': True, 'NORM2_GRAD': True, 'STORE_DY': False, "
+    "'PAIRED': True}",
     "conv3x3_dgrad bf16 {'FROM_VAR': False}",
     "conv3x3_wgrad bf16 {'FROM_VAR': False}",
     "conv3x3_wgrad fp32 {'FROM_VAR': False} ieee",
-    "wgrad bf16 {'FROM_VAR': False}",
+    "wgrad bf16 {'FROM_VAR': False, 'NORM2_GRAD': True}",
     "finalize bf16 {'TRAINING': True, 'DROPOUT': True}",
     # float32 with TF32 off: the FMA products with their own configurations (once spilled 4-11 KB).
     "bn_relu_gemm fp32 {'POOL': False, 'EPILOGUE': False, 'STATS': True, 'FROM_VAR': False} ieee",
-    "wgrad fp32 {'FROM_VAR': False} ieee",
+    "wgrad fp32 {'FROM_VAR': False, 'NORM2_GRAD': True} ieee",
 }
 
 

@@ -25,7 +25,7 @@ from fastdense.kernels import (
 )
 from fastdense.tools.verify import relative_error
 
-from .test_kernels import assert_statistics, norm_map, randn, statistics_view
+from .test_kernels import assert_statistics, norm_map, paired_case, randn, statistics_view
 
 # No power of two divides these: every tiling leaves a partial last tile, and most leave several tiles.
 M, N, K = 253, 131, 133
@@ -123,6 +123,23 @@ def _conv3x3_backward_case():
         assert relative_error(a, b) <= TOL, name
 
 
+def _paired_dgrad_case():
+    """The paired dgrad (two layers' contributions to one prefix) against the two layers one after the other."""
+    buf, norm_l, w_l, d_y_l, upper, grads_u = paired_case(M, N, K)
+    x, c = buf[:, :N], N
+    grad_sum = randn(M, N, seed=25)
+    expected = grad_sum.clone()
+    got = [torch.empty(N, device=x.device) for _ in range(2)]
+    bn_relu_gemm_backward.norm1_gemm_backward(d_y_l, x, norm_l, w_l, grad_sum, d_gamma=got[0], d_beta=got[1],
+                                              upper=upper)  # fmt: skip
+    reference = bn_relu_gemm_backward.norm1_gemm_backward_reference
+    want = reference(d_y_l, x, norm_l, w_l, expected, False)
+    want_u = reference(upper.d_y, x, upper.norm.channels(0, c), upper.weight[:, :c].contiguous(), expected, False)
+    assert relative_error(grad_sum, expected) <= TOL
+    for a, b in zip((*got, *grads_u[:, :c]), (*want[:2], *want_u[:2]), strict=True):
+        assert relative_error(a, b) <= TOL
+
+
 def _finalize_case():
     grad_sum, x, d_out = randn(M, N + 9, seed=31), randn(M, N + 5, seed=32), randn(M, N + 2, seed=33)
     vectors = (randn(N, seed=34), randn(N, seed=35).abs() + 0.5, randn(N, seed=36), randn(N, seed=37))
@@ -139,7 +156,7 @@ CASES = {
     "conv3x3": _conv3x3_case,
     "column_stats": _column_stats_case,
     "bn_relu_pool": _bn_relu_pool_case,
-    "dgrad": _norm1_backward_case,
+    "dgrad": lambda: (_norm1_backward_case(), _paired_dgrad_case()),
     "wgrad": _norm1_backward_case,
     "finalize": _finalize_case,
     "conv3x3_dgrad": _conv3x3_backward_case,

@@ -22,7 +22,7 @@ from fastdense.kernels import (
 )
 from fastdense.kernels.launch import INTERPRET, LAUNCHERS, recording
 
-from .test_kernels import norm_map, randn
+from .test_kernels import norm_map, paired_case, randn
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="counts the interpreter's loads and stores")
 
@@ -112,6 +112,15 @@ def _conv_backward(from_var=False, need_weight=True, nhw=(3, 9, 11)):
                                               norm2_grad=(y, vectors))  # fmt: skip
 
 
+def _paired(from_var, rows=253):
+    """A pair's dgrad launch over the prefix both layers read, with the lower layer's weight gradient."""
+    buf, norm_l, w_l, d_y_l, upper, _ = paired_case(rows, 67, 37, from_var=from_var)
+    sums = None if from_var else randn(2, 67, seed=26)
+    bn_relu_gemm_backward.norm1_gemm_backward(d_y_l, buf[:, :67], norm_l, w_l, randn(rows, 70, seed=25),
+                                              d_gamma=torch.empty(67), d_beta=torch.empty(67),
+                                              d_weight=torch.empty(37, 67), sums=sums, upper=upper)  # fmt: skip
+
+
 def _finalize(training, dropout):
     g, x, d_out = randn(253, 50)[:, 3:40], randn(253, 45)[:, 5:42], randn(253, 40)[:, 1:38]
     out = torch.empty(253, 37)
@@ -139,6 +148,9 @@ CASES = {
     "conv3x3-backward": lambda: _conv_backward(),
     "conv3x3-backward-eval-no-weights": lambda: _conv_backward(from_var=True, need_weight=False),
     "conv3x3-backward-merged-in-two-levels": lambda: _conv_backward(need_weight=False, nhw=(2, 33, 35)),
+    "dgrad-paired": lambda: _paired(False),
+    "dgrad-paired-eval": lambda: _paired(True),
+    "dgrad-paired-merged-in-two-levels": lambda: _paired(False, rows=2200),
     "finalize-training": lambda: _finalize(True, False),
     "finalize-training-dropout": lambda: _finalize(True, True),
     "finalize-eval": lambda: _finalize(False, False),

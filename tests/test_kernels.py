@@ -300,6 +300,53 @@ def test_conv3x3_norm2_backward(nhw, c, k, dtype, from_var):
         assert relative_error(a, b) <= tol, name
 
 
+def paired_case(m, c, k, dtype=torch.float32, from_var=False, seed=50):
+    """A pair of layers for the paired dgrad: the lower reads the buffer's first ``c`` columns, the upper
+    ``c + 5`` (its own new columns past them); with batch statistics both maps share the buffer's mean and
+    rstd, with running ones each has its own."""
+    from fastdense.kernels.bn_relu_gemm_backward import UpperLayer
+
+    c_up = c + 5
+    buf = randn(m, c_up + 2, dtype=dtype, seed=seed)
+    norm_u = norm_map(c_up, seed=seed + 1, from_var=from_var)
+    other = norm_map(c, seed=seed + 5, from_var=from_var)
+    norm_l = other if from_var else NormMap(norm_u.mean[:c], norm_u.inv[:c], other.weight, other.bias, 0.0, False)
+    w_l, w_u = randn(k, c, dtype=dtype, seed=seed + 2), randn(k, c_up, dtype=dtype, seed=seed + 3)
+    d_y_l, d_y_u = randn(m, k, dtype=dtype, seed=seed + 4), randn(m, k, dtype=dtype, seed=seed + 6)
+    grads_u = torch.full((2, c_up), float("nan"), device=DEVICE)  # the upper's own columns: another launch's
+    upper = UpperLayer(d_y_u, w_u, norm_u, grads_u[0, :c], grads_u[1, :c])
+    return buf, norm_l, w_l, d_y_l, upper, grads_u
+
+
+@pytest.mark.parametrize("from_var", [False, True], ids=["batch", "running"])
+@pytest.mark.parametrize("m,c,k", [(1, 1, 1), (70, 37, 19), (1100, 5, 3)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paired_dgrad_adds_both_layers_once(m, c, k, dtype, from_var):
+    """Two layers' 1x1 backward in one dgrad launch over the prefix they share (each with its own dY, weight,
+    mask and norm1 gradients, the upper's weight read past the prefix): G's columns and the block's sums as
+    from two launches, one after the other; the upper layer's gradient vectors written for the prefix only."""
+    from fastdense.kernels.bn_relu_gemm_backward import norm1_gemm_backward, norm1_gemm_backward_reference
+
+    buf, norm_l, w_l, d_y_l, upper, grads_u = paired_case(m, c, k, dtype, from_var)
+    x = buf[:, :c]
+    grad_sum, sums = randn(m, c + 5, seed=25), randn(2, c, seed=26)
+    expected_sum, expected_sums = grad_sum.clone(), sums.clone()
+    got = [torch.empty(shape, device=DEVICE) for shape in (c, c, (k, c))]
+    norm1_gemm_backward(d_y_l, x, norm_l, w_l, grad_sum, d_gamma=got[0], d_beta=got[1], d_weight=got[2],
+                        sums=None if from_var else sums, upper=upper)  # fmt: skip
+    sums_ref = None if from_var else expected_sums
+    want = norm1_gemm_backward_reference(d_y_l, x, norm_l, w_l, expected_sum, True, sums=sums_ref)
+    want_u = norm1_gemm_backward_reference(upper.d_y, x, upper.norm.channels(0, c), upper.weight[:, :c].contiguous(),
+                                           expected_sum, False, sums=sums_ref)  # fmt: skip
+    tol = 1e-5 if dtype == torch.float32 else 1e-4  # fp32 accumulation in both; only summation order differs
+    assert relative_error(grad_sum, expected_sum) <= tol and relative_error(sums, expected_sums) <= tol
+    for name, a, b in zip(("d_gamma", "d_beta", "dW"), got, want, strict=True):
+        assert relative_error(a, b) <= tol, name
+    for name, a, b in zip(("upper d_gamma", "upper d_beta"), grads_u[:, :c], want_u, strict=False):
+        assert relative_error(a, b) <= tol, name
+    assert grads_u[:, c:].isnan().all()  # the upper's own columns are not this launch's
+
+
 def test_conv3x3_norm2_backward_propagates_nan_and_refuses_bad_arguments():
     """A NaN in the new features' gradient reaches the bottleneck's rows it touches, as through PyTorch's
     convolution_backward; shapes that do not fit are refused before any launch."""
