@@ -555,13 +555,17 @@ def block_backward(
     # covers only the lower layer's new columns (what the lower's own backward needs finalised), then one
     # launch adds both layers' contributions to the prefix they share: G's prefix and the buffer's read and
     # written once for two layers.
-    pairs = ops.pairs_layers is not None and ops.pairs_layers(cdt)
+    # (not where bottlenecks are recomputed: a pair's launch would hold the lower's recomputed bottleneck beside
+    # the upper's dY, one bottleneck-sized tensor more than a layer alone, against memory_efficient's purpose)
+    kept = all(saved.bottleneck is not None for saved in state.layers)
+    pairs = ops.pairs_layers is not None and ops.pairs_layers(cdt) and kept
     layer = num_layers - 1
     while layer >= 0:
         d_bottleneck, *norm2_grads = to_bottleneck(layer)
         top = layer == num_layers - 1  # the first to reach G (with norm1_writes_first: writes it)
         if not pairs or layer == 0:
             keep(layer, (*norm1_backward(layer, d_bottleneck, top), *norm2_grads))
+            del d_bottleneck  # (bottleneck-sized: not held while the next layer's are made)
             layer -= 1
             continue
         lower_columns = (c0 + (layer - 1) * k, c0 + layer * k)
@@ -570,7 +574,7 @@ def block_backward(
         del d_bottleneck
         d_bottleneck, *norm2_grads = to_bottleneck(layer - 1)
         keep(layer - 1, (*norm1_backward(layer - 1, d_bottleneck, top, upper=upper), *norm2_grads))
-        del upper
+        del upper, d_bottleneck
         layer -= 2
 
     d_x = None
