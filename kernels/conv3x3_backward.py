@@ -55,7 +55,7 @@ _SCALE, _MEAN_DP, _PROJECTION, _MEAN = (tl.constexpr(row) for row in (SCALE, MEA
 
 # (64 rows, as every GPU configuration: the partial sums are sized for the smallest row tile, and a launch's
 # bottleneck-sized dP is live beside them)
-_DGRAD_INTERPRET = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16})
+_DGRAD_INTERPRET = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32})
 # N = 4k = 128 bottleneck channels (192 for DenseNet-161), the reduction 9 * k = 288 (432) long. The
 # epilogue holds the product, the bottleneck tile and its pointers (as dgrad's does). Cost on sm_90 over
 # bf16/fp16/fp32, batch and running statistics (compile_for_hopper.py --all, triton 3.8 and 3.6; no spills):
@@ -158,7 +158,8 @@ def norm2_input_grad(dp, y, mask, grad_ptr, grad_stride, cols, col_mask, INTERPR
     return rounded(tl.where(mask, d_y, 0.0), dp.dtype, INTERPRETED)
 
 
-_WGRAD_INTERPRET = triton.Config({"BLOCK_C": 16, "BLOCK_K": 16, "BLOCK_M": 16, "SPLIT_M": 2, "SPLIT_ROWS": 16})
+# (the interpreter's: large tiles, few steps; the interpreter's cost is per operation, not per element)
+_WGRAD_INTERPRET = triton.Config({"BLOCK_C": 64, "BLOCK_K": 32, "BLOCK_M": 64, "SPLIT_M": 2, "SPLIT_ROWS": 16})
 # The nine (BLOCK_C x BLOCK_K) float32 accumulators stay in registers: 128 x 32 tiles on 8 warps hold 144 a
 # thread, and the whole bottleneck width in one column tile reads the gradient's nine shifted tiles once
 # (64-wide tiles read them twice). The products are act^T @ D_tap: BLOCK_C rows, as the tensor cores' M
